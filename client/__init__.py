@@ -1,0 +1,1 @@
+"""Hospital node: data, model and LoRA, local training, the Flower ClientApp."""

@@ -1,0 +1,1 @@
+"""Coordinator: the Flower ServerApp, round loop, checkpoints, metrics and export."""

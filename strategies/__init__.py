@@ -1,0 +1,1 @@
+"""Aggregation math (pure numpy) and the registry of strategies chosen by name."""
