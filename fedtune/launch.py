@@ -1,0 +1,80 @@
+"""Run a fedtune configuration on Flower's simulation engine, from the command line.
+
+Used by `fedtune run` and `fedtune demo`: writes the Flower app bundle, starts the engine
+with N virtual hospitals (each reading `<data.simulation_root>/hospital-<k>.jsonl`), streams
+the coordinator's output, and stops every process it started when the run ends or fails.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.config import ConfigError, RunConfig, load_run_config
+from fedtune.flower_app import write_app_bundle
+from fedtune.simulation import SimulationSpec, run_simulation
+
+# Flower prefixes forwarded app output with its log level; we show the coordinator's lines.
+_FLOWER_PREFIX = re.compile(r"^\s*(INFO|WARNING|ERROR|DEBUG)\s*:\s*")
+_NOISE = ("Successfully started run", "Starting logstream", "Run finished")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One simulated federated run."""
+
+    config_path: Path
+    run_dir: Path
+    num_hospitals: int
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+    timeout_s: float | None = None
+
+
+def check_simulation_data(config: RunConfig, num_hospitals: int) -> None:
+    """Fail before starting Flower when a virtual hospital's data file is missing."""
+    root = config.data.simulation_root
+    if not root:
+        raise ConfigError("data.simulation_root must name the folder with hospital-<k>.jsonl.")
+    missing = [
+        str(Path(root) / f"hospital-{k}.jsonl")
+        for k in range(1, num_hospitals + 1)
+        if not (Path(root) / f"hospital-{k}.jsonl").is_file()
+    ]
+    if missing:
+        raise ConfigError("Missing hospital data file(s): " + ", ".join(missing))
+
+
+def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
+    """Run the plan to completion; raises SimulationError or ConfigError on failure."""
+    config = load_run_config(plan.config_path)
+    check_simulation_data(config, plan.num_hospitals)
+    if config.federation.min_hospitals > plan.num_hospitals:
+        raise ConfigError(
+            f"federation.min_hospitals = {config.federation.min_hospitals} but only "
+            f"{plan.num_hospitals} hospitals are simulated."
+        )
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    work = plan.run_dir / ".flower"
+    app_dir = write_app_bundle(work / "app")
+    spec = SimulationSpec(
+        app_dir=app_dir,
+        num_hospitals=plan.num_hospitals,
+        run_config={
+            "config-path": str(plan.config_path.resolve()),
+            "run-dir": str(plan.run_dir.resolve()),
+        },
+        work_dir=work,
+        client_cpus=plan.client_cpus,
+        client_gpus=plan.client_gpus,
+        timeout_s=plan.timeout_s,
+    )
+    run_simulation(spec, on_line=lambda line: _show(line, say))
+
+
+def _show(line: str, say: Callable[[str], None]) -> None:
+    text = _FLOWER_PREFIX.sub("", line.rstrip())
+    if text and not any(noise in text for noise in _NOISE):
+        say(text)

@@ -1,0 +1,129 @@
+"""What travels between coordinator and hospitals: record names and conversions.
+
+This is the one module on the shared side that knows Flower's record types. Every message of
+a round carries named records (below); keeping the names here means the coordinator and the
+hospitals cannot drift apart, and a reply of the wrong shape is refused with a clear reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedtune.adapters import Adapter, as_float32
+from fedtune.config import RunConfig
+
+# Message types (Flower routes "train" to @app.train(), "evaluate" to @app.evaluate()).
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+# Record names inside a message's RecordDict.
+GLOBAL_ADAPTER = "global-adapter"  # server -> hospital: the current global adapter
+JOB = "job"  # server -> hospital: round number, run configuration, evaluation split
+DELTA = "delta"  # hospital -> server: local adapter - global adapter
+METRICS = "metrics"  # hospital -> server: counts, losses, timings (never data)
+HOSPITAL = "hospital"  # hospital -> server: the hospital's name, as its admin configured it
+
+# Evaluation splits a hospital holds locally.
+SPLITS = ("validation", "test")
+
+
+class MalformedReply(ValueError):
+    """A hospital's reply does not have the records a reply of that type must have."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the coordinator asks of a hospital in one message."""
+
+    server_round: int
+    config: RunConfig
+    split: str = "validation"  # evaluate only
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {"round": self.server_round, "run-config": self.config.to_json(), "split": self.split}
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Job:
+        split = str(record["split"])
+        if split not in SPLITS:
+            raise ValueError(f"unknown evaluation split {split!r}; expected one of {SPLITS}")
+        return cls(
+            server_round=int(record["round"]),  # type: ignore[arg-type]
+            config=RunConfig.from_json(str(record["run-config"])),
+            split=split,
+        )
+
+
+def adapter_to_record(adapter: Adapter) -> ArrayRecord:
+    """Adapter -> ArrayRecord, float32, names preserved."""
+    return ArrayRecord({name: Array(value) for name, value in as_float32(adapter).items()})
+
+
+def record_to_adapter(record: ArrayRecord) -> Adapter:
+    """ArrayRecord -> adapter (float32 numpy arrays)."""
+    return {name: np.asarray(array.numpy(), dtype=np.float32) for name, array in record.items()}
+
+
+def request_content(adapter: Adapter, job: Job) -> RecordDict:
+    """Content of a train or evaluate request."""
+    return RecordDict({GLOBAL_ADAPTER: adapter_to_record(adapter), JOB: job.to_record()})
+
+
+def parse_request(message: Message) -> tuple[Adapter, Job]:
+    """The global adapter and the job of a request (at the hospital)."""
+    content = message.content
+    return record_to_adapter(content.array_records[GLOBAL_ADAPTER]), Job.from_record(
+        content.config_records[JOB]
+    )
+
+
+def train_reply_content(delta: Adapter, metrics: dict[str, float], hospital: str) -> RecordDict:
+    """Content of a hospital's train reply: the delta, its metrics and its name."""
+    return RecordDict(
+        {
+            DELTA: adapter_to_record(delta),
+            METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
+            HOSPITAL: ConfigRecord({"name": hospital}),
+        }
+    )
+
+
+def evaluate_reply_content(metrics: dict[str, float], hospital: str) -> RecordDict:
+    """Content of a hospital's evaluate reply: metrics only, never data or predictions."""
+    return RecordDict(
+        {
+            METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
+            HOSPITAL: ConfigRecord({"name": hospital}),
+        }
+    )
+
+
+def reply_hospital(message: Message, fallback: str) -> str:
+    """The hospital name a reply carries, or the fallback (node id) when it has none."""
+    if message.has_content() and HOSPITAL in message.content.config_records:
+        return str(message.content.config_records[HOSPITAL].get("name", fallback))
+    return fallback
+
+
+def parse_train_reply(message: Message) -> tuple[Adapter, dict[str, float]]:
+    """The delta and metrics of a train reply; a reply missing either is malformed."""
+    content = message.content
+    if DELTA not in content.array_records:
+        raise MalformedReply(f"the reply has no '{DELTA}' record")
+    metrics = parse_metrics(message)
+    if metrics.get("num-examples", 0) <= 0:
+        raise MalformedReply("the reply does not say how many examples it trained on")
+    return record_to_adapter(content.array_records[DELTA]), metrics
+
+
+def parse_metrics(message: Message) -> dict[str, float]:
+    """The metrics record of a reply; a reply without one is malformed."""
+    content = message.content
+    if METRICS not in content.metric_records:
+        raise MalformedReply(f"the reply has no '{METRICS}' record")
+    return {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]

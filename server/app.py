@@ -1,0 +1,40 @@
+"""The coordinator's Flower ServerApp.
+
+Reads the run configuration named in the Flower run config (`config-path`), builds the
+initial global adapter, and runs the round loop in `server.rounds` writing to `run-dir`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.config import ConfigError, load_run_config, resolve_labels
+from server.initial import initial_global_adapter
+from server.rounds import run_federation
+from server.run_dir import RunDirectory
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run a whole federated fine-tuning run."""
+    config_path = str(context.run_config.get("config-path", ""))
+    run_dir_path = str(context.run_config.get("run-dir", ""))
+    if not config_path or not run_dir_path:
+        raise ConfigError(
+            "The Flower run config must set config-path (the fedtune TOML) and run-dir "
+            "(where checkpoints go); `fedtune run --config ...` sets both."
+        )
+    config = resolve_labels(load_run_config(Path(config_path)), Path(config_path).parent)
+    run_dir = RunDirectory(Path(run_dir_path))
+    run_dir.create(config)
+    print(f"fedtune: run directory {run_dir.path}", flush=True)
+    run_federation(grid, config, run_dir, initial_global_adapter(config), say=_say)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)

@@ -1,0 +1,81 @@
+"""Export a run's global adapter as a standard PEFT adapter directory.
+
+The result loads with plain `PeftModel.from_pretrained(base, dir)` — no fedtune needed —
+and optionally a merged model (LoRA folded into the base weights) for serving stacks that do
+not speak PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from client.model import attach_lora, load_base_model, resolve_model_source, set_adapter
+from server.report import headline_metric
+from server.run_dir import RunDirectory
+
+
+class ExportError(ValueError):
+    """The requested round or run cannot be exported."""
+
+
+def choose_round(run_dir: RunDirectory, which: str) -> int:
+    """`final` (last saved), `best` (best weighted validation metric) or a round number."""
+    saved = run_dir.saved_rounds()
+    if not saved:
+        raise ExportError(f"{run_dir.path} has no saved adapters")
+    if which == "final":
+        return saved[-1]
+    if which == "best":
+        metric = headline_metric(run_dir.config().model.task)
+        scored = [
+            (record["validation"]["weighted"].get(metric, float("-inf")), record["round"])
+            for record in run_dir.read_metrics()
+            if record.get("event") == "round" and "validation" in record
+        ]
+        if not scored:
+            raise ExportError(f"{run_dir.path} has no validated rounds to choose from")
+        return max(scored)[1]
+    try:
+        number = int(which)
+    except ValueError:
+        raise ExportError(f"round must be 'final', 'best' or a number, got {which!r}") from None
+    if number not in saved:
+        raise ExportError(f"round {number} was not saved; saved rounds: {saved}")
+    return number
+
+
+def export_adapter(run_dir: RunDirectory, out_dir: Path, which: str, merged: bool) -> int:
+    """Write the chosen round's adapter (and tokenizer) to `out_dir`; return the round."""
+    config = run_dir.config()
+    server_round = choose_round(run_dir, which)
+    settings = dataclasses.replace(config.model, device="cpu", load_in_4bit=False)
+    base, tokenizer, fresh = load_base_model(settings, config.model.labels, torch.device("cpu"))
+    model = attach_lora(base, config.lora, config.model.task, fresh)
+    set_adapter(model, run_dir.load_adapter(server_round))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    source_dir, gguf_file = resolve_model_source(config.model)
+    (out_dir / "fedtune-export.json").write_text(
+        json.dumps(
+            {
+                "run_dir": str(run_dir.path.resolve()),
+                "round": server_round,
+                "task": config.model.task,
+                "base_model": config.model.source,
+                "base_model_dir": str(source_dir),
+                "gguf_file": gguf_file,
+                "labels": list(config.model.labels),
+            },
+            indent=2,
+        )
+    )
+    if merged:
+        merged_model = model.merge_and_unload()
+        merged_model.save_pretrained(str(out_dir / "merged"))
+        tokenizer.save_pretrained(str(out_dir / "merged"))
+    return server_round

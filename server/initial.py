@@ -1,0 +1,25 @@
+"""The round-0 global adapter, made by the coordinator so every hospital starts equal.
+
+LoRA's A matrices are random and B is zero, so the initial adapter leaves the base model's
+outputs unchanged; freshly initialized heads (e.g. a classifier on an encoder) travel in the
+adapter too. Seeding before building makes the initial adapter reproducible for a seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from client.model import attach_lora, get_adapter, load_base_model
+from fedtune.adapters import Adapter
+from fedtune.config import RunConfig
+
+
+def initial_global_adapter(config: RunConfig) -> Adapter:
+    """Build the base model on the CPU once and return its freshly initialized adapter."""
+    torch.manual_seed(config.train.seed)
+    cpu_settings = dataclasses.replace(config.model, device="cpu", load_in_4bit=False)
+    base, _, fresh = load_base_model(cpu_settings, config.model.labels, torch.device("cpu"))
+    model = attach_lora(base, config.lora, config.model.task, fresh)
+    return get_adapter(model)

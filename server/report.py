@@ -1,0 +1,105 @@
+"""What the coordinator prints: a per-round table and a base-vs-final summary.
+
+Numbers only: the coordinator never sees examples. The headline metric is accuracy for
+classification and exact match (else response loss) for instruction tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+
+def headline_metric(task: str) -> str:
+    """The metric the tables lead with (higher is better)."""
+    return "accuracy" if task == "classify" else "exact-match"
+
+
+def weighted_metrics(per_hospital: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Example-weighted mean of every metric the hospitals reported."""
+    total = sum(m.get("num-examples", 0.0) for m in per_hospital.values())
+    if total <= 0:
+        return {}
+    names = sorted({k for m in per_hospital.values() for k in m if k != "num-examples"})
+    weighted = {
+        name: sum(m.get(name, 0.0) * m.get("num-examples", 0.0) for m in per_hospital.values())
+        / total
+        for name in names
+        if all(name in m for m in per_hospital.values())
+    }
+    weighted["num-examples"] = total
+    return weighted
+
+
+@dataclass
+class RoundReport:
+    """Prints rows as rounds finish, so a person watching sees progress."""
+
+    task: str
+    say: Callable[[str], None]
+    _header_done: bool = False
+
+    def round(
+        self,
+        server_round: int,
+        train: Mapping[str, Mapping[str, float]],
+        validation: Mapping[str, Mapping[str, float]],
+        seconds: float,
+    ) -> None:
+        metric = headline_metric(self.task)
+        hospitals = sorted(validation)
+        if not self._header_done:
+            columns = " ".join(f"{h[-12:]:>12}" for h in hospitals)
+            self.say(
+                f"{'round':>5} {'train loss':>10} {'val loss':>9} {'val ' + metric:>16} "
+                f"{columns} {'seconds':>8}"
+            )
+            self._header_done = True
+        train_loss = _mean(m.get("train-loss") for m in train.values())
+        weighted = weighted_metrics(validation)
+        cells = " ".join(f"{_fmt(validation[h].get(metric)):>12}" for h in hospitals)
+        self.say(
+            f"{server_round:>5} {_fmt(train_loss):>10} {_fmt(weighted.get('loss')):>9} "
+            f"{_fmt(weighted.get(metric)):>16} {cells} {seconds:>8.1f}"
+        )
+
+    def evaluation(self, title: str, per_hospital: Mapping[str, Mapping[str, float]]) -> None:
+        metric = headline_metric(self.task)
+        weighted = weighted_metrics(per_hospital)
+        self.say(
+            f"{title}: {metric} {_fmt(weighted.get(metric))}, loss {_fmt(weighted.get('loss'))} "
+            f"over {int(weighted.get('num-examples', 0))} held-out examples"
+        )
+
+    def summary(
+        self,
+        base: Mapping[str, Mapping[str, float]],
+        final: Mapping[str, Mapping[str, float]],
+    ) -> None:
+        metric = headline_metric(self.task)
+        self.say("")
+        self.say("Held-out test split at each hospital: base model vs federated adapter")
+        self.say(
+            f"{'hospital':>14} {'base ' + metric:>18} {'final ' + metric:>18} "
+            f"{'base loss':>10} {'final loss':>10}"
+        )
+        for hospital in sorted(set(base) | set(final)):
+            b, f = base.get(hospital, {}), final.get(hospital, {})
+            self.say(
+                f"{hospital:>14} {_fmt(b.get(metric)):>18} {_fmt(f.get(metric)):>18} "
+                f"{_fmt(b.get('loss')):>10} {_fmt(f.get('loss')):>10}"
+            )
+        wb, wf = weighted_metrics(base), weighted_metrics(final)
+        self.say(
+            f"{'all (weighted)':>14} {_fmt(wb.get(metric)):>18} {_fmt(wf.get(metric)):>18} "
+            f"{_fmt(wb.get('loss')):>10} {_fmt(wf.get('loss')):>10}"
+        )
+
+
+def _mean(values: object) -> float | None:
+    numbers = [float(v) for v in values if v is not None]  # type: ignore[attr-defined]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,239 @@
+"""The coordinator's round loop, top to bottom, on any Flower `Grid`.
+
+Per round: send the global adapter to every connected hospital, collect their deltas,
+refuse any update that does not fit (named hospital, reason), aggregate the rest with the
+configured strategy on a copy, check the result, swap it in, save a checkpoint, and evaluate
+at the hospitals. Test metrics are taken before round 1 (the base model) and after the last
+round, so the summary shows what federation gained on held-out data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedtune.adapters import Adapter, UpdateRejected, adapter_norm, check_update
+from fedtune.config import RunConfig
+from fedtune.wire import (
+    EVALUATE,
+    TRAIN,
+    Job,
+    MalformedReply,
+    parse_metrics,
+    parse_train_reply,
+    reply_hospital,
+    request_content,
+)
+from server.report import RoundReport, weighted_metrics
+from server.run_dir import RunDirectory
+from strategies.aggregate import weighted_sum
+from strategies.registry import build_strategy
+
+
+class NotEnoughHospitals(RuntimeError):
+    """Fewer hospitals than `federation.min_hospitals` connected in time."""
+
+
+@dataclass
+class Refusal:
+    """A hospital whose reply was not used this round, and why."""
+
+    hospital: str
+    reason: str
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics per hospital for one split, and the example-weighted mean."""
+
+    per_hospital: dict[str, dict[str, float]] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)
+
+    @property
+    def weighted(self) -> dict[str, float]:
+        return weighted_metrics(self.per_hospital)
+
+
+def run_federation(
+    grid: Grid,
+    config: RunConfig,
+    run_dir: RunDirectory,
+    initial_adapter: Adapter,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run all planned rounds; return (and save) the summary."""
+    strategy = build_strategy(config.federation)
+    settings = config.federation
+    global_adapter = initial_adapter
+    run_dir.save_adapter(0, global_adapter)
+    report = RoundReport(task=config.model.task, say=say)
+
+    _wait_for_hospitals(grid, settings.min_hospitals, settings.wait_for_hospitals_s, say)
+    base = _evaluate(grid, global_adapter, config, 0, "test")
+    report.evaluation("base model (before round 1), test split", base.per_hospital)
+    _log_refusals(base.refusals, say)
+    run_dir.append_metrics({"event": "evaluate", "round": 0, "split": "test", **_flat(base)})
+
+    for server_round in range(1, settings.rounds + 1):
+        started = time.perf_counter()
+        node_ids = _wait_for_hospitals(
+            grid, settings.min_hospitals, settings.wait_for_hospitals_s, say
+        )
+        messages = [
+            Message(
+                request_content(global_adapter, Job(server_round, config)),
+                dst_node_id=node_id,
+                message_type=TRAIN,
+                group_id=str(server_round),
+            )
+            for node_id in node_ids
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
+        deltas, weights, train_metrics, refusals = _collect_updates(replies, global_adapter)
+        _log_refusals(refusals, say)
+        record: dict[str, Any] = {
+            "event": "round",
+            "round": server_round,
+            "hospitals_asked": len(node_ids),
+            "hospitals_used": sorted(train_metrics),
+            "refused": {r.hospital: r.reason for r in refusals},
+            "train": train_metrics,
+        }
+        if len(deltas) < settings.min_hospitals:
+            say(
+                f"Round {server_round} aborted: {len(deltas)} usable update(s), at least "
+                f"{settings.min_hospitals} needed. The global adapter is unchanged."
+            )
+            run_dir.append_metrics({**record, "aborted": True})
+            continue
+        update = weighted_sum(deltas, weights)
+        try:
+            global_adapter = strategy.apply(global_adapter, update)
+        except UpdateRejected as exc:
+            say(f"Round {server_round} aborted: {exc}. The global adapter is unchanged.")
+            run_dir.append_metrics({**record, "aborted": True, "reason": str(exc)})
+            continue
+        run_dir.save_adapter(server_round, global_adapter)
+        run_dir.save_strategy_state(server_round, strategy.state_dict())
+        validation = _evaluate(grid, global_adapter, config, server_round, "validation")
+        _log_refusals(validation.refusals, say)
+        seconds = time.perf_counter() - started
+        record.update(
+            {
+                "aggregate_norm": adapter_norm(update.mean_delta()),
+                "validation": _flat(validation),
+                "seconds": seconds,
+            }
+        )
+        run_dir.append_metrics(record)
+        report.round(server_round, train_metrics, validation.per_hospital, seconds)
+
+    final = _evaluate(grid, global_adapter, config, settings.rounds, "test")
+    _log_refusals(final.refusals, say)
+    run_dir.append_metrics(
+        {"event": "evaluate", "round": settings.rounds, "split": "test", **_flat(final)}
+    )
+    summary = {
+        "task": config.model.task,
+        "rounds": settings.rounds,
+        "final_round": max(run_dir.saved_rounds()),
+        "base_test": _flat(base),
+        "final_test": _flat(final),
+    }
+    run_dir.save_summary(summary)
+    report.summary(base.per_hospital, final.per_hospital)
+    return summary
+
+
+def _collect_updates(
+    replies: Iterable[Message], reference: Adapter
+) -> tuple[list[Adapter], list[float], dict[str, dict[str, float]], list[Refusal]]:
+    """Split replies into usable updates and refusals (error replies, malformed, bad values)."""
+    deltas: list[Adapter] = []
+    weights: list[float] = []
+    metrics: dict[str, dict[str, float]] = {}
+    refusals: list[Refusal] = []
+    for reply in replies:
+        fallback = f"node {reply.metadata.src_node_id}"
+        if reply.has_error():
+            refusals.append(Refusal(fallback, reply.error.reason or f"error {reply.error.code}"))
+            continue
+        hospital = reply_hospital(reply, fallback)
+        try:
+            delta, reply_metrics = parse_train_reply(reply)
+            check_update(delta, reference, hospital)
+        except (MalformedReply, UpdateRejected) as exc:
+            reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
+            refusals.append(Refusal(hospital, reason))
+            continue
+        if hospital in metrics:
+            refusals.append(Refusal(hospital, "sent more than one update this round"))
+            continue
+        deltas.append(delta)
+        weights.append(reply_metrics["num-examples"])
+        metrics[hospital] = reply_metrics
+    return deltas, weights, metrics, refusals
+
+
+def _evaluate(
+    grid: Grid, adapter: Adapter, config: RunConfig, server_round: int, split: str
+) -> EvaluationResult:
+    messages = [
+        Message(
+            request_content(adapter, Job(server_round, config, split=split)),
+            dst_node_id=node_id,
+            message_type=EVALUATE,
+            group_id=f"{server_round}-{split}",
+        )
+        for node_id in grid.get_node_ids()
+    ]
+    result = EvaluationResult()
+    for reply in grid.send_and_receive(messages, timeout=config.federation.round_timeout_s):
+        fallback = f"node {reply.metadata.src_node_id}"
+        if reply.has_error():
+            result.refusals.append(Refusal(fallback, reply.error.reason or "evaluation failed"))
+            continue
+        hospital = reply_hospital(reply, fallback)
+        try:
+            result.per_hospital[hospital] = parse_metrics(reply)
+        except MalformedReply as exc:
+            result.refusals.append(Refusal(hospital, str(exc)))
+    return result
+
+
+def _wait_for_hospitals(
+    grid: Grid, minimum: int, timeout_s: float, say: Callable[[str], None]
+) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= minimum:
+            return node_ids
+        if time.monotonic() > deadline:
+            raise NotEnoughHospitals(
+                f"only {len(node_ids)} hospital node(s) connected within {timeout_s:.0f} s; "
+                f"federation.min_hospitals = {minimum}."
+            )
+        if not announced:
+            say(f"Waiting for hospitals: {len(node_ids)} of at least {minimum} connected...")
+            announced = True
+        time.sleep(1.0)
+
+
+def _flat(result: EvaluationResult) -> dict[str, Any]:
+    return {
+        "weighted": result.weighted,
+        "per_hospital": result.per_hospital,
+        "refused": {r.hospital: r.reason for r in result.refusals},
+    }
+
+
+def _log_refusals(refusals: list[Refusal], say: Callable[[str], None]) -> None:
+    for refusal in refusals:
+        say(f"  ! {refusal.hospital}: {refusal.reason}")

@@ -1,0 +1,113 @@
+"""The coordinator's run directory: everything a run produces, in files a person can read.
+
+```
+<run-dir>/
+  run-config.json          the run configuration, canonical JSON (what every hospital got)
+  adapters/round-0000.safetensors   the global adapter after each round (0 = initial)
+  strategy-state.json      the strategy's state after the last saved round
+  metrics.jsonl            one JSON object per round and per evaluation
+  summary.json             base vs final metrics, per hospital and weighted
+```
+Every file is written to a temporary name and renamed into place, so a coordinator killed
+mid-write never leaves a half-written checkpoint that a later export would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from fedtune.adapters import Adapter
+from fedtune.config import RunConfig
+
+_ROUND_FILE = re.compile(r"^round-(\d{4})\.safetensors$")
+
+
+class RunDirectory:
+    """Reads and writes one run's files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.path / "adapters"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def create(self, config: RunConfig) -> None:
+        """Start a fresh run here; refuse to overwrite an existing one."""
+        if (self.path / "run-config.json").exists():
+            raise FileExistsError(f"{self.path} already holds a run; choose a new run directory.")
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / "run-config.json", config.to_json().encode())
+
+    def config(self) -> RunConfig:
+        path = self.path / "run-config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a fedtune run directory (it has no run-config.json)"
+            )
+        return RunConfig.from_json(path.read_text())
+
+    def save_adapter(self, server_round: int, adapter: Adapter) -> Path:
+        path = self.adapters_dir / f"round-{server_round:04d}.safetensors"
+        contiguous = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.items()}
+        with tempfile.NamedTemporaryFile(dir=self.adapters_dir, delete=False) as handle:
+            staging = Path(handle.name)
+        save_file(contiguous, str(staging), metadata={"round": str(server_round)})
+        os.replace(staging, path)
+        return path
+
+    def load_adapter(self, server_round: int) -> Adapter:
+        path = self.adapters_dir / f"round-{server_round:04d}.safetensors"
+        if not path.is_file():
+            saved = ", ".join(str(r) for r in self.saved_rounds()) or "none"
+            raise FileNotFoundError(f"no adapter saved for round {server_round}; saved: {saved}")
+        return dict(load_file(str(path)))
+
+    def saved_rounds(self) -> list[int]:
+        if not self.adapters_dir.is_dir():
+            return []
+        rounds = (_ROUND_FILE.match(p.name) for p in self.adapters_dir.iterdir())
+        return sorted(int(m.group(1)) for m in rounds if m)
+
+    def save_strategy_state(self, server_round: int, state: dict[str, Any]) -> None:
+        payload = {"round": server_round, "state": state}
+        _atomic_write(self.path / "strategy-state.json", json.dumps(payload).encode())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """One JSON line per event; appended, so a crash loses at most the last line."""
+        with self.metrics_file.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.is_file():
+            return []
+        lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def save_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2).encode())
+
+    def summary(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads((self.path / "summary.json").read_text())
+        return loaded
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
