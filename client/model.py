@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,15 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
+from transformers.utils import logging as transformers_logging
 
 from fedtune.adapters import Adapter
 from fedtune.config import ConfigError, LoraSettings, ModelSettings
+
+# Loading reports and progress bars drown the round table in a hospital's log; errors still show.
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
         client_cpus=plan.client_cpus,
         client_gpus=plan.client_gpus,
         timeout_s=plan.timeout_s,
+        ray_num_cpus=plan.num_hospitals * plan.client_cpus,
     )
     run_simulation(spec, on_line=lambda line: _show(line, say))
 
