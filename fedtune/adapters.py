@@ -69,7 +69,10 @@ def apply_delta(
 ) -> Adapter:
     """global + scale * delta, computed on a copy and checked before anyone swaps it in."""
     check_update(delta, global_, hospital="the aggregate")
-    updated = {name: (global_[name] + scale * delta[name]).astype(np.float32) for name in global_}
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
+        updated = {
+            name: (global_[name] + scale * delta[name]).astype(np.float32) for name in global_
+        }
     check_update(updated, global_, hospital="the new global adapter")
     return updated
 

@@ -95,6 +95,7 @@ def run_federation(
         ]
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
         deltas, weights, train_metrics, refusals = _collect_updates(replies, global_adapter)
+        train_phase_seconds = time.perf_counter() - started
         _log_refusals(refusals, say)
         record: dict[str, Any] = {
             "event": "round",
@@ -103,6 +104,7 @@ def run_federation(
             "hospitals_used": sorted(train_metrics),
             "refused": {r.hospital: r.reason for r in refusals},
             "train": train_metrics,
+            "train_phase_seconds": train_phase_seconds,
         }
         if len(deltas) < settings.min_hospitals:
             say(
@@ -114,6 +116,7 @@ def run_federation(
         update = weighted_sum(deltas, weights)
         try:
             global_adapter = strategy.apply(global_adapter, update)
+            record["aggregate_seconds"] = time.perf_counter() - started - train_phase_seconds
         except UpdateRejected as exc:
             say(f"Round {server_round} aborted: {exc}. The global adapter is unchanged.")
             run_dir.append_metrics({**record, "aborted": True, "reason": str(exc)})

