@@ -115,7 +115,5 @@ def _answer(
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text: str = tokenizer.decode(
-        output[0, input_ids.shape[1] :], skip_special_tokens=True
-    )
+    text: str = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     return text.strip()

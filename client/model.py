@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -121,8 +121,11 @@ def select_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def dequantized_model_dir(directory: Path, gguf_file: str, task: str) -> Path:
+def dequantized_model_dir(directory: Path, gguf_file: str) -> Path:
     """Dequantize a GGUF model once and return the cached safetensors directory.
+
+    GGUF files hold language models, so the cache always holds the causal LM's weights;
+    a classification model built from it gets the same backbone and a fresh head.
 
     The cache key is the GGUF file's SHA-256, so a changed file is never served stale.
     The cache is written to a temporary folder and renamed into place, so a node killed
@@ -132,16 +135,13 @@ def dequantized_model_dir(directory: Path, gguf_file: str, task: str) -> Path:
     if not gguf_path.is_file():
         raise ConfigError(f"model.gguf_file: {gguf_path} does not exist.")
     digest = _file_sha256(gguf_path)[:16]
-    target = model_cache_root() / "dequantized" / f"{gguf_path.stem}-{task}-{digest}"
+    target = model_cache_root() / "dequantized" / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        model_class = (
-            AutoModelForCausalLM if task == "instruct" else (AutoModelForSequenceClassification)
-        )
-        model = model_class.from_pretrained(str(directory), gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file)
         _save_dequantized(model, staging)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
         tokenizer.save_pretrained(staging)
@@ -161,10 +161,16 @@ def _save_dequantized(model: PreTrainedModel, directory: Path) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # the weights are now plain fp32
     config.save_pretrained(directory)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(directory)
-    weights = str(directory / "model.safetensors")
-    safetensors.torch.save_model(model, weights, metadata={"format": "pt"})
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        # Keep the embedding, drop its tied copy: loaders re-tie lm_head to it, and a
+        # classifier built on this backbone needs the embedding under its own name.
+        state.pop("lm_head.weight", None)
+    contiguous = {name: tensor.contiguous() for name, tensor in state.items()}
+    save_file(contiguous, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def load_base_model(
@@ -178,7 +184,7 @@ def load_base_model(
     """
     directory, gguf_file = resolve_model_source(settings)
     if gguf_file:
-        directory = dequantized_model_dir(directory, gguf_file, settings.task)
+        directory = dequantized_model_dir(directory, gguf_file)
     kwargs: dict[str, Any] = {}
     if settings.load_in_4bit:
         kwargs.update(_four_bit_kwargs(device))

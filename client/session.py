@@ -136,8 +136,6 @@ def _encode(config: RunConfig, path: Path, handle: ModelHandle) -> EncodedSplits
                 )
             )
         else:
-            encoded = list(
-                encode_generation(examples, handle.tokenizer, config.model.max_length)
-            )
+            encoded = list(encode_generation(examples, handle.tokenizer, config.model.max_length))
         features[split_name] = encoded
     return EncodedSplits(dataset=dataset, splits=splits, features=features)

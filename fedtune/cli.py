@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=None, help="federated rounds")
     demo.add_argument("--examples-per-hospital", type=int, default=None)
     demo.add_argument("--run-dir", type=Path, default=None,
-                      help="output folder (default runs/demo-<task>)")  # fmt: skip
+                      help="output folder (default runs/demo-<task>-<time>)")  # fmt: skip
     demo.set_defaults(handler=_demo)
 
     run = commands.add_parser(
@@ -129,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> int:
     from fedtune.demo import DemoOptions, run_demo
 
-    run_dir = args.run_dir or Path("runs") / f"demo-{args.task}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = args.run_dir or Path("runs") / f"demo-{args.task}-{stamp}"
     options = DemoOptions(
         task=args.task, hospitals=args.hospitals, rounds=args.rounds,
         examples_per_hospital=args.examples_per_hospital, run_dir=run_dir,

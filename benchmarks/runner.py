@@ -1,0 +1,100 @@
+"""`fedtune bench`: run named benchmarks, update RESULTS.md and results.json in place.
+
+Each benchmark returns flat numeric keys and a Markdown section. `results.json` keeps every
+key ever measured (a later run of one benchmark replaces only its own keys) together with
+the machine and library versions of the latest run; `RESULTS.md` keeps one section per
+benchmark between markers, so figures from different issues live side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What one benchmark measured."""
+
+    numbers: dict[str, float]
+    markdown: str
+
+
+Benchmark = Callable[[Path], BenchResult]
+
+
+def _registry() -> dict[str, Benchmark]:
+    from benchmarks.round_overhead import bench_round
+
+    return {"round": bench_round}
+
+
+def run_benchmarks(names: Sequence[str], out_dir: Path) -> dict[str, float]:
+    """Run the named benchmarks (all when empty) and write both result files."""
+    registry = _registry()
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; known: {', '.join(sorted(registry))}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measured: dict[str, float] = {}
+    for name in names or sorted(registry):
+        print(f"== benchmark {name}", flush=True)
+        result = registry[name](out_dir / "work" / name)
+        measured.update(result.numbers)
+        _update_markdown(out_dir / "RESULTS.md", name, result.markdown)
+        _update_json(out_dir / "results.json", result.numbers)
+        for key, value in result.numbers.items():
+            print(f"{key} = {value:.4g}")
+    return measured
+
+
+def machine_description() -> dict[str, str]:
+    """The machine and the versions that produced the numbers."""
+    versions = {}
+    for package in ("torch", "transformers", "peft", "opacus", "flwr"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+def _update_json(path: Path, numbers: dict[str, float]) -> None:
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {k: v for k, v in existing.items() if k != "machine"}
+    merged.update(numbers)
+    merged["machine"] = machine_description()
+    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+
+
+def _update_markdown(path: Path, name: str, section: str) -> None:
+    header = (
+        "# Benchmark results\n\nWritten by `fedtune bench` (`make bench`); each section is the "
+        "latest output of one benchmark, measured side by side in one run.\n"
+    )
+    text = path.read_text() if path.is_file() else header
+    machine = ", ".join(f"{k} {v}" for k, v in machine_description().items())
+    block = (
+        f"<!-- bench:{name} -->\n{section.strip()}\n\n_Machine: {machine}_\n<!-- /bench:{name} -->"
+    )
+    pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.DOTALL)
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
+    path.write_text(text)
