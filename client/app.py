@@ -66,6 +66,8 @@ def train(msg: Message, context: Context) -> Message:
         "skipped-lines": float(len(data.dataset.skipped)),
     }
     log.info("%s: round %d trained %d steps", identity.name, job.server_round, result.steps)
+    if data.dataset.skipped:
+        log.warning("%s: skipped %d invalid data line(s)", identity.name, len(data.dataset.skipped))
     return Message(train_reply_content(delta, metrics, identity.name), reply_to=msg)
 
 

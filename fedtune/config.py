@@ -267,8 +267,13 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}.")
 
 
-def resolve_labels(config: RunConfig, base_dir: Path) -> RunConfig:
-    """Inline `model.labels_file` (relative to the config file) so hospitals get the list."""
+def resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
+    """Make the config self-contained: relative paths become absolute (relative to the config
+    file's folder) and `model.labels_file` is inlined, so hospitals get the label list."""
+    root = config.data.simulation_root
+    if root and not Path(root).is_absolute():
+        data = dataclasses.replace(config.data, simulation_root=str((base_dir / root).resolve()))
+        config = dataclasses.replace(config, data=data)
     if not config.model.labels_file:
         return config
     path = Path(config.model.labels_file)

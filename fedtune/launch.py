@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.config import ConfigError, RunConfig, load_run_config
+from fedtune.config import ConfigError, RunConfig, load_run_config, resolve_paths
 from fedtune.flower_app import write_app_bundle
 from fedtune.simulation import SimulationSpec, run_simulation
 
@@ -49,7 +49,7 @@ def check_simulation_data(config: RunConfig, num_hospitals: int) -> None:
 
 def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
     """Run the plan to completion; raises SimulationError or ConfigError on failure."""
-    config = load_run_config(plan.config_path)
+    config = resolve_paths(load_run_config(plan.config_path), plan.config_path.parent)
     check_simulation_data(config, plan.num_hospitals)
     if config.federation.min_hospitals > plan.num_hospitals:
         raise ConfigError(

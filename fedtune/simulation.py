@@ -240,6 +240,7 @@ def _child_env(flwr_home: Path, ray_tmp: Path, spec: SimulationSpec) -> dict[str
         TRANSFORMERS_VERBOSITY="error",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         TOKENIZERS_PARALLELISM="false",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",  # Ray's own default-to-be; silences its tip
     )
     return env
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.config import ConfigError, load_run_config, resolve_labels
+from fedtune.config import ConfigError, load_run_config, resolve_paths
 from server.initial import initial_global_adapter
 from server.rounds import run_federation
 from server.run_dir import RunDirectory
@@ -29,7 +29,7 @@ def main(grid: Grid, context: Context) -> None:
             "The Flower run config must set config-path (the fedtune TOML) and run-dir "
             "(where checkpoints go); `fedtune run --config ...` sets both."
         )
-    config = resolve_labels(load_run_config(Path(config_path)), Path(config_path).parent)
+    config = resolve_paths(load_run_config(Path(config_path)), Path(config_path).parent)
     run_dir = RunDirectory(Path(run_dir_path))
     run_dir.create(config)
     print(f"fedtune: run directory {run_dir.path}", flush=True)

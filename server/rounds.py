@@ -97,6 +97,10 @@ def run_federation(
         deltas, weights, train_metrics, refusals = _collect_updates(replies, global_adapter)
         train_phase_seconds = time.perf_counter() - started
         _log_refusals(refusals, say)
+        for hospital, metrics in sorted(train_metrics.items()):
+            if metrics.get("skipped-lines", 0) > 0:
+                say(f"  note: {hospital} skipped {int(metrics['skipped-lines'])} invalid data "
+                    "line(s) (data.skip_bad_lines = true)")  # fmt: skip
         record: dict[str, Any] = {
             "event": "round",
             "round": server_round,

@@ -12,7 +12,7 @@ from fedtune.config import (
     RunConfig,
     load_run_config,
     parse_run_config,
-    resolve_labels,
+    resolve_paths,
 )
 
 
@@ -70,9 +70,17 @@ def test_load_reports_missing_file_and_bad_toml(tmp_path: Path):
 def test_labels_file_is_inlined_relative_to_the_config(tmp_path: Path):
     (tmp_path / "labels.json").write_text(json.dumps(["Cardiology", "Oncology"]))
     config = parse_run_config({"model": {"labels_file": "labels.json"}}, origin="x")
-    resolved = resolve_labels(config, tmp_path)
+    resolved = resolve_paths(config, tmp_path)
     assert resolved.model.labels == ("Cardiology", "Oncology")
     assert resolved.model.labels_file == ""
     (tmp_path / "labels.json").write_text('{"not": "a list"}')
     with pytest.raises(ConfigError, match="must hold a JSON list"):
-        resolve_labels(config, tmp_path)
+        resolve_paths(config, tmp_path)
+
+
+def test_relative_simulation_root_is_resolved_against_the_config_folder(tmp_path: Path):
+    config = parse_run_config({"data": {"simulation_root": "../data"}}, origin="x")
+    resolved = resolve_paths(config, tmp_path / "configs")
+    assert resolved.data.simulation_root == str((tmp_path / "data").resolve())
+    absolute = parse_run_config({"data": {"simulation_root": "/srv/data"}}, origin="x")
+    assert resolve_paths(absolute, tmp_path).data.simulation_root == "/srv/data"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fake_grid import InProcessGrid
@@ -159,3 +161,22 @@ def test_instruction_tuning_rounds_run_and_report_generation_metrics(
     final = summary["final_test"]["weighted"]
     assert {"loss", "perplexity", "exact-match"} <= set(final)
     assert final["loss"] < summary["base_test"]["weighted"]["loss"]
+
+
+def test_skipped_bad_lines_are_counted_and_reported(classify_config: RunConfig, tmp_path):
+    source = classify_config.data.simulation_root
+    messy = tmp_path / "messy.jsonl"
+    lines_in = (Path(source) / "hospital-1.jsonl").read_text().splitlines()
+    messy.write_text("\n".join([*lines_in, "{not json", '{"text": "x", "label": "nope"}']) + "\n")
+    configs = {
+        0: {"hospital-name": "Messy", "data-path": str(messy)},
+        1: {"hospital-name": "Clean", "data-path": f"{source}/hospital-2.jsonl"},
+    }
+    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    config = replace_section(config, "data", skip_bad_lines=True)
+    lines: list[str] = []
+    _run(config, InProcessGrid(2, node_configs=configs), tmp_path, lines)
+    (record,) = [r for r in RunDirectory(tmp_path / "run").read_metrics() if r["event"] == "round"]
+    assert record["train"]["Messy"]["skipped-lines"] == 2
+    assert record["train"]["Clean"]["skipped-lines"] == 0
+    assert any("Messy skipped 2 invalid data line(s)" in line for line in lines)
