@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ from transformers.utils import logging as transformers_logging
 
 from fedtune.adapters import Adapter
 from fedtune.config import ConfigError, LoraSettings, ModelSettings
+
+log = logging.getLogger("fedtune.model")
 
 # Loading reports and progress bars drown the round table in a hospital's log; errors still show.
 transformers_logging.set_verbosity_error()
@@ -139,6 +142,7 @@ def dequantized_model_dir(directory: Path, gguf_file: str) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("Dequantizing %s once; later loads use the cache in %s", gguf_path.name, target)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file)

@@ -18,7 +18,15 @@ from fedtune.simulation import SimulationSpec, run_simulation
 
 # Flower prefixes forwarded app output with its log level; we show the coordinator's lines.
 _FLOWER_PREFIX = re.compile(r"^\s*(INFO|WARNING|ERROR|DEBUG)\s*:\s*")
-_NOISE = ("Successfully started run", "Starting logstream", "Run finished")
+_NOISE = (
+    "Successfully started run",
+    "Starting logstream",
+    "Run finished",
+    "Federation `",
+    "To change federation size",
+    "flwr federation simulation-config",
+    "Successfully installed fedtune-app",
+)
 
 
 @dataclass(frozen=True)

@@ -239,6 +239,7 @@ def _child_env(flwr_home: Path, ray_tmp: Path, spec: SimulationSpec) -> dict[str
         TRANSFORMERS_OFFLINE="1",
         TRANSFORMERS_VERBOSITY="error",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TQDM_DISABLE="1",  # e.g. GGUF dequantization bars; fedtune says what it does instead
         TOKENIZERS_PARALLELISM="false",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",  # Ray's own default-to-be; silences its tip
     )
