@@ -46,7 +46,7 @@ def run_benchmarks(names: Sequence[str], out_dir: Path) -> dict[str, float]:
     measured: dict[str, float] = {}
     for name in names or sorted(registry):
         print(f"== benchmark {name}", flush=True)
-        result = registry[name](out_dir / "work" / name)
+        result = registry[name](Path("runs") / "bench" / name)
         measured.update(result.numbers)
         _update_markdown(out_dir / "RESULTS.md", name, result.markdown)
         _update_json(out_dir / "results.json", result.numbers)

@@ -17,8 +17,11 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from client.data import DataValidationError
+from client.dp_train import train_privately
 from client.evaluate import evaluate_classification, evaluate_generation
 from client.model import get_adapter, set_adapter
+from client.privacy import plan_round
+from client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
 from client.session import data_for, hospital_identity, model_for
 from client.train import train_locally
 from fedtune.adapters import adapter_delta
@@ -30,6 +33,8 @@ log = logging.getLogger("fedtune.hospital")
 # Error codes in replies (Flower's Error.code is an int); the reason says the rest.
 HOSPITAL_CONFIG_ERROR = 4001
 HOSPITAL_DATA_ERROR = 4002
+HOSPITAL_PRIVACY_BUDGET_EXHAUSTED = 4003
+HOSPITAL_LEDGER_ERROR = 4004
 
 app = ClientApp()
 
@@ -43,19 +48,40 @@ def train(msg: Message, context: Context) -> Message:
         identity = hospital_identity(context.node_config, config.data)
         handle = model_for(config)
         data = data_for(config, identity, handle)
+        features = data.features["train"]
+        privacy = plan_round(config, identity, context.node_config, len(features), job.run_id)
     except ConfigError as exc:
         return _refuse(msg, HOSPITAL_CONFIG_ERROR, context, str(exc))
     except DataValidationError as exc:
         return _refuse(msg, HOSPITAL_DATA_ERROR, context, str(exc))
+    except PrivacyBudgetExhausted as exc:
+        return _refuse(msg, HOSPITAL_PRIVACY_BUDGET_EXHAUSTED, context, str(exc))
+    except LedgerError as exc:
+        return _refuse(msg, HOSPITAL_LEDGER_ERROR, context, str(exc))
     set_adapter(handle.model, global_adapter)
-    features = data.features["train"]
-    result = train_locally(
-        handle.model,
-        features,
-        config.train,
-        pad_token_id=int(handle.tokenizer.pad_token_id),
-        seed=_round_seed(config.train.seed, job.server_round, identity.name),
-    )
+    seed = _round_seed(config.train.seed, job.server_round, identity.name)
+    pad_id = int(handle.tokenizer.pad_token_id)
+    task = config.model.task
+    privacy_metrics: dict[str, float] = {"dp": 0.0}
+    if privacy is None:
+        result = train_locally(handle.model, features, config.train, pad_id, seed, task)
+    else:
+        result = train_privately(
+            handle.model, features, config.train, privacy.plan, pad_id, seed, task
+        )
+        entry = privacy.ledger.record(
+            privacy.run_id, job.server_round, privacy.plan.noise_multiplier,
+            privacy.plan.sample_rate, result.steps,
+        )  # fmt: skip
+        privacy_metrics = {
+            "dp": 1.0,
+            "epsilon": entry.epsilon,
+            "delta": entry.delta,
+            "epsilon-budget": privacy.budget,
+            "noise-multiplier": entry.noise_multiplier,
+            "sample-rate": entry.sample_rate,
+            "dp-steps": float(entry.steps),
+        }
     delta = adapter_delta(get_adapter(handle.model), global_adapter)
     metrics = {
         "num-examples": float(len(features)),
@@ -64,6 +90,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": float(result.steps),
         "train-seconds": result.seconds,
         "skipped-lines": float(len(data.dataset.skipped)),
+        **privacy_metrics,
     }
     log.info("%s: round %d trained %d steps", identity.name, job.server_round, result.steps)
     if data.dataset.skipped:

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from client.encoding import collate
+from client.losses import PerExampleLoss, model_inputs
 from fedtune.config import TrainSettings
 
 
@@ -48,8 +49,9 @@ def train_locally(
     settings: TrainSettings,
     pad_token_id: int,
     seed: int,
+    task: str,
 ) -> TrainResult:
-    """Train the adapter in place on the encoded training examples."""
+    """Train the adapter in place on the encoded training examples (no DP)."""
     if not features:
         raise ValueError("this hospital has no training examples")
     torch.manual_seed(seed)  # LoRA dropout draws: a rerun of a round is reproducible
@@ -63,6 +65,7 @@ def train_locally(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
     steps = planned_steps(settings, len(features))
+    criterion = PerExampleLoss(task)
     batches = _endless_batches(features, settings.batch_size, pad_token_id, seed)
     model.train()
     started = time.perf_counter()
@@ -73,8 +76,9 @@ def train_locally(
         step_loss = 0.0
         for _ in range(settings.grad_accumulation):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            with _autocast(device):
-                loss = model(**batch).loss / settings.grad_accumulation
+            with autocast_for(device):
+                logits = model(**model_inputs(batch)).logits
+                loss = criterion(logits, batch["labels"]) / settings.grad_accumulation
             loss.backward()
             step_loss += float(loss.detach())
             examples_seen += int(batch["input_ids"].shape[0])
@@ -107,7 +111,7 @@ def _endless_batches(
         yield from loader
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """bf16 autocast on CUDA (halves activation memory, fp32 master weights); none on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

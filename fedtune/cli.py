@@ -30,13 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from client.data import DataValidationError
+    from client.privacy_ledger import LedgerError
     from fedtune.config import ConfigError
     from fedtune.simulation import SimulationError
 
     try:
         result: int = args.handler(args)
         return result
-    except (ConfigError, DataValidationError, FileNotFoundError, FileExistsError) as exc:
+    except (
+        ConfigError, DataValidationError, LedgerError, FileNotFoundError, FileExistsError
+    ) as exc:  # fmt: skip
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     except SimulationError as exc:
@@ -117,6 +120,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="also write the merged model (LoRA folded into the base)")  # fmt: skip
     export.set_defaults(handler=_export)
 
+    ledger = commands.add_parser(
+        "ledger", help="show a hospital's privacy ledger (ε spent, per round)",
+        description="Print a hospital's privacy ledger in plain words, or with --json its full "
+        "history so anyone can recompute ε with an accountant of their choice.",
+    )  # fmt: skip
+    ledger.add_argument("path", type=Path, help="the ledger file (node config privacy-ledger)")
+    ledger.add_argument("--json", action="store_true", help="print the history as JSON")
+    ledger.set_defaults(handler=_ledger)
+
     bench = commands.add_parser(
         "bench",
         help="run benchmarks and update benchmarks/RESULTS.md and results.json",
@@ -187,6 +199,18 @@ def _export(args: argparse.Namespace) -> int:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     print(f"Exported the global adapter of round {exported} to {args.out}")
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    import json
+
+    from client.privacy_ledger import describe_ledger, read_ledger_file
+
+    if args.json:
+        print(json.dumps(read_ledger_file(args.path).history_json(), indent=2))
+    else:
+        print(describe_ledger(args.path))
     return 0
 
 

@@ -21,6 +21,8 @@ from typing import Any
 TASKS = ("classify", "instruct")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_FORMATS = ("auto", "classification", "instruction", "chat", "completion")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 
 class ConfigError(ValueError):
@@ -133,6 +135,38 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """Sample-level differential privacy at every hospital (Opacus DP-SGD).
+
+    These are what the coordinator *requests*. A hospital's node configuration can set its
+    own budget (`privacy-epsilon-budget`), and a node never exceeds its budget whatever the
+    coordinator asks; a node with a budget trains with DP even if DP is off here.
+    """
+
+    enabled: bool = False
+    target_epsilon: float = 8.0  # over the whole run: all planned rounds together
+    target_delta: float = 0.0  # 0 = automatic: the power of ten at or below 1 / n_examples
+    max_grad_norm: float = 1.0  # per-example clipping bound C
+    noise_multiplier: float = 0.0  # 0 = calibrate σ once so target_epsilon holds at the end
+    accountant: str = "rdp"  # "rdp" or "prv"
+    # Per-sample gradients: "hooks" is the fastest correct mode for LoRA here (see README).
+    grad_sample_mode: str = "hooks"
+    max_physical_batch_size: int = 64  # memory bound; logical batches can be larger
+    ledger_dir: str = ""  # simulation: where virtual hospitals keep their privacy ledgers
+
+    def __post_init__(self) -> None:
+        _positive("privacy.target_epsilon", self.target_epsilon)
+        if not 0.0 <= self.target_delta < 1.0:
+            raise ConfigError(f"privacy.target_delta must be in [0, 1), got {self.target_delta}.")
+        _positive("privacy.max_grad_norm", self.max_grad_norm)
+        if self.noise_multiplier < 0:
+            raise ConfigError("privacy.noise_multiplier must be >= 0 (0 = calibrate).")
+        _one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
+        _one_of("privacy.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        _positive("privacy.max_physical_batch_size", self.max_physical_batch_size)
+
+
+@dataclass(frozen=True)
 class EvaluationSettings:
     """Evaluation at the hospitals (only metrics travel)."""
 
@@ -156,6 +190,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,11 +40,17 @@ class Job:
 
     server_round: int
     config: RunConfig
+    run_id: str  # the coordinator's run identity: hospitals' privacy ledgers key on it
     split: str = "validation"  # evaluate only
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
-            {"round": self.server_round, "run-config": self.config.to_json(), "split": self.split}
+            {
+                "round": self.server_round,
+                "run-config": self.config.to_json(),
+                "run-id": self.run_id,
+                "split": self.split,
+            }
         )
 
     @classmethod
@@ -55,6 +61,7 @@ class Job:
         return cls(
             server_round=int(record["round"]),  # type: ignore[arg-type]
             config=RunConfig.from_json(str(record["run-config"])),
+            run_id=str(record["run-id"]),
             split=split,
         )
 

@@ -56,11 +56,13 @@ class RoundReport:
             )
             self._header_done = True
         train_loss = _mean(m.get("train-loss") for m in train.values())
+        epsilons = [m["epsilon"] for m in train.values() if "epsilon" in m]
+        privacy = f"  ε ≤ {max(epsilons):.2f}" if epsilons else ""
         weighted = weighted_metrics(validation)
         cells = " ".join(f"{_fmt(validation[h].get(metric)):>12}" for h in hospitals)
         self.say(
             f"{server_round:>5} {_fmt(train_loss):>10} {_fmt(weighted.get('loss')):>9} "
-            f"{_fmt(weighted.get(metric)):>16} {cells} {seconds:>8.1f}"
+            f"{_fmt(weighted.get(metric)):>16} {cells} {seconds:>8.1f}{privacy}"
         )
 
     def evaluation(self, title: str, per_hospital: Mapping[str, Mapping[str, float]]) -> None:
@@ -94,6 +96,18 @@ class RoundReport:
             f"{'all (weighted)':>14} {_fmt(wb.get(metric)):>18} {_fmt(wf.get(metric)):>18} "
             f"{_fmt(wb.get('loss')):>10} {_fmt(wf.get('loss')):>10}"
         )
+
+    def privacy(self, guarantees: Mapping[str, Mapping[str, float]], accountant: str) -> None:
+        """Each hospital's sample-level guarantee for everything it trained in this run."""
+        if not guarantees:
+            self.say("Differential privacy: off (no hospital trained with DP in this run).")
+            return
+        self.say(f"Sample-level differential privacy per hospital ({accountant} accountant):")
+        for hospital, values in sorted(guarantees.items()):
+            self.say(
+                f"  {hospital}: (ε = {values['epsilon']:.3f}, δ = {values['delta']:.0e}), "
+                f"budget ε = {values['epsilon-budget']:.3f}"
+            )
 
 
 def _mean(values: object) -> float | None:

@@ -39,6 +39,22 @@ class NotEnoughHospitals(RuntimeError):
     """Fewer hospitals than `federation.min_hospitals` connected in time."""
 
 
+class HospitalNames:
+    """Node id → the name its hospital reports, so even an error reply names the hospital."""
+
+    def __init__(self) -> None:
+        self._names: dict[int, str] = {}
+
+    def of(self, reply: Message) -> str:
+        node_id = reply.metadata.src_node_id
+        fallback = self._names.get(node_id, f"node {node_id}")
+        if reply.has_error():
+            return fallback
+        name = reply_hospital(reply, fallback)
+        self._names[node_id] = name
+        return name
+
+
 @dataclass
 class Refusal:
     """A hospital whose reply was not used this round, and why."""
@@ -72,9 +88,11 @@ def run_federation(
     global_adapter = initial_adapter
     run_dir.save_adapter(0, global_adapter)
     report = RoundReport(task=config.model.task, say=say)
+    names = HospitalNames()
+    guarantees: dict[str, dict[str, float]] = {}  # latest (ε, δ) each hospital reported
 
     _wait_for_hospitals(grid, settings.min_hospitals, settings.wait_for_hospitals_s, say)
-    base = _evaluate(grid, global_adapter, config, 0, "test")
+    base = _evaluate(grid, global_adapter, config, run_dir.run_id, 0, "test", names)
     report.evaluation("base model (before round 1), test split", base.per_hospital)
     _log_refusals(base.refusals, say)
     run_dir.append_metrics({"event": "evaluate", "round": 0, "split": "test", **_flat(base)})
@@ -86,7 +104,7 @@ def run_federation(
         )
         messages = [
             Message(
-                request_content(global_adapter, Job(server_round, config)),
+                request_content(global_adapter, Job(server_round, config, run_dir.run_id)),
                 dst_node_id=node_id,
                 message_type=TRAIN,
                 group_id=str(server_round),
@@ -94,10 +112,14 @@ def run_federation(
             for node_id in node_ids
         ]
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
-        deltas, weights, train_metrics, refusals = _collect_updates(replies, global_adapter)
+        deltas, weights, train_metrics, refusals = _collect_updates(replies, global_adapter, names)
         train_phase_seconds = time.perf_counter() - started
         _log_refusals(refusals, say)
         for hospital, metrics in sorted(train_metrics.items()):
+            if metrics.get("dp", 0.0) > 0:
+                guarantees[hospital] = {
+                    key: metrics[key] for key in ("epsilon", "delta", "epsilon-budget")
+                }
             if metrics.get("skipped-lines", 0) > 0:
                 say(f"  note: {hospital} skipped {int(metrics['skipped-lines'])} invalid data "
                     "line(s) (data.skip_bad_lines = true)")  # fmt: skip
@@ -127,7 +149,9 @@ def run_federation(
             continue
         run_dir.save_adapter(server_round, global_adapter)
         run_dir.save_strategy_state(server_round, strategy.state_dict())
-        validation = _evaluate(grid, global_adapter, config, server_round, "validation")
+        validation = _evaluate(
+            grid, global_adapter, config, run_dir.run_id, server_round, "validation", names
+        )
         _log_refusals(validation.refusals, say)
         seconds = time.perf_counter() - started
         record.update(
@@ -140,7 +164,7 @@ def run_federation(
         run_dir.append_metrics(record)
         report.round(server_round, train_metrics, validation.per_hospital, seconds)
 
-    final = _evaluate(grid, global_adapter, config, settings.rounds, "test")
+    final = _evaluate(grid, global_adapter, config, run_dir.run_id, settings.rounds, "test", names)
     _log_refusals(final.refusals, say)
     run_dir.append_metrics(
         {"event": "evaluate", "round": settings.rounds, "split": "test", **_flat(final)}
@@ -151,14 +175,19 @@ def run_federation(
         "final_round": max(run_dir.saved_rounds()),
         "base_test": _flat(base),
         "final_test": _flat(final),
+        "privacy": {
+            "accountant": config.privacy.accountant,
+            "per_hospital": guarantees,
+        },
     }
     run_dir.save_summary(summary)
     report.summary(base.per_hospital, final.per_hospital)
+    report.privacy(guarantees, config.privacy.accountant)
     return summary
 
 
 def _collect_updates(
-    replies: Iterable[Message], reference: Adapter
+    replies: Iterable[Message], reference: Adapter, names: HospitalNames
 ) -> tuple[list[Adapter], list[float], dict[str, dict[str, float]], list[Refusal]]:
     """Split replies into usable updates and refusals (error replies, malformed, bad values)."""
     deltas: list[Adapter] = []
@@ -166,11 +195,10 @@ def _collect_updates(
     metrics: dict[str, dict[str, float]] = {}
     refusals: list[Refusal] = []
     for reply in replies:
-        fallback = f"node {reply.metadata.src_node_id}"
+        hospital = names.of(reply)
         if reply.has_error():
-            refusals.append(Refusal(fallback, reply.error.reason or f"error {reply.error.code}"))
+            refusals.append(Refusal(hospital, reply.error.reason or f"error {reply.error.code}"))
             continue
-        hospital = reply_hospital(reply, fallback)
         try:
             delta, reply_metrics = parse_train_reply(reply)
             check_update(delta, reference, hospital)
@@ -188,11 +216,17 @@ def _collect_updates(
 
 
 def _evaluate(
-    grid: Grid, adapter: Adapter, config: RunConfig, server_round: int, split: str
+    grid: Grid,
+    adapter: Adapter,
+    config: RunConfig,
+    run_id: str,
+    server_round: int,
+    split: str,
+    names: HospitalNames,
 ) -> EvaluationResult:
     messages = [
         Message(
-            request_content(adapter, Job(server_round, config, split=split)),
+            request_content(adapter, Job(server_round, config, run_id, split=split)),
             dst_node_id=node_id,
             message_type=EVALUATE,
             group_id=f"{server_round}-{split}",
@@ -201,11 +235,10 @@ def _evaluate(
     ]
     result = EvaluationResult()
     for reply in grid.send_and_receive(messages, timeout=config.federation.round_timeout_s):
-        fallback = f"node {reply.metadata.src_node_id}"
+        hospital = names.of(reply)
         if reply.has_error():
-            result.refusals.append(Refusal(fallback, reply.error.reason or "evaluation failed"))
+            result.refusals.append(Refusal(hospital, reply.error.reason or "evaluation failed"))
             continue
-        hospital = reply_hospital(reply, fallback)
         try:
             result.per_hospital[hospital] = parse_metrics(reply)
         except MalformedReply as exc:

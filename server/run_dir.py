@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,13 @@ class RunDirectory:
         if (self.path / "run-config.json").exists():
             raise FileExistsError(f"{self.path} already holds a run; choose a new run directory.")
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / "run-id", secrets.token_hex(8).encode())
         _atomic_write(self.path / "run-config.json", config.to_json().encode())
+
+    @property
+    def run_id(self) -> str:
+        """A random identity made at creation; hospitals' ledgers key their plans on it."""
+        return (self.path / "run-id").read_text().strip()
 
     def config(self) -> RunConfig:
         path = self.path / "run-config.json"

@@ -1,0 +1,163 @@
+"""Local training under Opacus DP-SGD: what lets a hospital promise (ε, δ) per patient.
+
+One round = `steps` DP-SGD steps. Each step's logical batch is Poisson-sampled (every
+example joins independently with probability q, as the accountant assumes); each example's
+gradient (adapter parameters only — the base is frozen) is clipped to `max_grad_norm`, the
+clipped gradients are summed, Gaussian noise N(0, σ²C²) is added, and AdamW steps on the
+result. Large logical batches are split into physical batches by Opacus'
+BatchMemoryManager, so memory stays bounded without changing the privacy analysis.
+
+The PrivacyEngine made here is used for its wrappers only: the guarantee is composed by the
+hospital's privacy ledger over every round it ever trained, so nothing resets per round.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader
+
+from client.encoding import collate
+from client.losses import PerExampleLoss, model_inputs
+from client.train import TrainResult, autocast_for
+from fedtune.config import TrainSettings
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The DP parameters of one round, decided before training (and checked against the budget)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    grad_sample_mode: str
+    max_physical_batch_size: int
+
+
+def poisson_sample_rate(batch_size: int, num_examples: int) -> float:
+    """q as Opacus derives it from a loader: 1 / number of batches per epoch."""
+    batches = -(-num_examples // batch_size)  # ceil
+    return 1.0 / batches
+
+
+def train_privately(
+    model: torch.nn.Module,
+    features: Sequence[Any],
+    settings: TrainSettings,
+    plan: DPPlan,
+    pad_token_id: int,
+    seed: int,
+    task: str,
+) -> TrainResult:
+    """Take exactly `plan.steps` DP-SGD steps on the adapter, in place."""
+    if not features:
+        raise ValueError("this hospital has no training examples")
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    loader: DataLoader[Any] = DataLoader(
+        list(features),  # type: ignore[arg-type]
+        batch_size=settings.batch_size,
+        collate_fn=lambda items: collate(items, pad_token_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    criterion = PerExampleLoss(task)
+    model.train()  # Opacus validates that the module is in training mode
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off: its CSPRNG noise is for the threat of an
+        # attacker who can observe floating-point noise bits; documented in the README.
+        warnings.simplefilter("ignore", UserWarning)
+        engine = PrivacyEngine(accountant="rdp")
+        prepared = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=plan.grad_sample_mode,
+        )
+    if plan.grad_sample_mode == "ghost":
+        private_model, private_optimizer, dp_criterion, private_loader = prepared
+    else:
+        private_model, private_optimizer, private_loader = prepared
+        dp_criterion = criterion
+    actual_rate = 1.0 / len(private_loader)
+    if abs(actual_rate - plan.sample_rate) > 1e-12:
+        raise RuntimeError(
+            f"sampling rate {actual_rate} differs from the planned {plan.sample_rate}: "
+            "the privacy accounting would be wrong, so training stops"
+        )
+    started = time.perf_counter()
+    losses: list[float] = []
+    steps_taken = 0
+    examples_seen = 0
+    private_model.train()
+    # Frozen embeddings mean no module input needs a gradient; PyTorch says so on every step.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    try:
+        while steps_taken < plan.steps:
+            with BatchMemoryManager(
+                data_loader=private_loader,
+                max_physical_batch_size=plan.max_physical_batch_size,
+                optimizer=private_optimizer,
+            ) as physical_batches:
+                step_loss, step_examples = 0.0, 0
+                for batch in physical_batches:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    count = int(batch["input_ids"].shape[0])
+                    if count == 0:
+                        # An empty Poisson draw (probability e^-(q·n)): no update is made but
+                        # the step is counted, as the accountant assumes — conservative.
+                        steps_taken += 1
+                        if steps_taken == plan.steps:
+                            break
+                        continue
+                    with autocast_for(device):
+                        logits = private_model(**model_inputs(batch)).logits
+                        loss = dp_criterion(logits, batch["labels"])
+                    loss.backward()
+                    step_loss += float(loss.detach()) * count
+                    step_examples += count
+                    private_optimizer.step()
+                    private_optimizer.zero_grad(set_to_none=True)
+                    if not private_optimizer._is_last_step_skipped:
+                        steps_taken += 1
+                        losses.append(step_loss / step_examples)
+                        examples_seen += step_examples
+                        step_loss, step_examples = 0.0, 0
+                        if steps_taken == plan.steps:
+                            break
+    finally:
+        _detach_opacus(private_model)
+    model.eval()
+    return TrainResult(
+        steps=steps_taken,
+        examples_seen=examples_seen,
+        mean_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+        last_loss=losses[-1] if losses else float("nan"),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _detach_opacus(private_model: Any) -> None:
+    """Remove Opacus' hooks and per-sample buffers so the cached model is plain again."""
+    close = getattr(private_model, "_close", None)
+    if callable(close):
+        close()
+    for parameter in private_model.parameters():
+        for attribute in ("grad_sample", "_forward_counter", "summed_grad"):
+            if hasattr(parameter, attribute):
+                delattr(parameter, attribute)

@@ -1,0 +1,132 @@
+"""A hospital's privacy decision for one round: its budget, its ledger, this round's σ.
+
+The hospital's settings are the hospital's. The coordinator's `[privacy]` section is a
+request; a node whose admin set `privacy-epsilon-budget` in its node configuration trains
+with DP even if the coordinator asks for none, calibrates to the smaller of the two targets,
+and refuses any round that would take its ledger past its budget.
+
+σ is calibrated once per run, before the run's first round, so that the target holds after
+the *last planned* round, counting every DP step already in the ledger (earlier runs on
+the same data included); it is stored in the ledger so a restarted node keeps using it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.dp_train import DPPlan, poisson_sample_rate
+from client.privacy_ledger import PrivacyLedger, RunPlan, calibrate_noise_multiplier
+from client.session import HospitalIdentity
+from client.train import planned_steps
+from fedtune.config import ConfigError, RunConfig
+
+# Node configuration keys a hospital admin sets (deployment); they override the coordinator.
+NODE_BUDGET_KEY = "privacy-epsilon-budget"
+NODE_LEDGER_KEY = "privacy-ledger"
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    """Everything the DP training of one round needs, decided before it starts."""
+
+    ledger: PrivacyLedger
+    budget: float
+    plan: DPPlan
+    run_id: str
+
+
+def default_delta(num_examples: int) -> float:
+    """The power of ten at or below 1/n: δ must be well under the chance of any one leak."""
+    return float(10 ** math.floor(math.log10(1.0 / max(num_examples, 1))))
+
+
+def ledger_path(
+    config: RunConfig, identity: HospitalIdentity, node_config: Mapping[str, Any]
+) -> Path:
+    """Where this hospital's ledger lives: its admin's choice, else next to the simulation data."""
+    if NODE_LEDGER_KEY in node_config:
+        return Path(str(node_config[NODE_LEDGER_KEY])).expanduser()
+    if not identity.simulated:
+        raise ConfigError(
+            f"DP is on but this node has no '{NODE_LEDGER_KEY}' in its node configuration: set "
+            "it to a file on the hospital's disk where the privacy ledger is kept."
+        )
+    folder = config.privacy.ledger_dir or str(Path(config.data.simulation_root) / "privacy-ledgers")
+    return Path(folder) / f"{identity.name}.json"
+
+
+def node_budget(node_config: Mapping[str, Any]) -> float | None:
+    """The ε budget the hospital's admin configured on the node, if any."""
+    if NODE_BUDGET_KEY not in node_config:
+        return None
+    try:
+        budget = float(node_config[NODE_BUDGET_KEY])
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{NODE_BUDGET_KEY} must be a number, got {node_config[NODE_BUDGET_KEY]!r}."
+        ) from None
+    if not budget > 0:
+        raise ConfigError(f"{NODE_BUDGET_KEY} must be > 0, got {budget}.")
+    return budget
+
+
+def plan_round(
+    config: RunConfig,
+    identity: HospitalIdentity,
+    node_config: Mapping[str, Any],
+    num_examples: int,
+    run_id: str,
+) -> RoundPrivacy | None:
+    """Decide this round's DP parameters, or None when neither side asks for DP.
+
+    Raises PrivacyBudgetExhausted when the round would exceed the budget (nothing trains),
+    and LedgerError when the ledger on disk cannot be trusted.
+    """
+    own_budget = node_budget(node_config)
+    settings = config.privacy
+    if not settings.enabled and own_budget is None:
+        return None
+    if settings.enabled and own_budget is not None:
+        budget = min(settings.target_epsilon, own_budget)
+    else:
+        budget = own_budget if own_budget is not None else settings.target_epsilon
+    if config.train.grad_accumulation != 1:
+        raise ConfigError(
+            "train.grad_accumulation must be 1 with DP: raise train.batch_size instead (DP "
+            "batches are Poisson-sampled; privacy.max_physical_batch_size bounds memory)."
+        )
+    delta = settings.target_delta or default_delta(num_examples)
+    ledger = PrivacyLedger.open(
+        ledger_path(config, identity, node_config), identity.name, settings.accountant, delta
+    )
+    sample_rate = poisson_sample_rate(config.train.batch_size, num_examples)
+    steps = planned_steps(config.train, num_examples)
+    run_plan = ledger.plan(run_id)
+    if run_plan is None:
+        sigma = settings.noise_multiplier or calibrate_noise_multiplier(
+            target_epsilon=budget,
+            delta=ledger.delta,
+            sample_rate=sample_rate,
+            steps=steps * config.federation.rounds,
+            accountant=settings.accountant,
+            prior=ledger.history(),
+        )
+        run_plan = RunPlan(
+            noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps,
+            planned_rounds=config.federation.rounds, target_epsilon=budget,
+        )  # fmt: skip
+        ledger.set_plan(run_id, run_plan)
+    ledger.check_budget(budget, run_plan.noise_multiplier, sample_rate, steps)
+    plan = DPPlan(
+        noise_multiplier=run_plan.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        sample_rate=sample_rate,
+        steps=steps,
+        grad_sample_mode=settings.grad_sample_mode,
+        max_physical_batch_size=settings.max_physical_batch_size,
+    )
+    return RoundPrivacy(ledger=ledger, budget=budget, plan=plan, run_id=run_id)

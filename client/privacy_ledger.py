@@ -1,0 +1,389 @@
+"""A hospital's privacy ledger: every DP-SGD step it ever took on its patients' data.
+
+A sample-level (ε, δ) guarantee covers *all* releases computed from the data, so it must compose
+over every round of every run and survive node restarts. The ledger lives on the hospital's
+disk, and ε is always recomputed from the full history with an Opacus accountant, never summed
+(summing is loose and invites mixing accountants or δs); the stored ε is only for people.
+
+The checksum catches hand edits and disk corruption; it is not a signature (anyone with write
+access can recompute it). An untrustworthy file is refused, never reset: a fresh ledger would
+forget the exposure already spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ACCOUNTANTS = ("rdp", "prv")
+LEDGER_FORMAT = "fedtune-privacy-ledger/1"
+# Calibration search range for σ. Above MAX_NOISE the update is pure noise: the hospital needs
+# more examples (smaller q) or fewer rounds, not more noise.
+MIN_NOISE, MAX_NOISE = 1e-2, 1e3
+# Relative precision of the σ search; the result is always the side that satisfies ε ≤ target.
+CALIBRATION_PRECISION = 1e-3
+# Float slack when comparing ε with a budget, so an exact-fit plan is not refused by rounding.
+BUDGET_SLACK = 1e-9
+
+History = Sequence[tuple[float, float, int]]
+
+
+class LedgerError(ValueError):
+    """The ledger file cannot be trusted (corrupted, edited, another hospital's, unknown format).
+
+    Never handled by resetting the ledger: that would erase the record of ε already spent.
+    """
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """Training one more round would take the hospital past its ε budget."""
+
+    def __init__(self, spent: float, budget: float, next_epsilon: float) -> None:
+        self.spent, self.budget, self.next_epsilon = spent, budget, next_epsilon
+        super().__init__(
+            f"privacy budget exhausted (ε spent {spent:.3f} / ε budget {budget:.3f}; "
+            f"the next round would reach {next_epsilon:.3f})"
+        )
+
+
+def _check_step_group(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise multiplier must be a positive number, got {noise_multiplier}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number ≥ 1, got {steps!r}")
+
+
+def compute_epsilon(history: History, delta: float, accountant: str) -> float:
+    """ε after all (noise_multiplier, sample_rate, steps) groups in `history`, composed.
+
+    Consecutive groups with the same σ and q are merged, exactly as Opacus's own `step()`
+    builds its history, so the result equals an accountant that was driven step by step
+    (and PRV, whose cost grows with the number of groups, stays fast).
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown privacy accountant {accountant!r}; known: {ACCOUNTANTS}")
+    if not 0 < delta < 1:
+        raise ValueError(f"δ must be in (0, 1), got {delta}")
+    merged: list[tuple[float, float, int]] = []
+    for sigma, q, steps in history:
+        _check_step_group(sigma, q, steps)
+        if merged and merged[-1][:2] == (sigma, q):
+            merged[-1] = (sigma, q, merged[-1][2] + steps)
+        else:
+            merged.append((float(sigma), float(q), int(steps)))
+    if not merged:
+        return 0.0
+    # Imported here: opacus pulls in torch (~2 s); importing this module stays cheap.
+    from opacus.accountants import create_accountant
+
+    opacus_accountant = create_accountant(mechanism=accountant)
+    opacus_accountant.history = merged
+    return float(opacus_accountant.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: History = (),
+) -> float:
+    """Smallest σ (to ~0.1 %) so that `prior` plus `steps` more steps stays within ε target.
+
+    Less noise means a better model, so we want the smallest σ; the search keeps the bracket
+    `ε(low) > target ≥ ε(high)` and returns `high`, so rounding can only add privacy.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target ε must be a positive number, got {target_epsilon}")
+    _check_step_group(1.0, sample_rate, steps)  # σ is what we search for; check q and steps
+    spent = compute_epsilon(prior, delta, accountant)
+    if spent >= target_epsilon:
+        raise PrivacyBudgetExhausted(spent, target_epsilon, spent)
+
+    def epsilon_with(sigma: float) -> float:
+        return compute_epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)
+
+    # Bracket the answer, ε(low) > target ≥ ε(high), starting from the common σ = 1.
+    low, high = 0.0, 1.0
+    if epsilon_with(high) <= target_epsilon:
+        low = high / 2
+        while epsilon_with(low) <= target_epsilon:
+            if low <= MIN_NOISE:
+                return low  # so generous a budget that almost no noise is needed
+            high, low = low, low / 2
+    else:
+        while True:
+            if high >= MAX_NOISE:
+                raise ValueError(
+                    f"even noise multiplier σ={MAX_NOISE:g} cannot keep ε ≤ {target_epsilon:g} "
+                    f"(δ={delta:g}) for {steps} more steps at sample rate {sample_rate:g}; "
+                    "the hospital needs more training examples or fewer rounds/steps."
+                )
+            low, high = high, min(high * 2, MAX_NOISE)
+            if epsilon_with(high) <= target_epsilon:
+                break
+    while high / low - 1 > CALIBRATION_PRECISION:
+        middle = math.sqrt(low * high)
+        if epsilon_with(middle) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round of local DP training as recorded; `epsilon` is cumulative after it."""
+
+    run_id: str
+    server_round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon: float
+    delta: float
+    accountant: str
+    recorded_at: str
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The σ chosen for a run up front, kept so a restarted node keeps the same σ."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_rounds: int
+    target_epsilon: float
+
+    def __post_init__(self) -> None:
+        _check_step_group(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+        if self.planned_rounds < 1 or not self.target_epsilon > 0:
+            raise ValueError("a run plan needs planned_rounds ≥ 1 and a positive target ε")
+
+
+@dataclass
+class PrivacyLedger:
+    """The hospital's ledger file, loaded and verified; every change is saved atomically."""
+
+    path: Path
+    hospital: str
+    accountant: str
+    delta: float
+    entries: list[LedgerEntry] = field(default_factory=list)
+    plans: dict[str, RunPlan] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path, hospital: str, accountant: str, delta: float) -> PrivacyLedger:
+        """Load and verify `path` for this hospital/accountant/δ; a missing file starts empty."""
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown privacy accountant {accountant!r}; known: {ACCOUNTANTS}")
+        path = Path(path)
+        if not path.exists():
+            return cls(path=path, hospital=hospital, accountant=accountant, delta=delta)
+        ledger = read_ledger_file(path)
+        if ledger.hospital != hospital:
+            raise LedgerError(
+                f"{path}: this ledger belongs to {ledger.hospital!r}, not {hospital!r}. "
+                "Point this node at its own ledger file; do not delete or share ledgers."
+            )
+        # Re-stating ε under another δ or accountant would rewrite the hospital's history.
+        for name, stored, wanted in (
+            ("accountant", ledger.accountant, accountant),
+            ("δ", ledger.delta, delta),
+        ):
+            if stored != wanted:
+                raise LedgerError(
+                    f"{path}: this ledger was kept with {name}={stored!r} but the node is now "
+                    f"configured with {name}={wanted!r}. Changing it mid-life would re-state "
+                    f"the ε already spent; set privacy {name} back to {stored!r}."
+                )
+        return ledger
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """(σ, q, steps) of every recorded round, oldest first: the accountant's input."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
+
+    def epsilon_spent(self) -> float:
+        """ε over everything recorded so far, recomputed from the history."""
+        return compute_epsilon(self.history(), self.delta, self.accountant)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """ε the hospital would have spent after one more round with these settings."""
+        upcoming = [*self.history(), (noise_multiplier, sample_rate, steps)]
+        return compute_epsilon(upcoming, self.delta, self.accountant)
+
+    def check_budget(
+        self, budget: float, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> float:
+        """ε after the next round; raises PrivacyBudgetExhausted (before training) if > budget."""
+        after = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        if after > budget + BUDGET_SLACK:
+            raise PrivacyBudgetExhausted(self.epsilon_spent(), budget, after)
+        return after
+
+    def plan(self, run_id: str) -> RunPlan | None:
+        """The σ plan stored for `run_id`, if this hospital already calibrated for it."""
+        return self.plans.get(run_id)
+
+    def set_plan(self, run_id: str, plan: RunPlan) -> None:
+        """Store (and save) the plan so a restart reuses σ instead of recalibrating."""
+        self._write({**self.plans, run_id: plan}, self.entries)
+
+    def record(
+        self,
+        run_id: str,
+        server_round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+    ) -> LedgerEntry:
+        """Append one round and save. Call after training, before the update leaves the
+        hospital: a crash in between can then only over-count exposure, never under-count."""
+        epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        entry = LedgerEntry(
+            run_id=str(run_id),
+            server_round=int(server_round),
+            noise_multiplier=float(noise_multiplier),
+            sample_rate=float(sample_rate),
+            steps=int(steps),
+            epsilon=epsilon,
+            delta=self.delta,
+            accountant=self.accountant,
+            recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        self._write(self.plans, [*self.entries, entry])
+        return entry
+
+    def save(self) -> None:
+        """Write the ledger atomically (tmp file, fsync, rename) with mode 0600."""
+        self._write(self.plans, self.entries)
+
+    def _write(self, plans: dict[str, RunPlan], entries: list[LedgerEntry]) -> None:
+        # State changes in memory only once the file is safely on disk.
+        body = {
+            "format": LEDGER_FORMAT,
+            "hospital": self.hospital,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "plans": {run_id: asdict(plan) for run_id, plan in plans.items()},
+            "entries": [asdict(entry) for entry in entries],
+        }
+        text = json.dumps({**body, "checksum": _checksum(body)}, indent=2, ensure_ascii=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp creates the file 0600: it describes patients' exposure, so no other user reads.
+        fd, tmp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+                tmp.write(text + "\n")
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, self.path)
+        except BaseException:
+            pass
+            raise
+        _fsync_directory(self.path.parent)
+        self.plans, self.entries = dict(plans), list(entries)
+
+    def history_json(self) -> list[dict[str, Any]]:
+        """The history in plain JSON, so anyone can recompute ε with an accountant they trust."""
+        keys = ("noise_multiplier", "sample_rate", "steps", "epsilon", "delta", "accountant")
+        return [
+            {"round": e.server_round, **{key: getattr(e, key) for key in keys}, "run_id": e.run_id}
+            for e in self.entries
+        ]
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_ledger_file(path: Path) -> PrivacyLedger:
+    """Load a ledger using the hospital, accountant and δ stored in it; verifies the checksum."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no privacy ledger here (nothing has been recorded).")
+    invalid = f"{path}: not a valid fedtune privacy ledger"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LedgerError(
+            f"{invalid} (unreadable JSON: {error}). It may be truncated or corrupted; restore it "
+            "from a backup. Do not delete it: it is the record of ε already spent."
+        ) from error
+    if not isinstance(document, dict) or "format" not in document:
+        raise LedgerError(f"{invalid} (no 'format' field). Check the privacy ledger path.")
+    if document["format"] != LEDGER_FORMAT:
+        raise LedgerError(
+            f"{path}: unknown ledger format {document['format']!r} (this fedtune reads "
+            f"{LEDGER_FORMAT!r}); it may come from a newer fedtune — upgrade this node."
+        )
+    body = {key: value for key, value in document.items() if key != "checksum"}
+    if document.get("checksum") != _checksum(body):
+        raise LedgerError(
+            f"{path}: checksum mismatch — the ledger was edited by hand or corrupted, so the "
+            "ε it records cannot be trusted. Restore it from a backup; do not delete it."
+        )
+    try:
+        ledger = PrivacyLedger(
+            path=path,
+            hospital=str(body["hospital"]),
+            accountant=str(body["accountant"]),
+            delta=float(body["delta"]),
+            entries=[LedgerEntry(**entry) for entry in body["entries"]],
+            plans={run_id: RunPlan(**plan) for run_id, plan in body["plans"].items()},
+        )
+        compute_epsilon([], ledger.delta, ledger.accountant)  # checks accountant and δ
+        for entry in ledger.entries:
+            _check_step_group(entry.noise_multiplier, entry.sample_rate, entry.steps)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise LedgerError(f"{invalid} (bad structure: {error}).") from error
+    return ledger
+
+
+def describe_ledger(path: Path) -> str:
+    """Plain-words summary for `fedtune ledger <path>` (a privacy officer reads this)."""
+    ledger = read_ledger_file(path)
+    total_steps = sum(entry.steps for entry in ledger.entries)
+    lines = [
+        f"Privacy ledger {ledger.path}",
+        f"hospital: {ledger.hospital}",
+        f"accountant: {ledger.accountant}, δ={ledger.delta:g}",
+        f"rounds recorded: {len(ledger.entries)}, total DP steps: {total_steps}",
+        f"ε spent: {ledger.epsilon_spent():.3f}",
+    ]
+    for run_id, plan in ledger.plans.items():
+        lines.append(
+            f"plan for run {run_id}: σ={plan.noise_multiplier:.3f}, q={plan.sample_rate:.3f}, "
+            f"{plan.steps_per_round} steps × {plan.planned_rounds} rounds "
+            f"for target ε={plan.target_epsilon:g}"
+        )
+    lines += [
+        f"run {e.run_id} round {e.server_round}: σ={e.noise_multiplier:.2f}, "
+        f"q={e.sample_rate:.3f}, {e.steps} steps → ε={e.epsilon:.2f}"
+        for e in ledger.entries
+    ]
+    return "\n".join(lines)

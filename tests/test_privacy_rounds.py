@@ -1,0 +1,125 @@
+"""DP in the federated loop: ε composed over rounds and runs, budgets enforced at the node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fake_grid import InProcessGrid
+from tiny import replace_section
+
+from client import session
+from client.privacy_ledger import compute_epsilon, read_ledger_file
+from fedtune.config import RunConfig
+from server.initial import initial_global_adapter
+from server.rounds import run_federation
+from server.run_dir import RunDirectory
+
+
+def _run(config: RunConfig, grid: InProcessGrid, run_path: Path, lines: list[str]) -> dict:
+    run_dir = RunDirectory(run_path)
+    run_dir.create(config)
+    return run_federation(grid, config, run_dir, initial_global_adapter(config), say=lines.append)
+
+
+def _dp(config: RunConfig, ledger_dir: Path, **privacy: object) -> RunConfig:
+    values = {"enabled": True, "target_epsilon": 4.0, "ledger_dir": str(ledger_dir), **privacy}
+    return replace_section(config, "privacy", **values)
+
+
+def _rounds(run_path: Path) -> list[dict]:
+    return [r for r in RunDirectory(run_path).read_metrics() if r["event"] == "round"]
+
+
+def test_epsilon_is_composed_over_rounds_and_stays_within_the_target(
+    classify_config: RunConfig, tmp_path: Path
+):
+    config = _dp(replace_section(classify_config, "federation", rounds=3), tmp_path / "ledgers")
+    lines: list[str] = []
+    summary = _run(config, InProcessGrid(2), tmp_path / "run", lines)
+    epsilons = [r["train"]["hospital-1"]["epsilon"] for r in _rounds(tmp_path / "run")]
+    assert epsilons == sorted(epsilons) and len(set(epsilons)) == 3  # strictly increasing
+    assert epsilons[-1] <= 4.0 + 1e-9
+    assert epsilons[-1] > 3.5  # σ was calibrated for the whole run, not per round
+    ledger = read_ledger_file(tmp_path / "ledgers" / "hospital-1.json")
+    assert [e.server_round for e in ledger.entries] == [1, 2, 3]
+    assert ledger.epsilon_spent() == pytest.approx(
+        compute_epsilon(ledger.history(), ledger.delta, "rdp"), rel=1e-12
+    )
+    assert summary["privacy"]["per_hospital"]["hospital-2"]["epsilon"] <= 4.0
+    assert any("hospital-1: (ε = " in line for line in lines)
+    assert any("ε ≤" in line for line in lines)  # the round table shows ε
+
+
+def test_a_node_stops_training_at_the_round_its_budget_allows(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """Explicit σ from the coordinator; hospital-1's admin set a small budget."""
+    sigma, budget, rounds = 0.8, 3.0, 6
+    config = _dp(replace_section(classify_config, "federation", rounds=rounds, min_hospitals=1),
+                 tmp_path / "ledgers", noise_multiplier=sigma, target_epsilon=50.0)  # fmt: skip
+    nodes = {0: {"partition-id": 0, "privacy-epsilon-budget": budget}, 1: {"partition-id": 1}}
+    lines: list[str] = []
+    _run(config, InProcessGrid(2, node_configs=nodes), tmp_path / "run", lines)
+
+    ledger = read_ledger_file(tmp_path / "ledgers" / "hospital-1.json")
+    step = ledger.history()[0]
+    allowed = max(k for k in range(rounds + 1)
+                  if compute_epsilon([step] * k, ledger.delta, "rdp") <= budget)  # fmt: skip
+    assert 0 < allowed < rounds
+    assert len(ledger.entries) == allowed
+    assert ledger.epsilon_spent() <= budget
+    records = _rounds(tmp_path / "run")
+    trained = [r["round"] for r in records if "hospital-1" in r["hospitals_used"]]
+    assert trained == list(range(1, allowed + 1))
+    refused = records[allowed]["refused"]["hospital-1"]
+    assert "privacy budget exhausted" in refused and f"{budget:.3f}" in refused
+    assert all("hospital-2" in r["hospitals_used"] for r in records)  # the others carry on
+
+
+def test_a_node_budget_applies_even_when_the_coordinator_asks_for_no_dp(
+    classify_config: RunConfig, tmp_path: Path
+):
+    config = replace_section(classify_config, "privacy", enabled=False,
+                             ledger_dir=str(tmp_path / "ledgers"))  # fmt: skip
+    nodes = {0: {"partition-id": 0, "privacy-epsilon-budget": 2.0}, 1: {"partition-id": 1}}
+    _run(config, InProcessGrid(2, node_configs=nodes), tmp_path / "run", [])
+    train = _rounds(tmp_path / "run")[-1]["train"]
+    assert train["hospital-1"]["dp"] == 1.0 and train["hospital-1"]["epsilon"] <= 2.0
+    assert train["hospital-2"]["dp"] == 0.0 and "epsilon" not in train["hospital-2"]
+
+
+def test_a_restarted_node_continues_its_ledger_into_the_next_run(
+    classify_config: RunConfig, tmp_path: Path
+):
+    config = _dp(replace_section(classify_config, "federation", rounds=2), tmp_path / "ledgers",
+                 target_epsilon=6.0)  # fmt: skip
+    _run(config, InProcessGrid(2), tmp_path / "run1", [])
+    first = read_ledger_file(tmp_path / "ledgers" / "hospital-1.json")
+    session._models.clear()  # a node restart: nothing survives in memory
+    session._data.clear()
+    _run(config, InProcessGrid(2), tmp_path / "run2", [])
+    second = read_ledger_file(tmp_path / "ledgers" / "hospital-1.json")
+    assert second.entries[:2] == first.entries
+    assert len(second.entries) == 4
+    assert second.epsilon_spent() > first.epsilon_spent()
+    assert second.epsilon_spent() <= 6.0 + 1e-9  # the budget covers both runs together
+    plans = list(second.plans.values())
+    assert plans[1].noise_multiplier > plans[0].noise_multiplier  # prior spend was counted
+
+
+def test_a_tampered_ledger_is_refused_and_never_reset(classify_config: RunConfig, tmp_path: Path):
+    config = _dp(replace_section(classify_config, "federation", rounds=1, min_hospitals=1),
+                 tmp_path / "ledgers")  # fmt: skip
+    _run(config, InProcessGrid(2), tmp_path / "run1", [])
+    path = tmp_path / "ledgers" / "hospital-1.json"
+    document = json.loads(path.read_text())
+    document["entries"][0]["epsilon"] = 0.01  # someone "resets" the spend by hand
+    path.write_text(json.dumps(document))
+    tampered = path.read_bytes()
+    _run(config, InProcessGrid(2), tmp_path / "run2", [])
+    (record,) = _rounds(tmp_path / "run2")
+    assert record["hospitals_used"] == ["hospital-2"]
+    assert "checksum" in record["refused"]["hospital-1"]
+    assert path.read_bytes() == tampered
