@@ -292,7 +292,7 @@ class PrivacyLedger:
                 os.fsync(tmp.fileno())
             os.replace(tmp_name, self.path)
         except BaseException:
-            pass
+            Path(tmp_name).unlink(missing_ok=True)
             raise
         _fsync_directory(self.path.parent)
         self.plans, self.entries = dict(plans), list(entries)

@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="classify: MiniLM, description → ICD-10 chapter (default); "
                       "instruct: SmolLM2, description → ICD-10 category code")  # fmt: skip
     demo.add_argument("--hospitals", type=int, default=3, help="simulated hospitals (3)")
+    demo.add_argument("--epsilon", type=float, default=8.0,
+                      help="each hospital's privacy budget ε for the whole run (8)")  # fmt: skip
+    demo.add_argument("--no-dp", action="store_true",
+                      help="turn differential privacy off (for comparisons only)")  # fmt: skip
     demo.add_argument("--rounds", type=int, default=None, help="federated rounds")
     demo.add_argument("--examples-per-hospital", type=int, default=None)
     demo.add_argument("--run-dir", type=Path, default=None,
@@ -147,6 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
     options = DemoOptions(
         task=args.task, hospitals=args.hospitals, rounds=args.rounds,
         examples_per_hospital=args.examples_per_hospital, run_dir=run_dir,
+        privacy=not args.no_dp, epsilon=args.epsilon,
     )  # fmt: skip
     run_demo(options)
     return 0

@@ -48,6 +48,11 @@ _DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }  # fmt: skip
 _EXAMPLES_PER_HOSPITAL = {"classify": 800, "instruct": 250}
+# DP-SGD: clip each example's gradient at 1.0; physical batches bound memory only.
+_DEMO_PRIVACY: dict[str, dict[str, Any]] = {
+    "classify": {"max_grad_norm": 1.0, "max_physical_batch_size": 64},
+    "instruct": {"max_grad_norm": 1.0, "max_physical_batch_size": 8},
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class DemoOptions:
     examples_per_hospital: int | None = None
     run_dir: Path = Path("runs/demo")
     seed: int = 0
+    privacy: bool = True  # DP on by default: every hospital promises ε ≤ epsilon per patient
+    epsilon: float = 8.0
 
 
 def write_demo_config(options: DemoOptions) -> Path:
@@ -79,6 +86,12 @@ def write_demo_config(options: DemoOptions) -> Path:
     settings["federation"]["min_hospitals"] = options.hospitals
     if options.rounds is not None:
         settings["federation"]["rounds"] = options.rounds
+    settings["privacy"] = {
+        "enabled": options.privacy,
+        "target_epsilon": options.epsilon,
+        "ledger_dir": str(run_dir / "ledgers"),
+        **_DEMO_PRIVACY[options.task],
+    }
     config_path = run_dir / "run.toml"
     with config_path.open("wb") as handle:
         tomli_w.dump(settings, handle)
@@ -96,9 +109,14 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict[s
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = write_demo_config(options)
+    privacy = (
+        f"differential privacy on (each hospital ε ≤ {options.epsilon:g})"
+        if options.privacy
+        else "differential privacy OFF (research comparison only)"
+    )
     say(
         f"fedtune demo: {options.hospitals} simulated hospitals, task '{options.task}', "
-        f"data and configuration in {run_dir}"
+        f"{privacy}; data and configuration in {run_dir}"
     )
     launch(LaunchPlan(config_path=config_path, run_dir=run_dir, num_hospitals=options.hospitals),
            say=say)  # fmt: skip
