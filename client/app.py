@@ -11,6 +11,7 @@ report it and carry on with the other hospitals.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from flwr.app import Context, Error, Message
@@ -147,4 +148,5 @@ def _refuse(msg: Message, code: int, context: Context, reason: str) -> Message:
 
 def _round_seed(base_seed: int, server_round: int, hospital: str) -> int:
     """Different but reproducible shuffling and dropout per round and hospital."""
-    return (base_seed * 1_000_003 + server_round * 7919 + sum(map(ord, hospital))) % (2**31)
+    digest = hashlib.sha256(f"{base_seed}/{server_round}/{hospital}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31)

@@ -49,17 +49,27 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     assert leftovers == [], [p.cmdline() for p in leftovers if psutil.pid_exists(p.pid)]
 
 
-def test_demo_with_the_embedded_model_beats_the_base_model(tmp_path: Path):
-    """The README's main job, shortened: real MiniLM, real ICD-10-CM data, 3 hospitals."""
+def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(tmp_path: Path):
+    """The README's main job, shortened: real MiniLM, real ICD-10-CM data, 3 hospitals,
+    differential privacy on by default (ε = 8 per hospital for the whole run)."""
+    from client.privacy_ledger import read_ledger_file
     from fedtune.demo import DemoOptions, run_demo
 
     lines: list[str] = []
     summary = run_demo(
-        DemoOptions(task="classify", hospitals=3, rounds=2, examples_per_hospital=300,
+        DemoOptions(task="classify", hospitals=3, rounds=2, examples_per_hospital=400,
                     run_dir=tmp_path / "demo"),
         say=lines.append,
     )  # fmt: skip
     base, final = summary["base_test"]["weighted"], summary["final_test"]["weighted"]
-    assert final["accuracy"] > base["accuracy"] + 0.1
+    assert final["accuracy"] > base["accuracy"] + 0.05
     assert final["loss"] < base["loss"]
     assert any(line.startswith("Global model is better") for line in lines)
+    guarantees = summary["privacy"]["per_hospital"]
+    assert set(guarantees) == {"hospital-1", "hospital-2", "hospital-3"}
+    for hospital, values in guarantees.items():
+        assert 0 < values["epsilon"] <= 8.0
+        ledger = read_ledger_file(tmp_path / "demo" / "ledgers" / f"{hospital}.json")
+        assert ledger.epsilon_spent() == values["epsilon"]
+        assert [entry.server_round for entry in ledger.entries] == [1, 2]
+    assert any("hospital-2: (ε = " in line for line in lines)
