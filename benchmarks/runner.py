@@ -31,9 +31,11 @@ Benchmark = Callable[[Path], BenchResult]
 
 
 def _registry() -> dict[str, Benchmark]:
+    from benchmarks.demo_utility import bench_demo
+    from benchmarks.dp_overhead import bench_dp
     from benchmarks.round_overhead import bench_round
 
-    return {"round": bench_round}
+    return {"round": bench_round, "dp": bench_dp, "demo": bench_demo}
 
 
 def run_benchmarks(names: Sequence[str], out_dir: Path) -> dict[str, float]:

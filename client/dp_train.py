@@ -94,26 +94,30 @@ def train_privately(
     else:
         private_model, private_optimizer, private_loader = prepared
         dp_criterion = criterion
-    actual_rate = 1.0 / len(private_loader)
-    if abs(actual_rate - plan.sample_rate) > 1e-12:
-        raise RuntimeError(
-            f"sampling rate {actual_rate} differs from the planned {plan.sample_rate}: "
-            "the privacy accounting would be wrong, so training stops"
-        )
     started = time.perf_counter()
     losses: list[float] = []
     steps_taken = 0
     examples_seen = 0
-    private_model.train()
-    # Frozen embeddings mean no module input needs a gradient; PyTorch says so on every step.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
+        # The rate Opacus' Poisson sampler really uses must be the one the ledger records.
+        actual_rate = float(private_loader.sample_rate)
+        if abs(actual_rate - plan.sample_rate) > 1e-12:
+            raise RuntimeError(
+                f"sampling rate {actual_rate} differs from the planned {plan.sample_rate}: "
+                "the privacy accounting would be wrong, so training stops"
+            )
+        private_model.train()
         while steps_taken < plan.steps:
-            with BatchMemoryManager(
-                data_loader=private_loader,
-                max_physical_batch_size=plan.max_physical_batch_size,
-                optimizer=private_optimizer,
-            ) as physical_batches:
+            with (
+                warnings.catch_warnings(),
+                BatchMemoryManager(
+                    data_loader=private_loader,
+                    max_physical_batch_size=plan.max_physical_batch_size,
+                    optimizer=private_optimizer,
+                ) as physical_batches,
+            ):
+                # Frozen embeddings: no module input needs a gradient, PyTorch says so per step.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 step_loss, step_examples = 0.0, 0
                 for batch in physical_batches:
                     batch = {k: v.to(device) for k, v in batch.items()}
