@@ -37,6 +37,16 @@ HOSPITAL_DATA_ERROR = 4002
 HOSPITAL_PRIVACY_BUDGET_EXHAUSTED = 4003
 HOSPITAL_LEDGER_ERROR = 4004
 
+# What a hospital's admin must fix, or a privacy rule: answered as an error reply naming the
+# hospital (never a crash, never a silent skip).
+_REFUSAL_CODES: dict[type[Exception], int] = {
+    ConfigError: HOSPITAL_CONFIG_ERROR,
+    DataValidationError: HOSPITAL_DATA_ERROR,
+    PrivacyBudgetExhausted: HOSPITAL_PRIVACY_BUDGET_EXHAUSTED,
+    LedgerError: HOSPITAL_LEDGER_ERROR,
+}
+_HOSPITAL_PROBLEMS = tuple(_REFUSAL_CODES)
+
 app = ClientApp()
 
 
@@ -51,14 +61,8 @@ def train(msg: Message, context: Context) -> Message:
         data = data_for(config, identity, handle)
         features = data.features["train"]
         privacy = plan_round(config, identity, context.node_config, len(features), job.run_id)
-    except ConfigError as exc:
-        return _refuse(msg, HOSPITAL_CONFIG_ERROR, context, str(exc))
-    except DataValidationError as exc:
-        return _refuse(msg, HOSPITAL_DATA_ERROR, context, str(exc))
-    except PrivacyBudgetExhausted as exc:
-        return _refuse(msg, HOSPITAL_PRIVACY_BUDGET_EXHAUSTED, context, str(exc))
-    except LedgerError as exc:
-        return _refuse(msg, HOSPITAL_LEDGER_ERROR, context, str(exc))
+    except _HOSPITAL_PROBLEMS as exc:
+        return _refuse(msg, _code_for(exc), context, str(exc))
     set_adapter(handle.model, global_adapter)
     seed = _round_seed(config.train.seed, job.server_round, identity.name)
     pad_id = int(handle.tokenizer.pad_token_id)
@@ -108,10 +112,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         identity = hospital_identity(context.node_config, config.data)
         handle = model_for(config)
         data = data_for(config, identity, handle)
-    except ConfigError as exc:
-        return _refuse(msg, HOSPITAL_CONFIG_ERROR, context, str(exc))
-    except DataValidationError as exc:
-        return _refuse(msg, HOSPITAL_DATA_ERROR, context, str(exc))
+    except _HOSPITAL_PROBLEMS as exc:
+        return _refuse(msg, _code_for(exc), context, str(exc))
     set_adapter(handle.model, global_adapter)
     limit = config.evaluation.max_examples
     features = data.features[job.split][:limit]
@@ -135,6 +137,10 @@ def evaluate(msg: Message, context: Context) -> Message:
             config.evaluation.max_new_tokens,
         )
     return Message(evaluate_reply_content(metrics, identity.name), reply_to=msg)
+
+
+def _code_for(exc: Exception) -> int:
+    return next(code for kind, code in _REFUSAL_CODES.items() if isinstance(exc, kind))
 
 
 def _refuse(msg: Message, code: int, context: Context, reason: str) -> Message:

@@ -85,5 +85,5 @@ def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
 
 def _show(line: str, say: Callable[[str], None]) -> None:
     text = _FLOWER_PREFIX.sub("", line.rstrip())
-    if text and not any(noise in text for noise in _NOISE):
+    if text and ":DEBUG:" not in text and not any(noise in text for noise in _NOISE):
         say(text)
