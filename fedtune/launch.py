@@ -26,6 +26,8 @@ _NOISE = (
     "To change federation size",
     "flwr federation simulation-config",
     "Successfully installed fedtune-app",
+    "Starting Flower Simulation",
+    "default simulated SuperNodes changed",
 )
 
 
