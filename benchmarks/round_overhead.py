@@ -23,9 +23,14 @@ def bench_round(work_dir: Path) -> BenchResult:
     if work_dir.exists():
         shutil.rmtree(work_dir)
     run_demo(DemoOptions(task="classify", hospitals=3, run_dir=work_dir / "demo"))
+    return round_overhead(RunDirectory(work_dir / "demo"))
+
+
+def round_overhead(run_dir: RunDirectory) -> BenchResult:
+    """Overhead ratios from a finished run's metrics (its configuration is described)."""
+    config = run_dir.config()
     rounds = [
-        r for r in RunDirectory(work_dir / "demo").read_metrics()
-        if r["event"] == "round" and not r.get("aborted")
+        r for r in run_dir.read_metrics() if r["event"] == "round" and not r.get("aborted")
     ]  # fmt: skip
     rows = []
     for record in rounds:
@@ -44,8 +49,10 @@ def bench_round(work_dir: Path) -> BenchResult:
     )
     markdown = f"""## Round overhead (`fedtune bench round`)
 
-Demo configuration: 3 simulated hospitals training concurrently, all-MiniLM-L6-v2 + LoRA r=8,
-25 local steps of 32 examples per round, Flower simulation engine (Ray) on this machine.
+Demo configuration: 3 simulated hospitals training concurrently, all-MiniLM-L6-v2 + LoRA
+r={config.lora.r}, {config.train.local_steps} local steps of batch {config.train.batch_size} per
+round, DP-SGD {"on" if config.privacy.enabled else "off"}, Flower simulation engine (Ray) on
+this machine.
 
 | round | train phase wall (s) | slowest hospital training (s) | overhead ratio |
 |---|---|---|---|
