@@ -15,26 +15,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ACCOUNTANTS = ("rdp", "prv")
+from client.privacy_accounting import (  # noqa: F401  (re-exported: the ledger's vocabulary)
+    ACCOUNTANTS,
+    History,
+    PrivacyBudgetExhausted,
+    calibrate_noise_multiplier,
+    check_step_group,
+    compute_epsilon,
+)
+
 LEDGER_FORMAT = "fedtune-privacy-ledger/1"
-# Calibration search range for σ. Above MAX_NOISE the update is pure noise: the hospital needs
-# more examples (smaller q) or fewer rounds, not more noise.
-MIN_NOISE, MAX_NOISE = 1e-2, 1e3
-# Relative precision of the σ search; the result is always the side that satisfies ε ≤ target.
-CALIBRATION_PRECISION = 1e-3
 # Float slack when comparing ε with a budget, so an exact-fit plan is not refused by rounding.
 BUDGET_SLACK = 1e-9
-
-History = Sequence[tuple[float, float, int]]
 
 
 class LedgerError(ValueError):
@@ -42,105 +41,6 @@ class LedgerError(ValueError):
 
     Never handled by resetting the ledger: that would erase the record of ε already spent.
     """
-
-
-class PrivacyBudgetExhausted(RuntimeError):
-    """Training one more round would take the hospital past its ε budget."""
-
-    def __init__(self, spent: float, budget: float, next_epsilon: float) -> None:
-        self.spent, self.budget, self.next_epsilon = spent, budget, next_epsilon
-        super().__init__(
-            f"privacy budget exhausted (ε spent {spent:.3f} / ε budget {budget:.3f}; "
-            f"the next round would reach {next_epsilon:.3f})"
-        )
-
-
-def _check_step_group(noise_multiplier: float, sample_rate: float, steps: int) -> None:
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ValueError(f"noise multiplier must be a positive number, got {noise_multiplier}")
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a whole number ≥ 1, got {steps!r}")
-
-
-def compute_epsilon(history: History, delta: float, accountant: str) -> float:
-    """ε after all (noise_multiplier, sample_rate, steps) groups in `history`, composed.
-
-    Consecutive groups with the same σ and q are merged, exactly as Opacus's own `step()`
-    builds its history, so the result equals an accountant that was driven step by step
-    (and PRV, whose cost grows with the number of groups, stays fast).
-    """
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"unknown privacy accountant {accountant!r}; known: {ACCOUNTANTS}")
-    if not 0 < delta < 1:
-        raise ValueError(f"δ must be in (0, 1), got {delta}")
-    merged: list[tuple[float, float, int]] = []
-    for sigma, q, steps in history:
-        _check_step_group(sigma, q, steps)
-        if merged and merged[-1][:2] == (sigma, q):
-            merged[-1] = (sigma, q, merged[-1][2] + steps)
-        else:
-            merged.append((float(sigma), float(q), int(steps)))
-    if not merged:
-        return 0.0
-    # Imported here: opacus pulls in torch (~2 s); importing this module stays cheap.
-    from opacus.accountants import create_accountant
-
-    opacus_accountant = create_accountant(mechanism=accountant)
-    opacus_accountant.history = merged
-    return float(opacus_accountant.get_epsilon(delta=delta))
-
-
-def calibrate_noise_multiplier(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: str,
-    prior: History = (),
-) -> float:
-    """Smallest σ (to ~0.1 %) so that `prior` plus `steps` more steps stays within ε target.
-
-    Less noise means a better model, so we want the smallest σ; the search keeps the bracket
-    `ε(low) > target ≥ ε(high)` and returns `high`, so rounding can only add privacy.
-    """
-    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
-        raise ValueError(f"target ε must be a positive number, got {target_epsilon}")
-    _check_step_group(1.0, sample_rate, steps)  # σ is what we search for; check q and steps
-    spent = compute_epsilon(prior, delta, accountant)
-    if spent >= target_epsilon:
-        raise PrivacyBudgetExhausted(spent, target_epsilon, spent)
-
-    def epsilon_with(sigma: float) -> float:
-        return compute_epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)
-
-    # Bracket the answer, ε(low) > target ≥ ε(high), starting from the common σ = 1.
-    low, high = 0.0, 1.0
-    if epsilon_with(high) <= target_epsilon:
-        low = high / 2
-        while epsilon_with(low) <= target_epsilon:
-            if low <= MIN_NOISE:
-                return low  # so generous a budget that almost no noise is needed
-            high, low = low, low / 2
-    else:
-        while True:
-            if high >= MAX_NOISE:
-                raise ValueError(
-                    f"even noise multiplier σ={MAX_NOISE:g} cannot keep ε ≤ {target_epsilon:g} "
-                    f"(δ={delta:g}) for {steps} more steps at sample rate {sample_rate:g}; "
-                    "the hospital needs more training examples or fewer rounds/steps."
-                )
-            low, high = high, min(high * 2, MAX_NOISE)
-            if epsilon_with(high) <= target_epsilon:
-                break
-    while high / low - 1 > CALIBRATION_PRECISION:
-        middle = math.sqrt(low * high)
-        if epsilon_with(middle) <= target_epsilon:
-            high = middle
-        else:
-            low = middle
-    return high
 
 
 @dataclass(frozen=True)
@@ -169,7 +69,7 @@ class RunPlan:
     target_epsilon: float
 
     def __post_init__(self) -> None:
-        _check_step_group(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+        check_step_group(self.noise_multiplier, self.sample_rate, self.steps_per_round)
         if self.planned_rounds < 1 or not self.target_epsilon > 0:
             raise ValueError("a run plan needs planned_rounds ≥ 1 and a positive target ε")
 
@@ -358,7 +258,7 @@ def read_ledger_file(path: Path) -> PrivacyLedger:
         )
         compute_epsilon([], ledger.delta, ledger.accountant)  # checks accountant and δ
         for entry in ledger.entries:
-            _check_step_group(entry.noise_multiplier, entry.sample_rate, entry.steps)
+            check_step_group(entry.noise_multiplier, entry.sample_rate, entry.steps)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise LedgerError(f"{invalid} (bad structure: {error}).") from error
     return ledger
