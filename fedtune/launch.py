@@ -17,7 +17,9 @@ from fedtune.flower_app import write_app_bundle
 from fedtune.simulation import SimulationSpec, run_simulation
 
 # Flower prefixes forwarded app output with its log level; we show the coordinator's lines.
-_FLOWER_PREFIX = re.compile(r"^\s*(INFO|WARNING|ERROR|DEBUG)\s*:\s*")
+_FLOWER_PREFIX = re.compile(
+    r"^\s*(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:)?(INFO|WARNING|ERROR|DEBUG)\s*:\s*"
+)
 _NOISE = (
     "Successfully started run",
     "Starting logstream",
@@ -86,6 +88,8 @@ def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
 
 
 def _show(line: str, say: Callable[[str], None]) -> None:
+    if ":DEBUG:" in line:  # Flower's own debug log, forwarded from the simulation
+        return
     text = _FLOWER_PREFIX.sub("", line.rstrip())
-    if text and ":DEBUG:" not in text and not any(noise in text for noise in _NOISE):
+    if text and not any(noise in text for noise in _NOISE):
         say(text)
