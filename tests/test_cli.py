@@ -65,3 +65,21 @@ def test_export_of_an_unknown_round_is_a_clear_error(
 ):
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "not a fedtune run directory" in capsys.readouterr().err
+
+
+def test_the_launcher_shows_the_coordinators_lines_and_hides_flower_internals():
+    from fedtune.launch import _show
+
+    shown: list[str] = []
+    for line in [
+        "INFO :      round train loss  val loss",
+        "11/23/2026 14:16:21:DEBUG:ServerApp finished running.",
+        "11/23/2026 14:39:41:INFO:",
+        "Successfully started run 42",
+        "  ! hospital-2: privacy budget exhausted (ε spent 7.9 / ε budget 8.0)",
+    ]:
+        _show(line, shown.append)
+    assert shown == [
+        "round train loss  val loss",
+        "  ! hospital-2: privacy budget exhausted (ε spent 7.9 / ε budget 8.0)",
+    ]
