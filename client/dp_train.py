@@ -13,6 +13,7 @@ hospital's privacy ledger over every round it ever trained, so nothing resets pe
 
 from __future__ import annotations
 
+import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
 from client.encoding import collate
@@ -60,17 +62,25 @@ def train_privately(
     """Take exactly `plan.steps` DP-SGD steps on the adapter, in place."""
     if not features:
         raise ValueError("this hospital has no training examples")
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # dropout only; nothing the privacy analysis relies on
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
+    # The noise and the Poisson draws must be unpredictable to the coordinator: it knows
+    # `seed` (train.seed, round, hospital name), and with a reproducible noise draw it could
+    # regenerate the noise and subtract it. Both generators are seeded from the OS's CSPRNG.
+    noise_generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    sampling_generator = torch.Generator().manual_seed(secrets.randbits(63))
+    # Poisson sampling by our own loader (Opacus' sampler, our collate): each example joins a
+    # batch with probability q, exactly the q the ledger records; an empty draw is handled.
     loader: DataLoader[Any] = DataLoader(
         list(features),  # type: ignore[arg-type]
-        batch_size=settings.batch_size,
-        collate_fn=lambda items: collate(items, pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
+        batch_sampler=UniformWithReplacementSampler(
+            num_samples=len(features), sample_rate=plan.sample_rate, generator=sampling_generator
+        ),
+        collate_fn=lambda items: _collate_or_empty(items, pad_token_id),
     )
     criterion = PerExampleLoss(task)
     model.train()  # Opacus validates that the module is in training mode
@@ -86,7 +96,8 @@ def train_privately(
             data_loader=loader,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,  # the loader above already samples by Poisson
+            noise_generator=noise_generator,
             grad_sample_mode=plan.grad_sample_mode,
         )
     if plan.grad_sample_mode == "ghost":
@@ -99,13 +110,6 @@ def train_privately(
     steps_taken = 0
     examples_seen = 0
     try:
-        # The rate Opacus' Poisson sampler really uses must be the one the ledger records.
-        actual_rate = float(private_loader.sample_rate)
-        if abs(actual_rate - plan.sample_rate) > 1e-12:
-            raise RuntimeError(
-                f"sampling rate {actual_rate} differs from the planned {plan.sample_rate}: "
-                "the privacy accounting would be wrong, so training stops"
-            )
         private_model.train()
         while steps_taken < plan.steps:
             with (
@@ -154,6 +158,14 @@ def train_privately(
         last_loss=losses[-1] if losses else float("nan"),
         seconds=time.perf_counter() - started,
     )
+
+
+def _collate_or_empty(items: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a Poisson batch; an empty draw becomes zero-row tensors the loop recognises."""
+    if not items:
+        empty = torch.zeros((0, 1), dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty, "labels": empty}
+    return collate(items, pad_token_id)
 
 
 def _detach_opacus(private_model: Any) -> None:
