@@ -11,8 +11,10 @@ report it and carry on with the other hospitals.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+from collections.abc import Callable
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -21,7 +23,7 @@ from client.data import DataValidationError
 from client.dp_train import train_privately
 from client.evaluate import evaluate_classification, evaluate_generation
 from client.model import get_adapter, set_adapter
-from client.privacy import plan_round
+from client.privacy import ledger_lock, plan_round
 from client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
 from client.session import data_for, hospital_identity, model_for
 from client.train import train_locally
@@ -36,6 +38,7 @@ HOSPITAL_CONFIG_ERROR = 4001
 HOSPITAL_DATA_ERROR = 4002
 HOSPITAL_PRIVACY_BUDGET_EXHAUSTED = 4003
 HOSPITAL_LEDGER_ERROR = 4004
+HOSPITAL_UNEXPECTED_ERROR = 4099
 
 # What a hospital's admin must fix, or a privacy rule: answered as an error reply naming the
 # hospital (never a crash, never a silent skip).
@@ -47,51 +50,77 @@ _REFUSAL_CODES: dict[type[Exception], int] = {
 }
 _HOSPITAL_PROBLEMS = tuple(_REFUSAL_CODES)
 
+Handler = Callable[[Message, Context], Message]
+
 app = ClientApp()
 
 
+def _refusing_on_problems(handler: Handler) -> Handler:
+    """Answer every failure with an error reply that names the hospital and the reason.
+
+    Problems the hospital's admin can fix (config, data, privacy budget, ledger) get their
+    own codes; anything else is logged with its traceback at the hospital, and only its type
+    and message travel (never data).
+    """
+
+    @functools.wraps(handler)
+    def answer(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except _HOSPITAL_PROBLEMS as exc:
+            return _refuse(msg, _code_for(exc), context, str(exc))
+        except Exception as exc:
+            log.exception("unexpected error while answering the coordinator")
+            reason = f"unexpected error at the hospital: {type(exc).__name__}: {exc}"
+            return _refuse(msg, HOSPITAL_UNEXPECTED_ERROR, context, reason)
+
+    return answer
+
+
 @app.train()
+@_refusing_on_problems
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the delta, never the data."""
     global_adapter, job = parse_request(msg)
     config = job.config
-    try:
-        identity = hospital_identity(context.node_config, config.data)
-        handle = model_for(config)
-        data = data_for(config, identity, handle)
-        features = data.features["train"]
-        privacy = plan_round(config, identity, context.node_config, len(features), job.run_id)
-    except _HOSPITAL_PROBLEMS as exc:
-        return _refuse(msg, _code_for(exc), context, str(exc))
-    set_adapter(handle.model, global_adapter)
+    identity = hospital_identity(context.node_config, config.data)
+    handle = model_for(config)
+    data = data_for(config, identity, handle)
+    features = data.features["train"]
     seed = _round_seed(config.train.seed, job.server_round, identity.name)
     pad_id = int(handle.tokenizer.pad_token_id)
     task = config.model.task
-    privacy_metrics: dict[str, float] = {"dp": 0.0}
-    if privacy is None:
-        result = train_locally(handle.model, features, config.train, pad_id, seed, task)
-    else:
-        result = train_privately(
-            handle.model, features, config.train, privacy.plan, pad_id, seed, task
-        )
-        entry = privacy.ledger.record(
-            privacy.run_id, job.server_round, privacy.plan.noise_multiplier,
-            privacy.plan.sample_rate, result.steps,
-        )  # fmt: skip
-        privacy_metrics = {
-            "dp": 1.0,
-            "epsilon": entry.epsilon,
-            "delta": entry.delta,
-            "epsilon-budget": privacy.budget,
-            "noise-multiplier": entry.noise_multiplier,
-            "sample-rate": entry.sample_rate,
-            "dp-steps": float(entry.steps),
-        }
+    privacy_metrics: dict[str, float] = {"dp": 0.0, "train-last-loss": 0.0}
+    # One DP training per ledger at a time: budget check, training and record are atomic, so
+    # two processes of one node can never both spend the same remaining budget.
+    with ledger_lock(identity, config, context.node_config):
+        privacy = plan_round(config, identity, context.node_config, len(features), job.run_id)
+        set_adapter(handle.model, global_adapter)
+        if privacy is None:
+            result = train_locally(handle.model, features, config.train, pad_id, seed, task)
+            privacy_metrics["train-last-loss"] = result.last_loss
+        else:
+            result = train_privately(
+                handle.model, features, config.train, privacy.plan, pad_id, seed, task
+            )
+            entry = privacy.ledger.record(
+                privacy.run_id, job.server_round, privacy.plan.noise_multiplier,
+                privacy.plan.sample_rate, result.steps,
+            )  # fmt: skip
+            # No last-batch loss under DP: a Poisson batch can be a handful of patients.
+            privacy_metrics = {
+                "dp": 1.0,
+                "epsilon": entry.epsilon,
+                "delta": entry.delta,
+                "epsilon-budget": privacy.budget,
+                "noise-multiplier": entry.noise_multiplier,
+                "sample-rate": entry.sample_rate,
+                "dp-steps": float(entry.steps),
+            }
     delta = adapter_delta(get_adapter(handle.model), global_adapter)
     metrics = {
         "num-examples": float(len(features)),
         "train-loss": result.mean_loss,
-        "train-last-loss": result.last_loss,
         "train-steps": float(result.steps),
         "train-seconds": result.seconds,
         "skipped-lines": float(len(data.dataset.skipped)),
@@ -104,16 +133,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_refusing_on_problems
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the global adapter on this hospital's validation or test split."""
     global_adapter, job = parse_request(msg)
     config = job.config
-    try:
-        identity = hospital_identity(context.node_config, config.data)
-        handle = model_for(config)
-        data = data_for(config, identity, handle)
-    except _HOSPITAL_PROBLEMS as exc:
-        return _refuse(msg, _code_for(exc), context, str(exc))
+    identity = hospital_identity(context.node_config, config.data)
+    handle = model_for(config)
+    data = data_for(config, identity, handle)
     set_adapter(handle.model, global_adapter)
     limit = config.evaluation.max_examples
     features = data.features[job.split][:limit]

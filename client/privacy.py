@@ -12,14 +12,21 @@ the same data included); it is stored in the ledger so a restarted node keeps us
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from client.dp_train import DPPlan, poisson_sample_rate
-from client.privacy_ledger import PrivacyLedger, RunPlan, calibrate_noise_multiplier
+from client.privacy_ledger import (
+    PrivacyLedger,
+    RunPlan,
+    calibrate_noise_multiplier,
+    read_ledger_file,
+)
 from client.session import HospitalIdentity
 from client.train import planned_steps
 from fedtune.config import ConfigError, RunConfig
@@ -40,8 +47,31 @@ class RoundPrivacy:
 
 
 def default_delta(num_examples: int) -> float:
-    """The power of ten at or below 1/n: δ must be well under the chance of any one leak."""
-    return float(10 ** math.floor(math.log10(1.0 / max(num_examples, 1))))
+    """The largest power of ten strictly below 1/n: δ must be under the chance of any one
+    record leaking outright (δ = 1/n would allow exactly that)."""
+    return float(10 ** (math.ceil(math.log10(1.0 / max(num_examples, 1))) - 1))
+
+
+def choose_delta(requested: float, num_examples: int, path: Path) -> float:
+    """δ for this hospital: never above 1/n, whatever the coordinator requests.
+
+    With the automatic δ, an existing ledger keeps the δ it was started with, so a hospital
+    whose data grows past a power of ten is not locked out of its own ledger.
+    """
+    if requested:
+        if requested >= 1.0 / max(num_examples, 1):
+            raise ConfigError(
+                f"privacy.target_delta = {requested:g} is not below 1/n = "
+                f"{1.0 / num_examples:g} for this hospital's {num_examples} training examples; "
+                "such a δ would allow a patient's record to leak outright. Ask the coordinator "
+                "for a smaller privacy.target_delta (or 0 for automatic)."
+            )
+        return requested
+    if path.exists():
+        stored = read_ledger_file(path).delta
+        if stored < 1.0 / max(num_examples, 1):
+            return stored
+    return default_delta(num_examples)
 
 
 def ledger_path(
@@ -57,6 +87,24 @@ def ledger_path(
         )
     folder = config.privacy.ledger_dir or str(Path(config.data.simulation_root) / "privacy-ledgers")
     return Path(folder) / f"{identity.name}.json"
+
+
+@contextlib.contextmanager
+def ledger_lock(
+    identity: HospitalIdentity, config: RunConfig, node_config: Mapping[str, Any]
+) -> Iterator[None]:
+    """Exclusive lock on the hospital's ledger (a `.lock` file beside it); none without DP."""
+    if not config.privacy.enabled and node_budget(node_config) is None:
+        yield
+        return
+    path = ledger_path(config, identity, node_config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(path.name + ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def node_budget(node_config: Mapping[str, Any]) -> float | None:
@@ -99,22 +147,24 @@ def plan_round(
             "train.grad_accumulation must be 1 with DP: raise train.batch_size instead (DP "
             "batches are Poisson-sampled; privacy.max_physical_batch_size bounds memory)."
         )
-    delta = settings.target_delta or default_delta(num_examples)
-    ledger = PrivacyLedger.open(
-        ledger_path(config, identity, node_config), identity.name, settings.accountant, delta
-    )
+    path = ledger_path(config, identity, node_config)
+    delta = choose_delta(settings.target_delta, num_examples, path)
+    ledger = PrivacyLedger.open(path, identity.name, settings.accountant, delta)
     sample_rate = poisson_sample_rate(config.train.batch_size, num_examples)
     steps = planned_steps(config.train, num_examples)
     run_plan = ledger.plan(run_id)
     if run_plan is None:
-        sigma = settings.noise_multiplier or calibrate_noise_multiplier(
-            target_epsilon=budget,
-            delta=ledger.delta,
-            sample_rate=sample_rate,
-            steps=steps * config.federation.rounds,
-            accountant=settings.accountant,
-            prior=ledger.history(),
-        )
+        try:
+            sigma = settings.noise_multiplier or calibrate_noise_multiplier(
+                target_epsilon=budget,
+                delta=ledger.delta,
+                sample_rate=sample_rate,
+                steps=steps * config.federation.rounds,
+                accountant=settings.accountant,
+                prior=ledger.history(),
+            )
+        except ValueError as exc:  # no σ can meet the target: the plan must change
+            raise ConfigError(f"cannot plan this run within ε = {budget:g}: {exc}") from None
         run_plan = RunPlan(
             noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps,
             planned_rounds=config.federation.rounds, target_epsilon=budget,

@@ -7,6 +7,7 @@ hospitals cannot drift apart, and a reply of the wrong shape is refused with a c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,8 +124,9 @@ def parse_train_reply(message: Message) -> tuple[Adapter, dict[str, float]]:
     if DELTA not in content.array_records:
         raise MalformedReply(f"the reply has no '{DELTA}' record")
     metrics = parse_metrics(message)
-    if metrics.get("num-examples", 0) <= 0:
-        raise MalformedReply("the reply does not say how many examples it trained on")
+    count = metrics.get("num-examples", 0.0)
+    if not (math.isfinite(count) and count > 0):
+        raise MalformedReply(f"the reply's example count {count!r} is not a positive number")
     return record_to_adapter(content.array_records[DELTA]), metrics
 
 

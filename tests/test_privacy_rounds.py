@@ -123,3 +123,24 @@ def test_a_tampered_ledger_is_refused_and_never_reset(classify_config: RunConfig
     assert record["hospitals_used"] == ["hospital-2"]
     assert "checksum" in record["refused"]["hospital-1"]
     assert path.read_bytes() == tampered
+
+
+def test_a_hospital_refuses_a_delta_that_would_let_a_record_leak(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """δ ≥ 1/n is refused whatever the coordinator asks; the automatic δ is below 1/n."""
+    config = _dp(replace_section(classify_config, "federation", rounds=1, min_hospitals=1),
+                 tmp_path / "ledgers", target_delta=0.5)  # fmt: skip
+    _run(config, InProcessGrid(1), tmp_path / "run", [])
+    (record,) = _rounds(tmp_path / "run")
+    assert record["hospitals_used"] == []
+    assert "privacy.target_delta = 0.5 is not below 1/n" in record["refused"]["hospital-1"]
+    assert not (tmp_path / "ledgers" / "hospital-1.json").exists()
+
+    automatic = _dp(replace_section(classify_config, "federation", rounds=1, min_hospitals=1),
+                    tmp_path / "ledgers2")  # fmt: skip
+    _run(automatic, InProcessGrid(1), tmp_path / "run2", [])
+    (record,) = _rounds(tmp_path / "run2")
+    n = record["train"]["hospital-1"]["num-examples"]
+    assert record["train"]["hospital-1"]["delta"] < 1 / n
+    assert "train-last-loss" not in record["train"]["hospital-1"]  # not released under DP

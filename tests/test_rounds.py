@@ -180,3 +180,47 @@ def test_skipped_bad_lines_are_counted_and_reported(classify_config: RunConfig, 
     assert record["train"]["Messy"]["skipped-lines"] == 2
     assert record["train"]["Clean"]["skipped-lines"] == 0
     assert any("Messy skipped 2 invalid data line(s)" in line for line in lines)
+
+
+def test_a_nan_example_count_is_refused_for_that_hospital_only(
+    classify_config: RunConfig, tmp_path
+):
+    from flwr.app import MetricRecord
+
+    def nan_count(node_id: int, reply: Message) -> Message:
+        if node_id == 1000 and reply.metadata.message_type == TRAIN:
+            metrics = dict(reply.content.metric_records["metrics"])
+            metrics["num-examples"] = float("nan")
+            reply.content.metric_records["metrics"] = MetricRecord(metrics)
+        return reply
+
+    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    _run(config, InProcessGrid(3, tamper=nan_count), tmp_path, [])
+    (record,) = [r for r in RunDirectory(tmp_path / "run").read_metrics() if r["event"] == "round"]
+    assert "not a positive number" in record["refused"]["hospital-1"]
+    assert sorted(record["hospitals_used"]) == ["hospital-2", "hospital-3"]
+
+
+def test_an_unexpected_error_at_a_hospital_is_reported_with_its_name(
+    classify_config: RunConfig, tmp_path, monkeypatch
+):
+    import client.app as client_app_module
+
+    real = client_app_module.train_locally
+
+    def broken(*args, **kwargs):
+        if kwargs.get("seed", args[4] if len(args) > 4 else None) is not None and broken.calls:
+            raise RuntimeError("disk full while training")
+        broken.calls += 1
+        return real(*args, **kwargs)
+
+    broken.calls = 0
+    monkeypatch.setattr(client_app_module, "train_locally", broken)
+    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=1)
+    _run(config, InProcessGrid(2), tmp_path, [])
+    (record,) = [r for r in RunDirectory(tmp_path / "run").read_metrics() if r["event"] == "round"]
+    assert record["hospitals_used"] == ["hospital-1"]
+    assert (
+        "hospital-2: unexpected error at the hospital: RuntimeError: disk full"
+        in (record["refused"]["hospital-2"])
+    )
