@@ -51,8 +51,10 @@ class HospitalNames:
         if reply.has_error():
             return fallback
         name = reply_hospital(reply, fallback)
-        self._names[node_id] = name
-        return name
+        if any(other == name for nid, other in self._names.items() if nid != node_id):
+            name = f"{name} (node {node_id})"  # two sites chose the same name: keep both
+        self._names.setdefault(node_id, name)
+        return self._names[node_id]
 
 
 @dataclass

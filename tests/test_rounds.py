@@ -224,3 +224,16 @@ def test_an_unexpected_error_at_a_hospital_is_reported_with_its_name(
         "hospital-2: unexpected error at the hospital: RuntimeError: disk full"
         in (record["refused"]["hospital-2"])
     )
+
+
+def test_two_hospitals_with_the_same_name_are_both_counted(classify_config: RunConfig, tmp_path):
+    source = classify_config.data.simulation_root
+    nodes = {
+        0: {"hospital-name": "General", "data-path": f"{source}/hospital-1.jsonl"},
+        1: {"hospital-name": "General", "data-path": f"{source}/hospital-2.jsonl"},
+    }
+    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    _run(config, InProcessGrid(2, node_configs=nodes), tmp_path, [])
+    (record,) = [r for r in RunDirectory(tmp_path / "run").read_metrics() if r["event"] == "round"]
+    assert sorted(record["hospitals_used"]) == ["General", "General (node 1001)"]
+    assert record["refused"] == {}
