@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from client.encoding import collate
 from client.losses import PerExampleLoss, model_inputs
-from client.train import TrainResult, autocast_for
+from client.train import TrainResult, adapter_optimizer, autocast_for
 from fedtune.config import TrainSettings
 
 
@@ -64,10 +64,7 @@ def train_privately(
         raise ValueError("this hospital has no training examples")
     torch.manual_seed(seed)  # dropout only; nothing the privacy analysis relies on
     device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    optimizer = adapter_optimizer(model, settings)
     # The noise and the Poisson draws must be unpredictable to the coordinator: it knows
     # `seed` (train.seed, round, hospital name), and with a reproducible noise draw it could
     # regenerate the noise and subtract it. Both generators are seeded from the OS's CSPRNG.

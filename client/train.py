@@ -56,10 +56,7 @@ def train_locally(
         raise ValueError("this hospital has no training examples")
     torch.manual_seed(seed)  # LoRA dropout draws: a rerun of a round is reproducible
     device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    optimizer = adapter_optimizer(model, settings)
     warmup = settings.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -92,6 +89,14 @@ def train_locally(
         mean_loss=float(sum(losses) / len(losses)),
         last_loss=losses[-1],
         seconds=time.perf_counter() - started,
+    )
+
+
+def adapter_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW over the trainable (adapter) parameters only; the frozen base is never given."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
 
 

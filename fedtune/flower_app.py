@@ -23,6 +23,7 @@ build-backend = "setuptools.build_meta"
 name = "fedtune-app"
 version = "{version}"
 description = "fedtune federated LoRA fine-tuning (Flower app bundle)"
+license = "Apache-2.0"
 dependencies = []
 
 [tool.flwr.app]

@@ -29,6 +29,7 @@ _NOISE = (
     "flwr federation simulation-config",
     "Successfully installed fedtune-app",
     "Starting Flower Simulation",
+    "Using SuperLink:",
     "default simulated SuperNodes changed",
 )
 

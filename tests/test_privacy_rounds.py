@@ -11,7 +11,7 @@ from tiny import replace_section
 
 from client import session
 from client.privacy_ledger import compute_epsilon, read_ledger_file
-from fedtune.config import RunConfig
+from fedtune.config import ConfigError, RunConfig
 from server.initial import initial_global_adapter
 from server.rounds import run_federation
 from server.run_dir import RunDirectory
@@ -144,3 +144,41 @@ def test_a_hospital_refuses_a_delta_that_would_let_a_record_leak(
     n = record["train"]["hospital-1"]["num-examples"]
     assert record["train"]["hospital-1"]["delta"] < 1 / n
     assert "train-last-loss" not in record["train"]["hospital-1"]  # not released under DP
+
+
+def test_the_ledger_is_locked_from_budget_check_to_record(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """A second holder (another process of the node) cannot take the lock meanwhile."""
+    import fcntl
+
+    from client.privacy import ledger_lock, ledger_path
+    from client.session import hospital_identity
+
+    config = _dp(classify_config, tmp_path / "ledgers")
+    node = {"partition-id": 0}
+    identity = hospital_identity(node, config.data)
+    lock_file = ledger_path(config, identity, node).with_suffix(".json.lock")
+    with (
+        ledger_lock(identity, config, node),
+        lock_file.open("a") as other,
+        pytest.raises(BlockingIOError),
+    ):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with lock_file.open("a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+
+
+def test_the_automatic_delta_of_an_existing_ledger_is_kept(tmp_path: Path):
+    from client.privacy import choose_delta, default_delta
+    from client.privacy_ledger import PrivacyLedger
+
+    path = tmp_path / "h.json"
+    ledger = PrivacyLedger.open(path, "h", "rdp", default_delta(1200))
+    ledger.record("run", 1, 1.0, 0.05, 10)
+    assert ledger.delta == 1e-4
+    assert default_delta(90) == 1e-2  # the data shrank: a fresh default would differ
+    assert choose_delta(0.0, 90, path) == 1e-4  # ...but the ledger's δ stays
+    assert choose_delta(0.0, 90, tmp_path / "new.json") == 1e-2
+    with pytest.raises(ConfigError, match="not below 1/n"):
+        choose_delta(0.02, 90, path)
