@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -25,11 +26,16 @@ from client.evaluate import evaluate_classification, evaluate_generation
 from client.model import get_adapter, set_adapter
 from client.privacy import ledger_lock, plan_round
 from client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
-from client.session import data_for, hospital_identity, model_for
+from client.secure_views import record_plaintext_view, refuse_recording_outside_simulation
+from client.session import HospitalIdentity, data_for, hospital_identity, model_for
 from client.train import train_locally
-from fedtune.adapters import adapter_delta
+from fedtune.adapters import Adapter, adapter_delta
 from fedtune.config import ConfigError
-from fedtune.wire import evaluate_reply_content, parse_request, train_reply_content
+from fedtune.secagg.fixed_point import FixedPointOverflow
+from fedtune.secagg.identity import IdentityError
+from fedtune.secagg.primitives import BadSignature, ShareRejected
+from fedtune.secagg.protocol import ProtocolAbort
+from fedtune.wire import Job, evaluate_reply_content, parse_request, train_reply_content
 
 log = logging.getLogger("fedtune.hospital")
 
@@ -38,6 +44,7 @@ HOSPITAL_CONFIG_ERROR = 4001
 HOSPITAL_DATA_ERROR = 4002
 HOSPITAL_PRIVACY_BUDGET_EXHAUSTED = 4003
 HOSPITAL_LEDGER_ERROR = 4004
+HOSPITAL_SECURE_AGGREGATION_ABORT = 4005  # a protocol check failed: this hospital stops
 HOSPITAL_UNEXPECTED_ERROR = 4099
 
 # What a hospital's admin must fix, or a privacy rule: answered as an error reply naming the
@@ -47,6 +54,11 @@ _REFUSAL_CODES: dict[type[Exception], int] = {
     DataValidationError: HOSPITAL_DATA_ERROR,
     PrivacyBudgetExhausted: HOSPITAL_PRIVACY_BUDGET_EXHAUSTED,
     LedgerError: HOSPITAL_LEDGER_ERROR,
+    IdentityError: HOSPITAL_CONFIG_ERROR,
+    ProtocolAbort: HOSPITAL_SECURE_AGGREGATION_ABORT,
+    BadSignature: HOSPITAL_SECURE_AGGREGATION_ABORT,
+    ShareRejected: HOSPITAL_SECURE_AGGREGATION_ABORT,
+    FixedPointOverflow: HOSPITAL_SECURE_AGGREGATION_ABORT,
 }
 _HOSPITAL_PROBLEMS = tuple(_REFUSAL_CODES)
 
@@ -77,13 +89,25 @@ def _refusing_on_problems(handler: Handler) -> Handler:
     return answer
 
 
-@app.train()
-@_refusing_on_problems
-def train(msg: Message, context: Context) -> Message:
-    """One round of local training; replies with the delta, never the data."""
-    global_adapter, job = parse_request(msg)
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What one round of local training produced at this hospital (before it is sent)."""
+
+    hospital: HospitalIdentity
+    delta: Adapter
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> LocalUpdate:
+    """Load the global adapter, train on local data (with DP when planned), return the delta.
+
+    Shared by the plain `train` action and the masked-input stage of secure aggregation, so
+    both train identically; only what is sent differs.
+    """
     config = job.config
     identity = hospital_identity(context.node_config, config.data)
+    refuse_recording_outside_simulation(config, identity)
     handle = model_for(config)
     data = data_for(config, identity, handle)
     features = data.features["train"]
@@ -119,7 +143,6 @@ def train(msg: Message, context: Context) -> Message:
             }
     delta = adapter_delta(get_adapter(handle.model), global_adapter)
     metrics = {
-        "num-examples": float(len(features)),
         "train-loss": result.mean_loss,
         "train-steps": float(result.steps),
         "train-seconds": result.seconds,
@@ -129,7 +152,22 @@ def train(msg: Message, context: Context) -> Message:
     log.info("%s: round %d trained %d steps", identity.name, job.server_round, result.steps)
     if data.dataset.skipped:
         log.warning("%s: skipped %d invalid data line(s)", identity.name, len(data.dataset.skipped))
-    return Message(train_reply_content(delta, metrics, identity.name), reply_to=msg)
+    record_plaintext_view(config, identity, job.server_round, delta, global_adapter)
+    return LocalUpdate(identity, delta, len(features), metrics)
+
+
+@app.train()
+@_refusing_on_problems
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training with secure aggregation off: the delta travels in clear.
+
+    The coordinator only sends this when its run sets secure_aggregation.enabled = false
+    (research comparisons); it warns about it in its output.
+    """
+    global_adapter, job = parse_request(msg)
+    update = train_local_update(global_adapter, job, context)
+    metrics = {"num-examples": float(update.num_examples), **update.metrics}
+    return Message(train_reply_content(update.delta, metrics, update.hospital.name), reply_to=msg)
 
 
 @app.evaluate()
@@ -183,3 +221,12 @@ def _round_seed(base_seed: int, server_round: int, hospital: str) -> int:
     """Different but reproducible shuffling and dropout per round and hospital."""
     digest = hashlib.sha256(f"{base_seed}/{server_round}/{hospital}".encode()).digest()
     return int.from_bytes(digest[:4], "big") % (2**31)
+
+
+# The secure-aggregation stages (imported last: they use the helpers above).
+from client import secure_stages  # noqa: E402
+
+app.train("secagg_keys")(_refusing_on_problems(secure_stages.advertise_keys))
+app.train("secagg_shares")(_refusing_on_problems(secure_stages.share_keys))
+app.train("secagg_masked")(_refusing_on_problems(secure_stages.masked_input))
+app.train("secagg_unmask")(_refusing_on_problems(secure_stages.reveal_shares))

@@ -10,10 +10,14 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.config import DATA_FORMATS
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 # Offline by design: never reach for a model hub or phone home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--json", action="store_true", help="print the history as JSON")
     ledger.set_defaults(handler=_ledger)
 
+    _add_keys_commands(commands)
+
     bench = commands.add_parser(
         "bench",
         help="run benchmarks and update benchmarks/RESULTS.md and results.json",
@@ -141,6 +147,126 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out-dir", type=Path, default=Path("benchmarks"))
     bench.set_defaults(handler=_bench)
     return parser
+
+
+def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser(
+        "keys", help="hospital identity keys: generate, enroll, show",
+        description="Each hospital holds a long-term Ed25519 identity key that signs its "
+        "secure-aggregation round keys, so the coordinator cannot substitute keys. A hospital "
+        "runs `keys generate` and sends its .pub file to the coordinator, who runs `keys enroll` "
+        "on all .pub files; both sides compare fingerprints (`keys show`) over the phone.",
+    )  # fmt: skip
+    keys.set_defaults(handler=lambda _args: _print_help_and_fail(keys))
+    actions = keys.add_subparsers(title="keys commands", metavar="ACTION")
+
+    generate = actions.add_parser(
+        "generate", help="create this hospital's identity key pair (.key and .pub)",
+        description="Write <DIR>/<NAME>.key (private: stays at the hospital, readable only by "
+        "its owner) and <DIR>/<NAME>.pub (public: send it to the coordinator). Never overwrites "
+        "an existing key.",
+    )  # fmt: skip
+    generate.add_argument("--hospital", required=True, metavar="NAME",
+                          help="hospital name: letters, digits, '-', '_', '.'")  # fmt: skip
+    generate.add_argument("--out", type=Path, required=True, metavar="DIR",
+                          help="folder for the key files (created if missing)")  # fmt: skip
+    generate.set_defaults(handler=_keys_generate)
+
+    enroll = actions.add_parser(
+        "enroll", help="coordinator: build the enrollment file from hospitals' .pub files",
+        description="Collect hospitals' .pub files into one enrollment file that every "
+        "hospital uses to check its peers' signatures. Refuses a hospital listed twice and two "
+        "hospitals sharing a key.",
+    )  # fmt: skip
+    enroll.add_argument("pub_files", nargs="+", type=Path, metavar="PUB",
+                        help="a hospital's .pub file")  # fmt: skip
+    enroll.add_argument("--out", type=Path, required=True, metavar="FILE",
+                        help="the enrollment file to write (JSON)")  # fmt: skip
+    enroll.set_defaults(handler=_keys_enroll)
+
+    show = actions.add_parser(
+        "show", help="print the hospital name(s) and fingerprint(s) of a .pub or enrollment file",
+        description="Print hospital names and key fingerprints, to compare over the phone with "
+        "what the other side sees.",
+    )  # fmt: skip
+    show.add_argument("path", type=Path, help="a .pub file or an enrollment file")
+    show.set_defaults(handler=_keys_show)
+
+
+def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from fedtune.secagg.identity import (
+        IdentityError,
+        fingerprint,
+        generate_identity,
+        load_public_key_file,
+    )
+
+    try:
+        key_path, pub_path = generate_identity(args.hospital, args.out)
+        _, public = load_public_key_file(pub_path)
+    except IdentityError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {key_path}")
+    print(f"public key:  {pub_path}")
+    print(f"fingerprint: {fingerprint(public)}")
+    print(
+        f"Send {pub_path.name} to the coordinator, who enrolls it; {key_path.name} never leaves "
+        "this hospital."
+    )
+    return 0
+
+
+def _keys_enroll(args: argparse.Namespace) -> int:
+    from fedtune.secagg.identity import IdentityError, load_enrollment, write_enrollment
+
+    try:
+        write_enrollment(args.pub_files, args.out)
+        enrolled = load_enrollment(args.out)
+    except IdentityError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Enrolled {len(enrolled)} hospital(s) in {args.out}:")
+    _print_fingerprints(enrolled)
+    return 0
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    import json
+
+    from fedtune.secagg.identity import IdentityError, load_enrollment, load_public_key_file
+
+    try:
+        # An enrollment file carries a "format" marker; a .pub file does not.
+        try:
+            is_enrollment = "format" in json.loads(args.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            is_enrollment = False  # the loader below explains what is wrong
+        if is_enrollment:
+            enrolled = load_enrollment(args.path)
+            print(f"{args.path}: enrollment file, {len(enrolled)} hospital(s)")
+        else:
+            name, key = load_public_key_file(args.path)
+            print(f"{args.path}: public key file")
+            enrolled = {name: key}
+    except IdentityError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    _print_fingerprints(enrolled)
+    return 0
+
+
+def _print_fingerprints(keys: Mapping[str, Ed25519PublicKey]) -> None:
+    from fedtune.secagg.identity import fingerprint
+
+    width = max(len(name) for name in keys)
+    for name, key in keys.items():
+        print(f"  {name:<{width}}  {fingerprint(key)}")
 
 
 def _demo(args: argparse.Namespace) -> int:

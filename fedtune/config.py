@@ -167,6 +167,47 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSettings:
+    """Secure aggregation: the coordinator learns only the sum of the hospitals' deltas.
+
+    On by default. ``threshold`` has no default on purpose: it is the number of hospitals
+    that must survive a round for it to complete, and it bounds collusion (fewer than t
+    colluding parties learn nothing), so the coordinator must choose it. It must be at least
+    2 and more than half of the hospitals in a round (checked every round, by the hospitals
+    too). Each hospital clips its delta to ``clip_norm`` (reported when it does) and its weight
+    (training examples) to ``max_weight``; both size the fixed-point range so sums never wrap.
+    """
+
+    enabled: bool = True
+    threshold: int = 0  # required when enabled (0 = not set)
+    clip_norm: float = 10.0  # L2 bound on one hospital's adapter delta
+    max_weight: int = 100_000  # largest weight (training examples) one hospital may carry
+    stage_timeout_s: float = 120.0  # key, share and unmasking stages (training: round_timeout_s)
+    # Simulation only: where virtual hospitals' identity keys and the enrollment list live
+    # ("" = <data.simulation_root>/hospital-keys; created by the launcher).
+    simulation_keys_dir: str = ""
+    # Simulation only (security research): save each hospital's plaintext delta and what the
+    # coordinator received from it, per round. Real hospitals refuse a run that sets it.
+    record_views_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ConfigError(f"secure_aggregation.threshold must be >= 2, got {self.threshold}.")
+        _positive("secure_aggregation.clip_norm", self.clip_norm)
+        _positive("secure_aggregation.max_weight", self.max_weight)
+        _positive("secure_aggregation.stage_timeout_s", self.stage_timeout_s)
+
+    def require_threshold(self) -> None:
+        """Secure aggregation on without a threshold is a configuration error."""
+        if self.enabled and self.threshold < 2:
+            raise ConfigError(
+                "secure_aggregation.threshold must be set (>= 2, and more than half of the "
+                "hospitals in a round), e.g. 2 for 3 hospitals; or set "
+                "secure_aggregation.enabled = false to send deltas in clear (research only)."
+            )
+
+
+@dataclass(frozen=True)
 class EvaluationSettings:
     """Evaluation at the hospitals (only metrics travel)."""
 
@@ -191,6 +232,7 @@ class RunConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     data: DataSettings = field(default_factory=DataSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,7 +268,12 @@ def load_run_config(path: Path) -> RunConfig:
         raise ConfigError(f"{path}: configuration file not found.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_run_config(raw, origin=str(path))
+    config = parse_run_config(raw, origin=str(path))
+    try:
+        config.secure_aggregation.require_threshold()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
 
 
 def parse_run_config(raw: dict[str, Any], origin: str) -> RunConfig:
@@ -309,6 +356,13 @@ def resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
     if root and not Path(root).is_absolute():
         data = dataclasses.replace(config.data, simulation_root=str((base_dir / root).resolve()))
         config = dataclasses.replace(config, data=data)
+    secure = config.secure_aggregation
+    for key in ("simulation_keys_dir", "record_views_dir"):
+        value = getattr(secure, key)
+        if value and not Path(value).is_absolute():
+            absolute: Any = str((base_dir / value).resolve())
+            secure = dataclasses.replace(secure, **{key: absolute})
+    config = dataclasses.replace(config, secure_aggregation=secure)
     if not config.model.labels_file:
         return config
     path = Path(config.model.labels_file)

@@ -10,15 +10,18 @@ round, so the summary shows what federation gained on held-out data.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtune.adapters import Adapter, UpdateRejected, adapter_norm, check_update
 from fedtune.config import RunConfig
+from fedtune.secagg.encoding import flatten
 from fedtune.wire import (
     EVALUATE,
     TRAIN,
@@ -26,43 +29,19 @@ from fedtune.wire import (
     MalformedReply,
     parse_metrics,
     parse_train_reply,
-    reply_hospital,
     request_content,
 )
+from server.collect import HospitalNames, Refusal, RoundCollection
 from server.report import RoundReport, weighted_metrics
 from server.run_dir import RunDirectory
+from server.secure_round import collect_secure
+from server.views import ViewRecorder
 from strategies.aggregate import weighted_sum
 from strategies.registry import build_strategy
 
 
 class NotEnoughHospitals(RuntimeError):
     """Fewer hospitals than `federation.min_hospitals` connected in time."""
-
-
-class HospitalNames:
-    """Node id → the name its hospital reports, so even an error reply names the hospital."""
-
-    def __init__(self) -> None:
-        self._names: dict[int, str] = {}
-
-    def of(self, reply: Message) -> str:
-        node_id = reply.metadata.src_node_id
-        fallback = self._names.get(node_id, f"node {node_id}")
-        if reply.has_error():
-            return fallback
-        name = reply_hospital(reply, fallback)
-        if any(other == name for nid, other in self._names.items() if nid != node_id):
-            name = f"{name} (node {node_id})"  # two sites chose the same name: keep both
-        self._names.setdefault(node_id, name)
-        return self._names[node_id]
-
-
-@dataclass
-class Refusal:
-    """A hospital whose reply was not used this round, and why."""
-
-    hospital: str
-    reason: str
 
 
 @dataclass
@@ -93,6 +72,15 @@ def run_federation(
     names = HospitalNames()
     guarantees: dict[str, dict[str, float]] = {}  # latest (ε, δ) each hospital reported
 
+    views = _view_recorder(config, initial_adapter)
+    if not config.secure_aggregation.enabled:
+        say(
+            "WARNING: secure aggregation is OFF (secure_aggregation.enabled = false): the "
+            "coordinator receives every hospital's adapter delta in clear. Use this only for "
+            "research comparisons, never with real patient data."
+        )
+    else:
+        config.secure_aggregation.require_threshold()
     _wait_for_hospitals(grid, settings.min_hospitals, settings.wait_for_hospitals_s, say)
     base = _evaluate(grid, global_adapter, config, run_dir.run_id, 0, "test", names)
     report.evaluation("base model (before round 1), test split", base.per_hospital)
@@ -104,17 +92,12 @@ def run_federation(
         node_ids = _wait_for_hospitals(
             grid, settings.min_hospitals, settings.wait_for_hospitals_s, say
         )
-        messages = [
-            Message(
-                request_content(global_adapter, Job(server_round, config, run_dir.run_id)),
-                dst_node_id=node_id,
-                message_type=TRAIN,
-                group_id=str(server_round),
-            )
-            for node_id in node_ids
-        ]
-        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
-        deltas, weights, train_metrics, refusals = _collect_updates(replies, global_adapter, names)
+        job = Job(server_round, config, run_dir.run_id)
+        if config.secure_aggregation.enabled:
+            collected = collect_secure(grid, node_ids, global_adapter, job, names, views)
+        else:
+            collected = _collect_plain(grid, node_ids, global_adapter, job, names, views)
+        train_metrics, refusals = collected.train_metrics, collected.refusals
         train_phase_seconds = time.perf_counter() - started
         _log_refusals(refusals, say)
         for hospital, metrics in sorted(train_metrics.items()):
@@ -125,6 +108,12 @@ def run_federation(
             if metrics.get("skipped-lines", 0) > 0:
                 say(f"  note: {hospital} skipped {int(metrics['skipped-lines'])} invalid data "
                     "line(s) (data.skip_bad_lines = true)")  # fmt: skip
+            if metrics.get("delta-clipped", 0) > 0:
+                say(f"  note: {hospital}'s update was longer than secure_aggregation.clip_norm "
+                    f"= {config.secure_aggregation.clip_norm:g} and was clipped to it")  # fmt: skip
+            if metrics.get("weight-capped", 0) > 0:
+                say(f"  note: {hospital}'s weight was capped at secure_aggregation.max_weight "
+                    f"= {config.secure_aggregation.max_weight}")  # fmt: skip
         record: dict[str, Any] = {
             "event": "round",
             "round": server_round,
@@ -133,15 +122,17 @@ def run_federation(
             "refused": {r.hospital: r.reason for r in refusals},
             "train": train_metrics,
             "train_phase_seconds": train_phase_seconds,
+            "secure_aggregation": collected.details,
         }
-        if len(deltas) < settings.min_hospitals:
-            say(
-                f"Round {server_round} aborted: {len(deltas)} usable update(s), at least "
-                f"{settings.min_hospitals} needed. The global adapter is unchanged."
-            )
-            run_dir.append_metrics({**record, "aborted": True})
+        if collected.update is None:
+            say(f"Round {server_round} aborted: {collected.abort_reason}. "
+                "The global adapter is unchanged.")  # fmt: skip
+            run_dir.append_metrics({**record, "aborted": True, "reason": collected.abort_reason})
             continue
-        update = weighted_sum(deltas, weights)
+        update = collected.update
+        if collected.details.get("dropped"):
+            say(f"  note: {', '.join(collected.details['dropped'])} dropped out after sharing "
+                "keys; their masks were removed with the other hospitals' shares")  # fmt: skip
         try:
             global_adapter = strategy.apply(global_adapter, update)
             record["aggregate_seconds"] = time.perf_counter() - started - train_phase_seconds
@@ -188,33 +179,65 @@ def run_federation(
     return summary
 
 
-def _collect_updates(
-    replies: Iterable[Message], reference: Adapter, names: HospitalNames
-) -> tuple[list[Adapter], list[float], dict[str, dict[str, float]], list[Refusal]]:
-    """Split replies into usable updates and refusals (error replies, malformed, bad values)."""
+def _collect_plain(
+    grid: Grid,
+    node_ids: list[int],
+    reference: Adapter,
+    job: Job,
+    names: HospitalNames,
+    views: ViewRecorder | None,
+) -> RoundCollection:
+    """Secure aggregation off: every delta arrives in clear and is summed here."""
+    messages = [
+        Message(
+            request_content(reference, job),
+            dst_node_id=node_id,
+            message_type=TRAIN,
+            group_id=str(job.server_round),
+        )
+        for node_id in node_ids
+    ]
+    replies = grid.send_and_receive(messages, timeout=job.config.federation.round_timeout_s)
+    out = RoundCollection(details={"secure_aggregation": False})
     deltas: list[Adapter] = []
     weights: list[float] = []
-    metrics: dict[str, dict[str, float]] = {}
-    refusals: list[Refusal] = []
     for reply in replies:
         hospital = names.of(reply)
         if reply.has_error():
-            refusals.append(Refusal(hospital, reply.error.reason or f"error {reply.error.code}"))
+            out.refusals.append(
+                Refusal(hospital, reply.error.reason or f"error {reply.error.code}")
+            )
             continue
         try:
             delta, reply_metrics = parse_train_reply(reply)
             check_update(delta, reference, hospital)
         except (MalformedReply, UpdateRejected) as exc:
             reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
-            refusals.append(Refusal(hospital, reason))
+            out.refusals.append(Refusal(hospital, reason))
             continue
-        if hospital in metrics:
-            refusals.append(Refusal(hospital, "sent more than one update this round"))
+        if hospital in out.train_metrics:
+            out.refusals.append(Refusal(hospital, "sent more than one update this round"))
             continue
+        if views is not None:
+            payload = flatten(delta, reference).astype(np.float32).tobytes()
+            views.received(job.server_round, hospital, payload, "float32")
         deltas.append(delta)
         weights.append(reply_metrics["num-examples"])
-        metrics[hospital] = reply_metrics
-    return deltas, weights, metrics, refusals
+        out.train_metrics[hospital] = reply_metrics
+    needed = job.config.federation.min_hospitals
+    if len(deltas) < needed:
+        out.abort_reason = f"{len(deltas)} usable update(s), at least {needed} needed"
+        return out
+    out.update = weighted_sum(deltas, weights)
+    return out
+
+
+def _view_recorder(config: RunConfig, reference: Adapter) -> ViewRecorder | None:
+    root = config.secure_aggregation.record_views_dir
+    if not root:
+        return None
+    mode = "secure-aggregation" if config.secure_aggregation.enabled else "plain"
+    return ViewRecorder(Path(root), reference, mode)
 
 
 def _evaluate(

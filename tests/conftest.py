@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, Llam
 
 from fedtune.config import RunConfig
 from fedtune.icd10 import write_hospital_datasets
+from fedtune.secagg.identity import ensure_simulation_identities
 
 __all__ = ["replace_section", "tiny_run_config"]  # importable helpers live in tests/tiny.py
 
@@ -73,6 +74,7 @@ def classify_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple
 
     root = tmp_path_factory.mktemp("classify-data")
     write_hospital_datasets(root, 3, "classify", examples_per_hospital=60, seed=0)
+    ensure_simulation_identities(root / "hospital-keys", 10)  # secure aggregation's identities
     labels = tuple(json.loads((root / "labels.json").read_text()))
     return root, labels
 
@@ -82,6 +84,7 @@ def instruct_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ICD-10 instruction files for 3 hospitals (30 examples each)."""
     root = tmp_path_factory.mktemp("instruct-data")
     write_hospital_datasets(root, 3, "instruct", examples_per_hospital=30, seed=0)
+    ensure_simulation_identities(root / "hospital-keys", 10)
     return root
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from fedtune.cli import main
 
-COMMANDS = ["demo", "run", "data", "check-data", "export", "ledger", "bench"]
+COMMANDS = ["demo", "run", "data", "check-data", "export", "ledger", "keys", "bench"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from fake_grid import InProcessGrid
-from tiny import replace_section
+from tiny import in_clear, replace_section
 
 from client import session
 from client.privacy_ledger import compute_epsilon, read_ledger_file
@@ -129,7 +129,8 @@ def test_a_hospital_refuses_a_delta_that_would_let_a_record_leak(
     classify_config: RunConfig, tmp_path: Path
 ):
     """δ ≥ 1/n is refused whatever the coordinator asks; the automatic δ is below 1/n."""
-    config = _dp(replace_section(classify_config, "federation", rounds=1, min_hospitals=1),
+    one = in_clear(classify_config)  # one hospital: no sum to hide it in
+    config = _dp(replace_section(one, "federation", rounds=1, min_hospitals=1),
                  tmp_path / "ledgers", target_delta=0.5)  # fmt: skip
     _run(config, InProcessGrid(1), tmp_path / "run", [])
     (record,) = _rounds(tmp_path / "run")
@@ -137,7 +138,7 @@ def test_a_hospital_refuses_a_delta_that_would_let_a_record_leak(
     assert "privacy.target_delta = 0.5 is not below 1/n" in record["refused"]["hospital-1"]
     assert not (tmp_path / "ledgers" / "hospital-1.json").exists()
 
-    automatic = _dp(replace_section(classify_config, "federation", rounds=1, min_hospitals=1),
+    automatic = _dp(replace_section(one, "federation", rounds=1, min_hospitals=1),
                     tmp_path / "ledgers2")  # fmt: skip
     _run(automatic, InProcessGrid(1), tmp_path / "run2", [])
     (record,) = _rounds(tmp_path / "run2")

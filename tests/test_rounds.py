@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fake_grid import InProcessGrid
 from flwr.app import Array, Message
-from tiny import replace_section
+from tiny import deployed_nodes, in_clear, replace_section
 
 from fedtune.config import RunConfig
 from fedtune.wire import DELTA, TRAIN
@@ -51,7 +51,7 @@ def test_global_adapter_is_the_example_weighted_mean_of_local_adapters(
     classify_config: RunConfig, tmp_path
 ):
     """With η = 1 the new global adapter is Σ nᵢ·localᵢ / Σ nᵢ (FedAvg of weights)."""
-    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    config = replace_section(in_clear(classify_config), "federation", rounds=1, min_hospitals=2)
     grid = InProcessGrid(2)
     _run(config, grid, tmp_path, [])
     run_dir = RunDirectory(tmp_path / "run")
@@ -101,7 +101,7 @@ def test_a_bad_update_is_refused_with_the_hospital_named(
             del record[name]
         return reply
 
-    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    config = replace_section(in_clear(classify_config), "federation", rounds=1, min_hospitals=2)
     lines: list[str] = []
     _run(config, InProcessGrid(3, tamper=tamper), tmp_path, lines)
     run_dir = RunDirectory(tmp_path / "run")
@@ -123,7 +123,7 @@ def test_a_round_below_the_minimum_is_aborted_and_the_adapter_kept(
             record[name] = Array(np.full(record[name].numpy().shape, np.inf, np.float32))
         return reply
 
-    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    config = replace_section(in_clear(classify_config), "federation", rounds=1, min_hospitals=2)
     lines: list[str] = []
     _run(config, InProcessGrid(3, tamper=poison), tmp_path, lines)
     run_dir = RunDirectory(tmp_path / "run")
@@ -137,19 +137,19 @@ def test_a_hospital_with_bad_data_is_reported_and_the_others_continue(
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "chest pain", "label": "Not a chapter"}\n{"text": ""}\n')
     good = classify_config.data.simulation_root
-    configs = {
-        0: {"hospital-name": "St Mary", "data-path": f"{good}/hospital-1.jsonl"},
-        1: {"hospital-name": "Broken General", "data-path": str(bad)},
-        2: {"hospital-name": "Riverside", "data-path": f"{good}/hospital-3.jsonl"},
-    }
+    configs = deployed_nodes(tmp_path / "keys", {
+        0: ("St-Mary", f"{good}/hospital-1.jsonl"),
+        1: ("Broken-General", str(bad)),
+        2: ("Riverside", f"{good}/hospital-3.jsonl"),
+    })  # fmt: skip
     config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
     lines: list[str] = []
     _run(config, InProcessGrid(3, node_configs=configs), tmp_path, lines)
     run_dir = RunDirectory(tmp_path / "run")
     (record,) = [r for r in run_dir.read_metrics() if r["event"] == "round"]
-    assert sorted(record["hospitals_used"]) == ["Riverside", "St Mary"]
+    assert sorted(record["hospitals_used"]) == ["Riverside", "St-Mary"]
     (reason,) = record["refused"].values()
-    assert "Broken General" in reason and f"{bad}:1:" in reason and f"{bad}:2:" in reason
+    assert "Broken-General" in reason and f"{bad}:1:" in reason and f"{bad}:2:" in reason
     assert run_dir.saved_rounds() == [0, 1]
 
 
@@ -168,10 +168,9 @@ def test_skipped_bad_lines_are_counted_and_reported(classify_config: RunConfig, 
     messy = tmp_path / "messy.jsonl"
     lines_in = (Path(source) / "hospital-1.jsonl").read_text().splitlines()
     messy.write_text("\n".join([*lines_in, "{not json", '{"text": "x", "label": "nope"}']) + "\n")
-    configs = {
-        0: {"hospital-name": "Messy", "data-path": str(messy)},
-        1: {"hospital-name": "Clean", "data-path": f"{source}/hospital-2.jsonl"},
-    }
+    configs = deployed_nodes(
+        tmp_path / "keys", {0: ("Messy", str(messy)), 1: ("Clean", f"{source}/hospital-2.jsonl")}
+    )
     config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
     config = replace_section(config, "data", skip_bad_lines=True)
     lines: list[str] = []
@@ -194,7 +193,7 @@ def test_a_nan_example_count_is_refused_for_that_hospital_only(
             reply.content.metric_records["metrics"] = MetricRecord(metrics)
         return reply
 
-    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    config = replace_section(in_clear(classify_config), "federation", rounds=1, min_hospitals=2)
     _run(config, InProcessGrid(3, tamper=nan_count), tmp_path, [])
     (record,) = [r for r in RunDirectory(tmp_path / "run").read_metrics() if r["event"] == "round"]
     assert "not a positive number" in record["refused"]["hospital-1"]
@@ -232,7 +231,7 @@ def test_two_hospitals_with_the_same_name_are_both_counted(classify_config: RunC
         0: {"hospital-name": "General", "data-path": f"{source}/hospital-1.jsonl"},
         1: {"hospital-name": "General", "data-path": f"{source}/hospital-2.jsonl"},
     }
-    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    config = replace_section(in_clear(classify_config), "federation", rounds=1, min_hospitals=2)
     _run(config, InProcessGrid(2, node_configs=nodes), tmp_path, [])
     (record,) = [r for r in RunDirectory(tmp_path / "run").read_metrics() if r["event"] == "round"]
     assert sorted(record["hospitals_used"]) == ["General", "General (node 1001)"]

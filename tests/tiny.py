@@ -31,6 +31,7 @@ def tiny_run_config(
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"local_steps": 3, "learning_rate": 5e-3, "batch_size": 8, "seed": 1},
         "federation": {"rounds": 2, "min_hospitals": 2},
+        "secure_aggregation": {"threshold": 2},
         "data": {"simulation_root": str(data_root)},
         "evaluation": {"max_examples": 16, "generation_examples": 2, "max_new_tokens": 3},
     }  # fmt: skip
@@ -44,3 +45,29 @@ def replace_section(config: RunConfig, section: str, **values: object) -> RunCon
     return dataclasses.replace(
         config, **{section: dataclasses.replace(getattr(config, section), **values)}
     )
+
+
+def in_clear(config: RunConfig) -> RunConfig:
+    """Secure aggregation off: for tests of what the coordinator checks on plain deltas."""
+    return replace_section(config, "secure_aggregation", enabled=False)
+
+
+def deployed_nodes(
+    keys_dir: Path, nodes: dict[int, tuple[str, str]]
+) -> dict[int, dict[str, object]]:
+    """Node configs of deployed hospitals (name, data path), each with its own identity key
+    and one enrollment list of them all, as `fedtune keys` would set them up."""
+    from fedtune.secagg.identity import generate_identity, write_enrollment
+
+    public_files = []
+    configs: dict[int, dict[str, object]] = {}
+    for k, (name, data_path) in nodes.items():
+        key_path = keys_dir / f"{name.replace(' ', '-')}.key"
+        if not key_path.exists():
+            key_path, _pub_path = generate_identity(name.replace(" ", "-"), keys_dir)
+        public_files.append(keys_dir / f"{name.replace(' ', '-')}.pub")
+        configs[k] = {"hospital-name": name.replace(" ", "-"), "data-path": data_path,
+                      "identity-key": str(key_path),
+                      "enrollment": str(keys_dir / "enrollment.json")}  # fmt: skip
+    write_enrollment(sorted(set(public_files)), keys_dir / "enrollment.json")
+    return configs

@@ -1,0 +1,175 @@
+"""The hospital's side of secure aggregation: four ClientApp actions around one protocol.
+
+Each handler reads the stage's request, runs the pure protocol step, keeps the round's
+secrets in the node's own `context.state` (they never leave the hospital) and replies.
+Any failed check (a bad signature, a tampered share, an inconsistent survivor list) raises,
+and the ClientApp answers with an error naming this hospital: it takes no further part in
+the round, so nothing of its data can be unmasked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.session import HospitalIdentity, hospital_identity
+from fedtune.config import ConfigError, RunConfig
+from fedtune.secagg import protocol
+from fedtune.secagg.encoding import encode_input
+from fedtune.secagg.fixed_point import FixedPointCodec
+from fedtune.secagg.identity import load_enrollment, load_identity_key, simulated_identity_paths
+from fedtune.secagg_wire import (
+    ADVERT,
+    MASKED_INPUT,
+    OUTBOX,
+    REVEALED,
+    advert_record,
+    masked_record,
+    named,
+    outbox_record,
+    parse_inbox,
+    parse_participants,
+    parse_survivors,
+    revealed_record,
+)
+from fedtune.wire import JOB, METRICS, Job, parse_request
+
+# Node configuration keys of a deployed hospital (paths on the hospital's machine).
+NODE_IDENTITY_KEY = "identity-key"  # its Ed25519 private key (`fedtune keys generate`)
+NODE_ENROLLMENT_KEY = "enrollment"  # the coordinator's list of enrolled hospitals' public keys
+
+_STATE = "secagg-round"  # context.state record holding this round's secrets
+
+
+def advertise_keys(msg: Message, context: Context) -> Message:
+    """Stage 1: fresh round keys, signed with this hospital's identity key."""
+    started = time.perf_counter()
+    job = _job(msg)
+    identity = hospital_identity(context.node_config, job.config.data)
+    signing_key, _ = hospital_keys(context.node_config, job.config, identity)
+    state, advert = protocol.advertise(signing_key, identity.name, job.run_id, job.server_round)
+    _save(context, state, job, time.perf_counter() - started)
+    return _reply(msg, identity, {ADVERT: advert_record(advert)})
+
+
+def share_keys(msg: Message, context: Context) -> Message:
+    """Stage 2: check every hospital's signed keys, send each an encrypted share pair."""
+    started = time.perf_counter()
+    job = _job(msg)
+    identity = hospital_identity(context.node_config, job.config.data)
+    _, enrollment = hospital_keys(context.node_config, job.config, identity)
+    state, spent = _load(context, job)
+    adverts = parse_participants(msg)
+    outbox, commitment = protocol.make_shares(
+        state, adverts, enrollment, job.config.secure_aggregation.threshold
+    )
+    _save(context, state, job, spent + time.perf_counter() - started)
+    return _reply(msg, identity, {OUTBOX: outbox_record(outbox, commitment)})
+
+
+def masked_input(msg: Message, context: Context) -> Message:
+    """Stage 3: accept the relayed shares, train, and send the masked, weighted delta."""
+    from client.app import train_local_update  # the ClientApp module registers this handler
+
+    started = time.perf_counter()
+    global_adapter, job = parse_request(msg)
+    identity = hospital_identity(context.node_config, job.config.data)
+    state, spent = _load(context, job)
+    mask_set, inbox = parse_inbox(msg)
+    protocol.accept_shares(state, mask_set, inbox)
+    spent += time.perf_counter() - started
+    update = train_local_update(global_adapter, job, context)
+    started = time.perf_counter()
+    settings = job.config.secure_aggregation
+    codec = FixedPointCodec(settings.clip_norm, settings.max_weight, len(mask_set))
+    weight = min(update.num_examples, settings.max_weight)
+    encoded = encode_input(update.delta, global_adapter, weight, codec)
+    masked = protocol.mask(state, encoded.ring)
+    spent += time.perf_counter() - started
+    _save(context, state, job, spent)
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        **update.metrics,
+        "delta-clipped": float(encoded.clip.clipped),
+        "weight-capped": float(weight < update.num_examples),
+        "secagg-seconds": spent,
+    }
+    return _reply(
+        msg, identity, {MASKED_INPUT: masked_record(masked), METRICS: MetricRecord(metrics)}
+    )
+
+
+def reveal_shares(msg: Message, context: Context) -> Message:
+    """Stage 4: shares of survivors' self-masks and dropped hospitals' mask keys, once."""
+    job = _job(msg)
+    identity = hospital_identity(context.node_config, job.config.data)
+    state, spent = _load(context, job)
+    survivors, dropped = parse_survivors(msg)
+    shares = protocol.reveal(state, survivors, dropped)
+    _save(context, state, job, spent)
+    return _reply(msg, identity, {REVEALED: revealed_record(shares)})
+
+
+def hospital_keys(
+    node_config: Mapping[str, Any], config: RunConfig, identity: HospitalIdentity
+) -> tuple[Ed25519PrivateKey, dict[str, Ed25519PublicKey]]:
+    """This hospital's identity key and the enrolled hospitals' public keys."""
+    if identity.simulated:
+        folder = config.secure_aggregation.simulation_keys_dir or str(
+            Path(config.data.simulation_root) / "hospital-keys"
+        )
+        key_path, enrollment_path = simulated_identity_paths(Path(folder), identity.name)
+    else:
+        missing = [k for k in (NODE_IDENTITY_KEY, NODE_ENROLLMENT_KEY) if k not in node_config]
+        if missing:
+            raise ConfigError(
+                f"secure aggregation needs this node's identity key and the enrollment list, "
+                f"but its node configuration has no {' or '.join(repr(k) for k in missing)}; "
+                f"create a key with `fedtune keys generate`, get the enrollment file from the "
+                f"coordinator, and start the node with --node-config "
+                f"\"{NODE_IDENTITY_KEY}='/path/hospital.key' "
+                f"{NODE_ENROLLMENT_KEY}='/path/enrollment.json' ...\""
+            )
+        key_path = Path(str(node_config[NODE_IDENTITY_KEY])).expanduser()
+        enrollment_path = Path(str(node_config[NODE_ENROLLMENT_KEY])).expanduser()
+    return load_identity_key(key_path), load_enrollment(enrollment_path)
+
+
+def _job(msg: Message) -> Job:
+    return Job.from_record(msg.content.config_records[JOB])
+
+
+def _save(context: Context, state: protocol.HospitalRound, job: Job, seconds: float) -> None:
+    context.state[_STATE] = ConfigRecord(
+        {
+            "run-id": job.run_id,
+            "round": job.server_round,
+            "secrets": state.to_bytes(),
+            "seconds": seconds,
+        }
+    )
+
+
+def _load(context: Context, job: Job) -> tuple[protocol.HospitalRound, float]:
+    """This round's secrets; a stage for a round this hospital never advertised is refused."""
+    record = context.state.config_records.get(_STATE)
+    if (
+        record is None
+        or record.get("run-id") != job.run_id
+        or record.get("round") != job.server_round
+    ):
+        raise protocol.ProtocolAbort(
+            f"asked for a secure-aggregation stage of round {job.server_round} that this "
+            "hospital has no keys for (it did not take part in the key stage)"
+        )
+    secrets = record["secrets"]
+    assert isinstance(secrets, bytes)
+    return protocol.HospitalRound.from_bytes(secrets), float(record["seconds"])  # type: ignore[arg-type]
+
+
+def _reply(msg: Message, identity: HospitalIdentity, records: dict[str, Any]) -> Message:
+    return Message(named(RecordDict(records), identity.name), reply_to=msg)

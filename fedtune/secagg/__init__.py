@@ -1,0 +1,1 @@
+"""Secure aggregation: pure protocol code (no Flower imports)."""

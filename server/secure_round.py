@@ -1,0 +1,230 @@
+"""The coordinator's side of secure aggregation: relay, collect, unmask the sum only.
+
+Four message exchanges per round (see fedtune/secagg/protocol.py): round keys, encrypted
+shares, masked inputs (the hospitals train in this stage), unmasking. The coordinator holds
+no secret at any point; it relays what hospitals send each other and, at the end, removes
+the masks of the survivors from their sum. A hospital that refuses or drops out at any stage
+is named and left out; if fewer than the threshold remain, the round is aborted and the
+global adapter stays as it was. The strategy receives only (Σ wᵢ·Δᵢ, Σ wᵢ).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedtune.adapters import Adapter, adapter_norm
+from fedtune.config import RunConfig
+from fedtune.secagg.encoding import decode_aggregate, layout_size
+from fedtune.secagg.fixed_point import FixedPointCodec, FixedPointOverflow
+from fedtune.secagg.primitives import round_context
+from fedtune.secagg.protocol import (
+    Advertisement,
+    ProtocolAbort,
+    UnmaskInputs,
+    check_threshold,
+    unmask_sum,
+)
+from fedtune.secagg_wire import (
+    INBOX,
+    KEYS,
+    MASKED,
+    PARTICIPANTS,
+    SHARES,
+    SURVIVORS,
+    UNMASK,
+    inbox_record,
+    job_content,
+    masked_payload_bytes,
+    parse_advert,
+    parse_masked,
+    parse_outbox,
+    parse_revealed,
+    participants_record,
+    survivors_record,
+)
+from fedtune.wire import GLOBAL_ADAPTER, METRICS, Job, MalformedReply, adapter_to_record
+from server.collect import HospitalNames, Refusal, RoundCollection
+from server.views import ViewRecorder
+from strategies.aggregate import AggregateUpdate
+
+
+class _Stage:
+    """Sends one stage's messages and sorts the replies into answers and refusals."""
+
+    def __init__(self, grid: Grid, names: HospitalNames, server_round: int, out: RoundCollection):
+        self.grid, self.names, self.round, self.out = grid, names, server_round, out
+
+    def exchange(
+        self,
+        requests: dict[int, Any],
+        message_type: str,
+        timeout: float,
+        parse: Callable[[Message], Any],
+    ) -> dict[str, tuple[int, Any, Message]]:
+        """hospital → (node id, parsed reply, reply) for every usable reply."""
+        messages = [
+            Message(
+                content, dst_node_id=node_id, message_type=message_type, group_id=str(self.round)
+            )
+            for node_id, content in requests.items()
+        ]
+        started = time.perf_counter()
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        answers: dict[str, tuple[int, Any, Message]] = {}
+        for reply in replies:
+            hospital = self.names.of(reply)
+            node_id = reply.metadata.src_node_id
+            if node_id not in requests:
+                continue  # not asked in this stage: ignore, never trust
+            if reply.has_error():
+                reason = reply.error.reason or f"error {reply.error.code}"
+                self.out.refusals.append(Refusal(hospital, reason))
+                continue
+            try:
+                parsed = parse(reply)
+            except (MalformedReply, ValueError, KeyError, TypeError) as exc:
+                self.out.refusals.append(
+                    Refusal(hospital, f"malformed {message_type} reply: {exc}")
+                )
+                continue
+            if hospital in answers:
+                self.out.refusals.append(Refusal(hospital, "answered twice in one stage"))
+                continue
+            answers[hospital] = (node_id, parsed, reply)
+        key = message_type.split(".")[-1] + "_seconds"
+        self.out.details[key] = time.perf_counter() - started
+        return answers
+
+
+def collect_secure(
+    grid: Grid,
+    node_ids: Sequence[int],
+    global_adapter: Adapter,
+    job: Job,
+    names: HospitalNames,
+    views: ViewRecorder | None = None,
+) -> RoundCollection:
+    """Run the four stages; the result holds only the unmasked sum (or why there is none)."""
+    config: RunConfig = job.config
+    settings = config.secure_aggregation
+    threshold = settings.threshold
+    needed = max(threshold, config.federation.min_hospitals)
+    out = RoundCollection(details={"secure_aggregation": True})
+    stage = _Stage(grid, names, job.server_round, out)
+    fast, slow = settings.stage_timeout_s, config.federation.round_timeout_s
+
+    # Stage 1: signed round keys.
+    adverts = stage.exchange({n: job_content(job) for n in node_ids}, KEYS, fast, parse_advert)
+    for hospital, (_, advert, _) in list(adverts.items()):
+        if advert.hospital != hospital:
+            out.refusals.append(Refusal(hospital, f"advertised keys as {advert.hospital!r}"))
+            del adverts[hospital]
+    if reason := _too_few(len(adverts), needed, "sent round keys"):
+        return _abort(out, reason)
+    try:
+        check_threshold(threshold, len(adverts))
+    except ProtocolAbort as exc:
+        return _abort(out, str(exc))
+    listed: list[Advertisement] = [adverts[h][1] for h in sorted(adverts)]
+    node_of = {h: adverts[h][0] for h in adverts}
+
+    # Stage 2: every hospital checks every signature, then sends encrypted shares.
+    request = job_content(job, **{PARTICIPANTS: participants_record(listed)})
+    outboxes = stage.exchange({node_of[h]: request for h in sorted(adverts)}, SHARES, fast,
+                              parse_outbox)  # fmt: skip
+    for hospital, (_, (outbox, _), _) in list(outboxes.items()):
+        if set(outbox) != set(adverts) - {hospital}:
+            out.refusals.append(Refusal(hospital, "sent key shares for the wrong hospitals"))
+            del outboxes[hospital]
+    mask_set = sorted(outboxes)
+    if reason := _too_few(len(mask_set), needed, "exchanged key shares"):
+        return _abort(out, reason)
+
+    # Stage 3: each hospital gets its shares and the global adapter, trains, masks.
+    length = layout_size(global_adapter)
+    requests = {}
+    for hospital in mask_set:
+        inbox = {s: outboxes[s][1][0][hospital] for s in mask_set if s != hospital}
+        content = job_content(job, **{INBOX: inbox_record(mask_set, inbox)})
+        content[GLOBAL_ADAPTER] = adapter_to_record(global_adapter)
+        requests[node_of[hospital]] = content
+    masked = stage.exchange(requests, MASKED, slow, lambda m: parse_masked(m, length))
+    for hospital, (_, _, reply) in masked.items():
+        out.train_metrics[hospital] = _metrics(reply)
+        if views is not None:
+            views.received(job.server_round, hospital, masked_payload_bytes(reply), "uint32")
+    survivors = sorted(masked)
+    dropped = sorted(set(mask_set) - set(survivors))
+    if reason := _too_few(len(survivors), needed, "sent their masked update"):
+        return _abort(out, reason)
+
+    # Stage 4: survivors reveal what removes the masks, and nothing more.
+    request = job_content(job, **{SURVIVORS: survivors_record(survivors, dropped)})
+    revealed = stage.exchange({node_of[h]: request for h in survivors}, UNMASK, fast,
+                              parse_revealed)  # fmt: skip
+    if reason := _too_few(len(revealed), threshold, "answered the unmasking stage"):
+        return _abort(out, reason)
+    started = time.perf_counter()
+    codec = FixedPointCodec(settings.clip_norm, settings.max_weight, len(mask_set))
+    try:
+        total = _unmask(job, threshold, adverts, mask_set, outboxes, masked, revealed)
+        weighted_sum, weight_sum = decode_aggregate(total, len(survivors), codec, global_adapter)
+    except (ProtocolAbort, FixedPointOverflow) as exc:
+        return _abort(out, f"the masked sum could not be recovered: {exc}")
+    norm = adapter_norm(weighted_sum)
+    bound = settings.clip_norm * weight_sum + codec.error_bound(len(survivors)) * np.sqrt(length)
+    if norm > bound * (1 + 1e-6):
+        return _abort(
+            out,
+            f"the aggregate's norm {norm:.4g} exceeds clip norm × total weight ({bound:.4g}): "
+            "a hospital did not clip its delta",
+        )
+    out.details["unmask_seconds"] = time.perf_counter() - started
+    out.details.update({"survivors": survivors, "dropped": dropped, "threshold": threshold})
+    out.update = AggregateUpdate(weighted_sum, float(weight_sum), len(survivors))
+    return out
+
+
+def _unmask(
+    job: Job,
+    threshold: int,
+    adverts: dict[str, tuple[int, Advertisement, Message]],
+    mask_set: list[str],
+    outboxes: dict[str, tuple[int, Any, Message]],
+    masked: dict[str, tuple[int, Any, Message]],
+    revealed: dict[str, tuple[int, Any, Message]],
+) -> np.ndarray:
+    return unmask_sum(
+        UnmaskInputs(
+            context=round_context(job.run_id, job.server_round),
+            threshold=threshold,
+            adverts={h: a for h, (_, a, _) in adverts.items()},
+            mask_set=mask_set,
+            commitments={h: outboxes[h][1][1] for h in mask_set},
+            masked={h: m for h, (_, m, _) in masked.items()},
+            revealed={h: r for h, (_, r, _) in revealed.items()},
+        )
+    )
+
+
+def _metrics(reply: Message) -> dict[str, float]:
+    record: MetricRecord | None = reply.content.metric_records.get(METRICS)
+    return {k: float(v) for k, v in (record or {}).items()}  # type: ignore[arg-type]
+
+
+def _too_few(count: int, needed: int, what: str) -> str:
+    if count >= needed:
+        return ""
+    return f"only {count} hospital(s) {what}; at least {needed} are needed"
+
+
+def _abort(out: RoundCollection, reason: str) -> RoundCollection:
+    out.abort_reason = reason
+    out.update = None
+    return out
