@@ -76,6 +76,19 @@ def _parser() -> argparse.ArgumentParser:
                       help="turn differential privacy off (for comparisons only)")  # fmt: skip
     demo.add_argument("--rounds", type=int, default=None, help="federated rounds")
     demo.add_argument("--examples-per-hospital", type=int, default=None)
+    demo.add_argument(
+        "--no-secure-aggregation",
+        action="store_true",
+        help="send deltas in clear (research comparison only; warns)",
+    )
+    demo.add_argument(
+        "--record-views",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="security research: save each hospital's plaintext delta and what "
+        "the coordinator received from it, per round (simulation only)",
+    )
     demo.add_argument("--run-dir", type=Path, default=None,
                       help="output folder (default runs/demo-<task>-<time>)")  # fmt: skip
     demo.set_defaults(handler=_demo)
@@ -90,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, required=True, help="output folder (new)")
     run.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated hospital")
     run.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per hospital")
+    run.add_argument(
+        "--record-views",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="security research: save each hospital's plaintext delta and what "
+        "the coordinator received from it, per round (simulation only)",
+    )
     run.set_defaults(handler=_run)
 
     data = commands.add_parser(
@@ -278,6 +299,7 @@ def _demo(args: argparse.Namespace) -> int:
         task=args.task, hospitals=args.hospitals, rounds=args.rounds,
         examples_per_hospital=args.examples_per_hospital, run_dir=run_dir,
         privacy=not args.no_dp, epsilon=args.epsilon,
+        secure_aggregation=not args.no_secure_aggregation, record_views=args.record_views,
     )  # fmt: skip
     run_demo(options)
     return 0
@@ -289,6 +311,7 @@ def _run(args: argparse.Namespace) -> int:
     plan = LaunchPlan(
         config_path=args.config, run_dir=args.run_dir, num_hospitals=args.hospitals,
         client_cpus=args.client_cpus, client_gpus=args.client_gpus,
+        record_views=args.record_views,
     )  # fmt: skip
     if (args.run_dir / "run-config.json").exists():
         raise FileExistsError(f"{args.run_dir} already holds a run; choose a new --run-dir.")

@@ -7,13 +7,18 @@ the coordinator's output, and stops every process it started when the run ends o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
+
 from fedtune.config import ConfigError, RunConfig, load_run_config, resolve_paths
 from fedtune.flower_app import write_app_bundle
+from fedtune.secagg.identity import ensure_simulation_identities
+from fedtune.secagg.protocol import ProtocolAbort, check_threshold
 from fedtune.simulation import SimulationSpec, run_simulation
 
 # Flower prefixes forwarded app output with its log level; we show the coordinator's lines.
@@ -44,6 +49,8 @@ class LaunchPlan:
     client_cpus: int = 1
     client_gpus: float = 0.0
     timeout_s: float | None = None
+    # Security research only: save each hospital's plaintext delta and the coordinator's view.
+    record_views: Path | None = None
 
 
 def check_simulation_data(config: RunConfig, num_hospitals: int) -> None:
@@ -60,6 +67,30 @@ def check_simulation_data(config: RunConfig, num_hospitals: int) -> None:
         raise ConfigError("Missing hospital data file(s): " + ", ".join(missing))
 
 
+def prepare_secure_aggregation(
+    config: RunConfig, num_hospitals: int, say: Callable[[str], None]
+) -> None:
+    """Check the threshold against the federation and give each virtual hospital its identity.
+
+    Simulated hospitals get Ed25519 identity keys and one enrollment list, as real ones get
+    from `fedtune keys`; existing keys are kept, so a resumed or repeated run reuses them.
+    """
+    secure = config.secure_aggregation
+    if not secure.enabled:
+        say("WARNING: secure aggregation is OFF: the coordinator will see every hospital's "
+            "adapter delta in clear (research comparisons only).")  # fmt: skip
+        return
+    secure.require_threshold()
+    try:
+        check_threshold(secure.threshold, num_hospitals)
+    except ProtocolAbort as exc:
+        raise ConfigError(str(exc)) from None
+    keys_dir = Path(
+        secure.simulation_keys_dir or Path(config.data.simulation_root) / "hospital-keys"
+    )
+    ensure_simulation_identities(keys_dir, num_hospitals)
+
+
 def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
     """Run the plan to completion; raises SimulationError or ConfigError on failure."""
     config = resolve_paths(load_run_config(plan.config_path), plan.config_path.parent)
@@ -70,13 +101,25 @@ def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
             f"{plan.num_hospitals} hospitals are simulated."
         )
     plan.run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = plan.config_path.resolve()
+    if plan.record_views is not None:
+        views = str(plan.record_views.resolve())
+        secure = dataclasses.replace(config.secure_aggregation, record_views_dir=views)
+        config = dataclasses.replace(config, secure_aggregation=secure)
+        # The coordinator reads its config from a file: write the effective one, self-contained.
+        config_path = plan.run_dir.resolve() / "run-effective.toml"
+        with config_path.open("wb") as handle:
+            tomli_w.dump(config.to_dict(), handle)
+        say(f"Recording each hospital's plaintext delta and the coordinator's view in {views} "
+            "(simulation only, for security research).")  # fmt: skip
+    prepare_secure_aggregation(config, plan.num_hospitals, say)
     work = plan.run_dir / ".flower"
     app_dir = write_app_bundle(work / "app")
     spec = SimulationSpec(
         app_dir=app_dir,
         num_hospitals=plan.num_hospitals,
         run_config={
-            "config-path": str(plan.config_path.resolve()),
+            "config-path": str(config_path),
             "run-dir": str(plan.run_dir.resolve()),
         },
         work_dir=work,

@@ -9,6 +9,7 @@ round, so the summary shows what federation gained on held-out data.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -219,8 +220,9 @@ def _collect_plain(
             out.refusals.append(Refusal(hospital, "sent more than one update this round"))
             continue
         if views is not None:
-            payload = flatten(delta, reference).astype(np.float32).tobytes()
-            views.received(job.server_round, hospital, payload, "float32")
+            buffer = io.BytesIO()
+            np.save(buffer, flatten(delta, reference).astype(np.float32))
+            views.received(job.server_round, hospital, buffer.getvalue(), "float32")
         deltas.append(delta)
         weights.append(reply_metrics["num-examples"])
         out.train_metrics[hospital] = reply_metrics

@@ -185,7 +185,7 @@ def collect_secure(
             f"the aggregate's norm {norm:.4g} exceeds clip norm × total weight ({bound:.4g}): "
             "a hospital did not clip its delta",
         )
-    out.details["unmask_seconds"] = time.perf_counter() - started
+    out.details["unmask_compute_seconds"] = time.perf_counter() - started
     out.details.update({"survivors": survivors, "dropped": dropped, "threshold": threshold})
     out.update = AggregateUpdate(weighted_sum, float(weight_sum), len(survivors))
     return out

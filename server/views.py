@@ -30,9 +30,11 @@ class ViewRecorder:
             ],
             "notes": (
                 "plaintext: float32 delta as the hospital computed it (before clipping), "
-                "tensors flattened in layout order. received: the exact array bytes the "
-                "coordinator got; in secure-aggregation mode uint32 little-endian, the last "
-                "element the masked weight; in plain mode the float32 delta."
+                "tensors flattened in layout order (np.load). received: in "
+                "secure-aggregation mode the exact bytes of the masked array as carried on "
+                "the wire (Flower serializes arrays in .npy format: np.load(io.BytesIO(...)) "
+                "gives uint32 values, the last one the masked weight); in plain mode the "
+                "received float32 delta values, flattened in layout order, in .npy format."
             ),
             "rounds": {},
         }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import tomli_w
@@ -21,15 +23,18 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     tiny_bert_dir: Path, classify_data: tuple[Path, tuple[str, ...]], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ):  # fmt: skip
+    """Secure aggregation on (the default), with the coordinator's view recorded."""
     data_root, labels = classify_data
-    config = tiny_run_config(tiny_bert_dir, "classify", data_root, labels)
+    config = tiny_run_config(tiny_bert_dir, "classify", data_root, labels,
+                             secure_aggregation={"simulation_keys_dir": "keys"})  # fmt: skip
     config_path = tmp_path / "run.toml"
     with config_path.open("wb") as handle:
         tomli_w.dump(config.to_dict(), handle)
     run_dir = tmp_path / "run"
+    views = tmp_path / "views"
 
     code = main(["run", "--config", str(config_path), "--hospitals", "2",
-                 "--run-dir", str(run_dir)])  # fmt: skip
+                 "--run-dir", str(run_dir), "--record-views", str(views)])  # fmt: skip
 
     out = capsys.readouterr().out
     assert code == 0, out
@@ -41,6 +46,21 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["final_test"]["per_hospital"]) == {"hospital-1", "hospital-2"}
     assert "Held-out test split" in out  # the coordinator's table reached the console
+    # The launcher gave the virtual hospitals identity keys (relative to the config file).
+    assert sorted(p.name for p in (tmp_path / "keys").glob("*.key")) == [
+        "hospital-1.key", "hospital-2.key"]  # fmt: skip
+    # Every round went through the four secure-aggregation stages with both hospitals...
+    assert all(r["secure_aggregation"]["survivors"] == ["hospital-1", "hospital-2"]
+               for r in rounds)  # fmt: skip
+    # ...and what the coordinator received is the masked payload, not the delta.
+    index = json.loads((views / "index.json").read_text())
+    assert index["mode"] == "secure-aggregation" and set(index["rounds"]) == {"1", "2"}
+    for entry in index["rounds"]["2"].values():
+        plain = np.load(views / entry["plaintext"])
+        received = np.load(io.BytesIO((views / entry["received"]).read_bytes()))
+        assert received.dtype == np.uint32
+        assert received.size == plain.size + 1  # one more slot: the masked weight
+        assert np.any(plain != 0) and abs(np.corrcoef(plain, received[:-1])[0, 1]) < 0.2
     # Nothing the run started is left behind.
     leftovers = [
         p for home in (run_dir / ".flower").glob("flwr-home-*")
