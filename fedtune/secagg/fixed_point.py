@@ -93,6 +93,10 @@ class FixedPointCodec:
             raise FixedPointOverflow(
                 "a weighted delta coordinate exceeds weight × clip norm; clip before encoding"
             )
+        # Within the tolerance above, pull values back onto the bound: n·(W·C·s + 1) must
+        # hold exactly, or n extreme inputs could round past 2^31 and wrap.
+        bound = self.max_weight * self.clip_norm * self.scale
+        values = np.clip(values, -bound, bound)
         rng = np.random.default_rng(secrets.randbits(128))
         floor = np.floor(values)
         rounded = floor + (rng.random(values.shape) < (values - floor))

@@ -23,7 +23,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -76,33 +76,42 @@ class HospitalRound:
     inbox: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # sender→(b, s shares)
 
     def to_bytes(self) -> bytes:
-        def enc(value: object) -> object:
-            if isinstance(value, bytes):
-                return {"hex": value.hex()}
-            if isinstance(value, dict):
-                return {k: enc(v) for k, v in value.items()}
-            if isinstance(value, list | tuple):
-                return [enc(v) for v in value]
-            return value
-
-        return json.dumps(enc(asdict(self))).encode()
+        """JSON with every byte field hex-encoded by name (hospital names are free text)."""
+        return json.dumps(
+            {
+                "hospital": self.hospital,
+                "context": self.context.hex(),
+                "c_secret": self.c_secret.hex(),
+                "s_secret": self.s_secret.hex(),
+                "stage": self.stage,
+                "threshold": self.threshold,
+                "self_seed": self.self_seed.hex(),
+                "participants": {k: [c.hex(), s.hex()] for k, (c, s) in self.participants.items()},
+                "mask_set": list(self.mask_set),
+                "inbox": {k: [b.hex(), s.hex()] for k, (b, s) in self.inbox.items()},
+            }
+        ).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> HospitalRound:
-        def dec(value: object) -> object:
-            if isinstance(value, dict):
-                if set(value) == {"hex"}:
-                    return bytes.fromhex(str(value["hex"]))
-                return {k: dec(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [dec(v) for v in value]
-            return value
+        raw = json.loads(data)
 
-        raw = dec(json.loads(data))
-        assert isinstance(raw, dict)
-        raw["participants"] = {k: tuple(v) for k, v in raw["participants"].items()}
-        raw["inbox"] = {k: tuple(v) for k, v in raw["inbox"].items()}
-        return cls(**raw)
+        def pair(values: list[str]) -> tuple[bytes, bytes]:
+            first, second = values
+            return bytes.fromhex(first), bytes.fromhex(second)
+
+        return cls(
+            hospital=str(raw["hospital"]),
+            context=bytes.fromhex(raw["context"]),
+            c_secret=bytes.fromhex(raw["c_secret"]),
+            s_secret=bytes.fromhex(raw["s_secret"]),
+            stage=str(raw["stage"]),
+            threshold=int(raw["threshold"]),
+            self_seed=bytes.fromhex(raw["self_seed"]),
+            participants={k: pair(v) for k, v in raw["participants"].items()},
+            mask_set=[str(name) for name in raw["mask_set"]],
+            inbox={k: pair(v) for k, v in raw["inbox"].items()},
+        )
 
 
 def check_threshold(threshold: int, hospitals: int) -> None:
