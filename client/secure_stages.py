@@ -17,6 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.secure_views import refuse_recording_outside_simulation
 from client.session import HospitalIdentity, hospital_identity
 from fedtune.config import ConfigError, RunConfig
 from fedtune.secagg import protocol
@@ -51,6 +52,7 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     job = _job(msg)
     identity = hospital_identity(context.node_config, job.config.data)
+    refuse_recording_outside_simulation(job.config, identity)
     signing_key, _ = hospital_keys(context.node_config, job.config, identity)
     state, advert = protocol.advertise(signing_key, identity.name, job.run_id, job.server_round)
     _save(context, state, job, time.perf_counter() - started)
@@ -65,6 +67,11 @@ def share_keys(msg: Message, context: Context) -> Message:
     _, enrollment = hospital_keys(context.node_config, job.config, identity)
     state, spent = _load(context, job)
     adverts = parse_participants(msg)
+    settings = job.config.secure_aggregation
+    try:  # refuse impossible settings now, not after training
+        FixedPointCodec(settings.clip_norm, settings.max_weight, len(adverts))
+    except ValueError as exc:
+        raise ConfigError(f"secure aggregation: {exc}") from None
     outbox, commitment = protocol.make_shares(
         state, adverts, enrollment, job.config.secure_aggregation.threshold
     )

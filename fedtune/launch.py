@@ -17,6 +17,7 @@ import tomli_w
 
 from fedtune.config import ConfigError, RunConfig, load_run_config, resolve_paths
 from fedtune.flower_app import write_app_bundle
+from fedtune.secagg.fixed_point import FixedPointCodec
 from fedtune.secagg.identity import ensure_simulation_identities
 from fedtune.secagg.protocol import ProtocolAbort, check_threshold
 from fedtune.simulation import SimulationSpec, run_simulation
@@ -83,7 +84,8 @@ def prepare_secure_aggregation(
     secure.require_threshold()
     try:
         check_threshold(secure.threshold, num_hospitals)
-    except ProtocolAbort as exc:
+        FixedPointCodec(secure.clip_norm, secure.max_weight, num_hospitals)
+    except (ProtocolAbort, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     keys_dir = Path(
         secure.simulation_keys_dir or Path(config.data.simulation_root) / "hospital-keys"

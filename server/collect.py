@@ -17,6 +17,10 @@ class HospitalNames:
     def __init__(self) -> None:
         self._names: dict[int, str] = {}
 
+    def known(self, node_id: int) -> str:
+        """The name a node reported earlier, or its node id (a node that never answered)."""
+        return self._names.get(node_id, f"node {node_id}")
+
     def of(self, reply: Message) -> str:
         node_id = reply.metadata.src_node_id
         fallback = self._names.get(node_id, f"node {node_id}")

@@ -75,7 +75,7 @@ class _Stage:
             for node_id, content in requests.items()
         ]
         started = time.perf_counter()
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         answers: dict[str, tuple[int, Any, Message]] = {}
         for reply in replies:
             hospital = self.names.of(reply)
@@ -97,6 +97,12 @@ class _Stage:
                 self.out.refusals.append(Refusal(hospital, "answered twice in one stage"))
                 continue
             answers[hospital] = (node_id, parsed, reply)
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node_id in sorted(set(requests) - answered):
+            stage = message_type.split(".")[-1].removeprefix("secagg_")
+            self.out.refusals.append(
+                Refusal(self.names.known(node_id), f"no reply in the {stage} stage (dropped out)")
+            )
         key = message_type.split(".")[-1] + "_seconds"
         self.out.details[key] = time.perf_counter() - started
         return answers
@@ -129,7 +135,8 @@ def collect_secure(
         return _abort(out, reason)
     try:
         check_threshold(threshold, len(adverts))
-    except ProtocolAbort as exc:
+        FixedPointCodec(settings.clip_norm, settings.max_weight, len(adverts))
+    except (ProtocolAbort, ValueError) as exc:
         return _abort(out, str(exc))
     listed: list[Advertisement] = [adverts[h][1] for h in sorted(adverts)]
     node_of = {h: adverts[h][0] for h in adverts}

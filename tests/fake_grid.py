@@ -2,11 +2,14 @@
 
 Each node gets its own Context, as Flower's simulation engine gives each virtual hospital
 (node_config with `partition-id`), so the real ClientApp handlers run unchanged. A node can
-be made to fail (`tamper`) to test how the coordinator treats bad replies.
+be made to fail (`tamper`) to test how the coordinator treats bad replies, never answer
+(`silent`), or crash part-way through a secure-aggregation round (`drop_after`); requests can
+be altered before they reach a node (`tamper_request`: a malicious coordinator or network).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Message, RecordDict
@@ -15,8 +18,12 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
+from fedtune.secagg_wire import KEYS, MASKED, SHARES, UNMASK
 
 Tamper = Callable[[int, Message], Message]
+
+# The secure-aggregation stages of one round, in the order the coordinator sends them.
+SECURE_STAGES = (KEYS, SHARES, MASKED, UNMASK)
 
 
 class InProcessGrid(Grid):
@@ -28,6 +35,8 @@ class InProcessGrid(Grid):
         node_configs: dict[int, dict[str, object]] | None = None,
         tamper: Tamper | None = None,
         silent: set[int] | None = None,
+        drop_after: dict[int, str] | None = None,
+        tamper_request: Tamper | None = None,
     ) -> None:
         # Messages take their sender from the process identity, as in a real ServerApp.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
@@ -45,7 +54,18 @@ class InProcessGrid(Grid):
         }
         self.tamper = tamper
         self.silent = silent or set()  # nodes that never answer (dropped out)
+        # node id → the last secure-aggregation stage it answers in every round; it never
+        # answers the later stages of that round (it crashed). It still answers evaluate
+        # requests (and plain `train`), like a hospital that came back after the round.
+        self.drop_after = dict(drop_after or {})
+        for node_id, stage in self.drop_after.items():
+            if stage not in SECURE_STAGES:
+                raise ValueError(f"drop_after[{node_id}] = {stage!r}; use one of {SECURE_STAGES}")
+        # Applied to a copy of each request before the node sees it (`sent` keeps the
+        # coordinator's original).
+        self.tamper_request = tamper_request
         self.sent: list[Message] = []
+        self.replies: list[Message] = []  # every reply the coordinator got, as it got it
         self._run = Run.create_empty(run_id=1)
 
     def set_run(self, run: Run) -> None:
@@ -82,10 +102,22 @@ class InProcessGrid(Grid):
         for message in messages:
             self.sent.append(message)
             node_id = message.metadata.dst_node_id
-            if node_id in self.silent:
+            if node_id in self.silent or self._dropped(node_id, message):
                 continue
-            reply = client_app(message, self.contexts[node_id])
+            delivered = message
+            if self.tamper_request is not None:
+                delivered = self.tamper_request(node_id, copy.deepcopy(message))
+            reply = client_app(delivered, self.contexts[node_id])
             if self.tamper is not None:
                 reply = self.tamper(node_id, reply)
             replies.append(reply)
+        self.replies.extend(replies)
         return replies
+
+    def _dropped(self, node_id: int, message: Message) -> bool:
+        """Whether the node has crashed before this secure-aggregation stage."""
+        last = self.drop_after.get(node_id)
+        kind = message.metadata.message_type
+        if last is None or kind not in SECURE_STAGES:
+            return False
+        return SECURE_STAGES.index(kind) > SECURE_STAGES.index(last)
