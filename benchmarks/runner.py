@@ -34,8 +34,9 @@ def _registry() -> dict[str, Benchmark]:
     from benchmarks.demo_utility import bench_demo
     from benchmarks.dp_overhead import bench_dp
     from benchmarks.round_overhead import bench_round
+    from benchmarks.secagg import bench_secagg
 
-    return {"round": bench_round, "dp": bench_dp, "demo": bench_demo}
+    return {"round": bench_round, "dp": bench_dp, "demo": bench_demo, "secagg": bench_secagg}
 
 
 def run_benchmarks(names: Sequence[str], out_dir: Path) -> dict[str, float]:
