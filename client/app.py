@@ -23,7 +23,9 @@ from flwr.clientapp import ClientApp
 from client.data import DataValidationError
 from client.dp_train import train_privately
 from client.evaluate import evaluate_classification, evaluate_generation
+from client.federated_objectives import SharedInitMismatch, check_shared_lora_a, local_objective
 from client.model import get_adapter, set_adapter
+from client.outgoing import prepare_update
 from client.privacy import ledger_lock, plan_round
 from client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
 from client.secure_views import record_plaintext_view, refuse_recording_outside_simulation
@@ -35,6 +37,7 @@ from fedtune.secagg.fixed_point import FixedPointOverflow
 from fedtune.secagg.identity import IdentityError
 from fedtune.secagg.primitives import BadSignature, ShareRejected
 from fedtune.secagg.protocol import ProtocolAbort
+from fedtune.update_rules import uploaded
 from fedtune.wire import Job, evaluate_reply_content, parse_request, train_reply_content
 
 log = logging.getLogger("fedtune.hospital")
@@ -55,6 +58,7 @@ _REFUSAL_CODES: dict[type[Exception], int] = {
     PrivacyBudgetExhausted: HOSPITAL_PRIVACY_BUDGET_EXHAUSTED,
     LedgerError: HOSPITAL_LEDGER_ERROR,
     IdentityError: HOSPITAL_CONFIG_ERROR,
+    SharedInitMismatch: HOSPITAL_CONFIG_ERROR,
     ProtocolAbort: HOSPITAL_SECURE_AGGREGATION_ABORT,
     BadSignature: HOSPITAL_SECURE_AGGREGATION_ABORT,
     ShareRejected: HOSPITAL_SECURE_AGGREGATION_ABORT,
@@ -119,14 +123,19 @@ def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> L
     # two processes of one node can never both spend the same remaining budget.
     with ledger_lock(identity, config, context.node_config):
         privacy = plan_round(config, identity, context.node_config, len(features), job.run_id)
+        check_shared_lora_a(global_adapter, config)  # FFA-LoRA: A must be the shared init
+        objective = local_objective(config)  # FedProx's proximal term, FFA-LoRA's frozen A
         set_adapter(handle.model, global_adapter)
         if privacy is None:
-            result = train_locally(handle.model, features, config.train, pad_id, seed, task)
+            result = train_locally(
+                handle.model, features, config.train, pad_id, seed, task, objective=objective
+            )
             privacy_metrics["train-last-loss"] = result.last_loss
         else:
             result = train_privately(
-                handle.model, features, config.train, privacy.plan, pad_id, seed, task
-            )
+                handle.model, features, config.train, privacy.plan, pad_id, seed, task,
+                objective=objective,
+            )  # fmt: skip
             entry = privacy.ledger.record(
                 privacy.run_id, job.server_round, privacy.plan.noise_multiplier,
                 privacy.plan.sample_rate, result.steps,
@@ -152,7 +161,13 @@ def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> L
     log.info("%s: round %d trained %d steps", identity.name, job.server_round, result.steps)
     if data.dataset.skipped:
         log.warning("%s: skipped %d invalid data line(s)", identity.name, len(data.dataset.skipped))
-    record_plaintext_view(config, identity, job.server_round, delta, global_adapter)
+    record_plaintext_view(
+        config,
+        identity,
+        job.server_round,
+        uploaded(delta, config),
+        uploaded(global_adapter, config),
+    )
     return LocalUpdate(identity, delta, len(features), metrics)
 
 
@@ -166,8 +181,11 @@ def train(msg: Message, context: Context) -> Message:
     """
     global_adapter, job = parse_request(msg)
     update = train_local_update(global_adapter, job, context)
-    metrics = {"num-examples": float(update.num_examples), **update.metrics}
-    return Message(train_reply_content(update.delta, metrics, update.hospital.name), reply_to=msg)
+    # Weighted by the coordinator (it sees the example count in this mode anyway).
+    prepared = prepare_update(update.delta, global_adapter, job.config, weight=1)
+    metrics = {"num-examples": float(update.num_examples), **update.metrics, **prepared.metrics}
+    delta = prepared.as_adapter()
+    return Message(train_reply_content(delta, metrics, update.hospital.name), reply_to=msg)
 
 
 @app.evaluate()

@@ -27,6 +27,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
 from client.encoding import collate
+from client.federated_objectives import LocalObjective, objective_in_effect
 from client.losses import PerExampleLoss, model_inputs
 from client.train import TrainResult, adapter_optimizer, autocast_for
 from fedtune.config import TrainSettings
@@ -58,13 +59,33 @@ def train_privately(
     pad_token_id: int,
     seed: int,
     task: str,
+    objective: LocalObjective | None = None,
 ) -> TrainResult:
-    """Take exactly `plan.steps` DP-SGD steps on the adapter, in place."""
+    """Take exactly `plan.steps` DP-SGD steps on the adapter, in place.
+
+    `objective` (from `client.federated_objectives.local_objective`): FFA-LoRA freezes LoRA A
+    before Opacus wraps anything, so A gets neither gradient nor noise; FedProx's proximal
+    gradient is added by the wrapped optimizer's pre-step hook, after clipping and noise (it
+    does not depend on any example, so it costs no privacy). None is plain DP-SGD.
+    """
     if not features:
         raise ValueError("this hospital has no training examples")
     torch.manual_seed(seed)  # dropout only; nothing the privacy analysis relies on
+    with objective_in_effect(
+        model, objective, lambda: adapter_optimizer(model, settings)
+    ) as optimizer:
+        return _train_privately(model, features, plan, pad_token_id, task, optimizer)
+
+
+def _train_privately(
+    model: torch.nn.Module,
+    features: Sequence[Any],
+    plan: DPPlan,
+    pad_token_id: int,
+    task: str,
+    optimizer: torch.optim.Optimizer,
+) -> TrainResult:
     device = next(model.parameters()).device
-    optimizer = adapter_optimizer(model, settings)
     # The noise and the Poisson draws must be unpredictable to the coordinator: it knows
     # `seed` (train.seed, round, hospital name), and with a reproducible noise draw it could
     # regenerate the noise and subtract it. Both generators are seeded from the OS's CSPRNG.

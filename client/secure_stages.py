@@ -17,12 +17,12 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.outgoing import prepare_update
 from client.secure_views import refuse_recording_outside_simulation
 from client.session import HospitalIdentity, hospital_identity
 from fedtune.config import ConfigError, RunConfig
 from fedtune.secagg import protocol
-from fedtune.secagg.encoding import encode_input
-from fedtune.secagg.fixed_point import FixedPointCodec
+from fedtune.secagg.encoding import encode_values
 from fedtune.secagg.identity import load_enrollment, load_identity_key, simulated_identity_paths
 from fedtune.secagg_wire import (
     ADVERT,
@@ -38,6 +38,7 @@ from fedtune.secagg_wire import (
     parse_survivors,
     revealed_record,
 )
+from fedtune.update_rules import secure_codec, update_weight
 from fedtune.wire import JOB, METRICS, Job, parse_request
 
 # Node configuration keys of a deployed hospital (paths on the hospital's machine).
@@ -67,9 +68,8 @@ def share_keys(msg: Message, context: Context) -> Message:
     _, enrollment = hospital_keys(context.node_config, job.config, identity)
     state, spent = _load(context, job)
     adverts = parse_participants(msg)
-    settings = job.config.secure_aggregation
     try:  # refuse impossible settings now, not after training
-        FixedPointCodec(settings.clip_norm, settings.max_weight, len(adverts))
+        secure_codec(job.config, len(adverts))
     except ValueError as exc:
         raise ConfigError(f"secure aggregation: {exc}") from None
     outbox, commitment = protocol.make_shares(
@@ -92,17 +92,17 @@ def masked_input(msg: Message, context: Context) -> Message:
     spent += time.perf_counter() - started
     update = train_local_update(global_adapter, job, context)
     started = time.perf_counter()
-    settings = job.config.secure_aggregation
-    codec = FixedPointCodec(settings.clip_norm, settings.max_weight, len(mask_set))
-    weight = min(update.num_examples, settings.max_weight)
-    encoded = encode_input(update.delta, global_adapter, weight, codec)
-    masked = protocol.mask(state, encoded.ring)
+    config = job.config
+    weight = update_weight(config, update.num_examples)
+    prepared = prepare_update(update.delta, global_adapter, config, weight)
+    codec = secure_codec(config, len(mask_set))
+    masked = protocol.mask(state, encode_values(prepared.values, weight, codec))
     spent += time.perf_counter() - started
     _save(context, state, job, spent)
     metrics: dict[str, int | float | list[int] | list[float]] = {
         **update.metrics,
-        "delta-clipped": float(encoded.clip.clipped),
-        "weight-capped": float(weight < update.num_examples),
+        **prepared.metrics,
+        "weight-capped": float(not config.privacy.client_level and weight < update.num_examples),
         "secagg-seconds": spent,
     }
     return _reply(

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from client.encoding import collate
+from client.federated_objectives import LocalObjective, objective_in_effect
 from client.losses import PerExampleLoss, model_inputs
 from fedtune.config import TrainSettings
 
@@ -50,13 +51,32 @@ def train_locally(
     pad_token_id: int,
     seed: int,
     task: str,
+    objective: LocalObjective | None = None,
 ) -> TrainResult:
-    """Train the adapter in place on the encoded training examples (no DP)."""
+    """Train the adapter in place on the encoded training examples (no DP).
+
+    `objective` (from `client.federated_objectives.local_objective`) adds FedProx's proximal
+    term or freezes LoRA A for FFA-LoRA; None is plain training.
+    """
     if not features:
         raise ValueError("this hospital has no training examples")
     torch.manual_seed(seed)  # LoRA dropout draws: a rerun of a round is reproducible
+    with objective_in_effect(
+        model, objective, lambda: adapter_optimizer(model, settings)
+    ) as optimizer:
+        return _train(model, features, settings, pad_token_id, seed, task, optimizer)
+
+
+def _train(
+    model: torch.nn.Module,
+    features: Sequence[Any],
+    settings: TrainSettings,
+    pad_token_id: int,
+    seed: int,
+    task: str,
+    optimizer: torch.optim.Optimizer,
+) -> TrainResult:
     device = next(model.parameters()).device
-    optimizer = adapter_optimizer(model, settings)
     warmup = settings.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0

@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
         help="security research: save each hospital's plaintext delta and what "
         "the coordinator received from it, per round (simulation only)",
     )
+    run.add_argument("--resume", action="store_true",
+                     help="continue the stopped run in --run-dir after its last saved round "
+                          "(same --config)")  # fmt: skip
     run.set_defaults(handler=_run)
 
     data = commands.add_parser(
@@ -311,10 +314,15 @@ def _run(args: argparse.Namespace) -> int:
     plan = LaunchPlan(
         config_path=args.config, run_dir=args.run_dir, num_hospitals=args.hospitals,
         client_cpus=args.client_cpus, client_gpus=args.client_gpus,
-        record_views=args.record_views,
+        record_views=args.record_views, resume=args.resume,
     )  # fmt: skip
-    if (args.run_dir / "run-config.json").exists():
-        raise FileExistsError(f"{args.run_dir} already holds a run; choose a new --run-dir.")
+    exists = (args.run_dir / "run-config.json").exists()
+    if exists and not args.resume:
+        raise FileExistsError(
+            f"{args.run_dir} already holds a run; choose a new --run-dir or add --resume."
+        )
+    if args.resume and not exists:
+        raise FileNotFoundError(f"{args.run_dir} holds no run to resume.")
     launch(plan)
     return 0
 

@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_FORMATS = ("auto", "classification", "instruction", "chat", "completion")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "ffa-lora")
 
 
 class ConfigError(ValueError):
@@ -99,12 +100,27 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class FederationSettings:
-    """The coordinator's round plan."""
+    """The coordinator's round plan and how it turns the sum of deltas into the next adapter.
+
+    Strategies (`strategy`): fedavg, fedprox (hospitals add μ/2·‖w − w_global‖²), the server
+    optimizers fedavgm, fedadagrad, fedadam, fedyogi (Reddi et al. 2021: the mean delta is a
+    pseudo-gradient; `server_learning_rate` is their η, typically 1e-2 … 1e-1, not 1.0), and
+    ffa-lora (LoRA A frozen at the shared initial values; only B is trained and sent).
+    """
 
     rounds: int = 3
     min_hospitals: int = 2  # a round needs at least this many hospitals that answer
     strategy: str = "fedavg"
     server_learning_rate: float = 1.0  # 1.0 = plain FedAvg; the global step on the mean delta
+    proximal_mu: float = 0.01  # fedprox: weight μ of the proximal term at the hospitals
+    server_momentum: float = 0.9  # fedavgm: momentum β of the server update
+    beta1: float = 0.9  # fedadam / fedyogi / fedadagrad: first-moment decay
+    beta2: float = 0.99  # fedadam / fedyogi: second-moment decay
+    tau: float = 1e-3  # fedadam / fedyogi / fedadagrad: adaptivity (avoids division by ~0)
+    # Hospital sampling per round: a count (0 = use the fraction) or a fraction of those
+    # connected; never fewer than min_hospitals. 1.0 = every connected hospital, every round.
+    hospitals_per_round: int = 0
+    fraction_hospitals: float = 1.0
     round_timeout_s: float = 900.0  # how long the coordinator waits for hospitals' replies
     wait_for_hospitals_s: float = 120.0  # how long to wait for min_hospitals to connect
 
@@ -113,6 +129,20 @@ class FederationSettings:
         _positive("federation.min_hospitals", self.min_hospitals)
         _positive("federation.server_learning_rate", self.server_learning_rate)
         _positive("federation.round_timeout_s", self.round_timeout_s)
+        _one_of("federation.strategy", self.strategy, STRATEGIES)
+        if self.proximal_mu < 0:
+            raise ConfigError(f"federation.proximal_mu must be >= 0, got {self.proximal_mu}.")
+        for name in ("server_momentum", "beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"federation.{name} must be in [0, 1), got {value}.")
+        _positive("federation.tau", self.tau)
+        if self.hospitals_per_round < 0:
+            raise ConfigError("federation.hospitals_per_round must be >= 0 (0 = use the fraction).")
+        if not 0.0 < self.fraction_hospitals <= 1.0:
+            raise ConfigError(
+                f"federation.fraction_hospitals must be in (0, 1], got {self.fraction_hospitals}."
+            )
 
 
 @dataclass(frozen=True)
@@ -153,6 +183,15 @@ class PrivacySettings:
     grad_sample_mode: str = "hooks"
     max_physical_batch_size: int = 64  # memory bound; logical batches can be larger
     ledger_dir: str = ""  # simulation: where virtual hospitals keep their privacy ledgers
+    # Client-level DP (DP-FedAvg, McMahan et al. 2018): each hospital clips its whole delta
+    # to client_clip_norm, takes weight 1, and adds its share of Gaussian noise so the
+    # (secure) sum carries std ≥ client_noise_multiplier × client_clip_norm even when only
+    # the secure-aggregation threshold of hospitals survive. Bounds what the model reveals
+    # about any one hospital; reported next to the sample-level ε.
+    client_level: bool = False
+    client_clip_norm: float = 1.0
+    client_noise_multiplier: float = 1.0
+    client_target_delta: float = 0.0  # 0 = automatic: below 1 / number of hospitals
 
     def __post_init__(self) -> None:
         _positive("privacy.target_epsilon", self.target_epsilon)
@@ -164,6 +203,12 @@ class PrivacySettings:
         _one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
         _one_of("privacy.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
         _positive("privacy.max_physical_batch_size", self.max_physical_batch_size)
+        _positive("privacy.client_clip_norm", self.client_clip_norm)
+        _positive("privacy.client_noise_multiplier", self.client_noise_multiplier)
+        if not 0.0 <= self.client_target_delta < 1.0:
+            raise ConfigError(
+                f"privacy.client_target_delta must be in [0, 1), got {self.client_target_delta}."
+            )
 
 
 @dataclass(frozen=True)

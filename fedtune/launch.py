@@ -17,10 +17,10 @@ import tomli_w
 
 from fedtune.config import ConfigError, RunConfig, load_run_config, resolve_paths
 from fedtune.flower_app import write_app_bundle
-from fedtune.secagg.fixed_point import FixedPointCodec
 from fedtune.secagg.identity import ensure_simulation_identities
 from fedtune.secagg.protocol import ProtocolAbort, check_threshold
 from fedtune.simulation import SimulationSpec, run_simulation
+from fedtune.update_rules import secure_codec
 
 # Flower prefixes forwarded app output with its log level; we show the coordinator's lines.
 _FLOWER_PREFIX = re.compile(
@@ -52,6 +52,7 @@ class LaunchPlan:
     timeout_s: float | None = None
     # Security research only: save each hospital's plaintext delta and the coordinator's view.
     record_views: Path | None = None
+    resume: bool = False  # continue the stopped run in run_dir
 
 
 def check_simulation_data(config: RunConfig, num_hospitals: int) -> None:
@@ -84,7 +85,7 @@ def prepare_secure_aggregation(
     secure.require_threshold()
     try:
         check_threshold(secure.threshold, num_hospitals)
-        FixedPointCodec(secure.clip_norm, secure.max_weight, num_hospitals)
+        secure_codec(config, num_hospitals)
     except (ProtocolAbort, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     keys_dir = Path(
@@ -123,6 +124,7 @@ def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
         run_config={
             "config-path": str(config_path),
             "run-dir": str(plan.run_dir.resolve()),
+            "resume": plan.resume,
         },
         work_dir=work,
         client_cpus=plan.client_cpus,

@@ -31,9 +31,18 @@ def main(grid: Grid, context: Context) -> None:
         )
     config = resolve_paths(load_run_config(Path(config_path)), Path(config_path).parent)
     run_dir = RunDirectory(Path(run_dir_path))
-    run_dir.create(config)
+    resume = bool(context.run_config.get("resume", False))
+    if resume:
+        if run_dir.config() != config:
+            raise ConfigError(
+                f"{run_dir.path} was started with a different run configuration; resume it "
+                "with the same --config (its run-config.json), or start a new run directory."
+            )
+    else:
+        run_dir.create(config)
     print(f"fedtune: run directory {run_dir.path}", flush=True)
-    run_federation(grid, config, run_dir, initial_global_adapter(config), say=_say)
+    initial = initial_global_adapter(config)
+    run_federation(grid, config, run_dir, initial, say=_say, resume=resume)
 
 
 def _say(line: str) -> None:

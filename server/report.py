@@ -109,6 +109,23 @@ class RoundReport:
                 f"budget ε = {values['epsilon-budget']:.3f}"
             )
 
+    def client_privacy(self, guarantee: Mapping[str, float]) -> None:
+        """The client-level guarantee: what the model reveals about any one hospital."""
+        if not guarantee:
+            return
+        self.say(
+            f"Client-level differential privacy (each hospital as a whole): "
+            f"(ε = {guarantee['epsilon']:.3f}, δ = {guarantee['delta']:.0e}) after "
+            f"{int(guarantee['rounds'])} round(s), σ = {guarantee['noise_multiplier']:g}, "
+            f"hospital sampling rate {guarantee['sample_rate']:.2f}"
+            + (
+                f" (against the coordinator, which knows who was sampled: "
+                f"ε = {guarantee['epsilon_vs_coordinator']:.3f})"
+                if guarantee["sample_rate"] < 1.0
+                else ""
+            )
+        )
+
 
 def _mean(values: object) -> float | None:
     numbers = [float(v) for v in values if v is not None]  # type: ignore[attr-defined]

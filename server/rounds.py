@@ -21,8 +21,10 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtune.adapters import Adapter, UpdateRejected, adapter_norm, check_update
+from fedtune.client_dp import automatic_client_delta, client_level_epsilon
 from fedtune.config import RunConfig
 from fedtune.secagg.encoding import flatten
+from fedtune.update_rules import honest_sum_norm_bound, update_weight, uploaded
 from fedtune.wire import (
     EVALUATE,
     TRAIN,
@@ -35,10 +37,11 @@ from fedtune.wire import (
 from server.collect import HospitalNames, Refusal, RoundCollection
 from server.report import RoundReport, weighted_metrics
 from server.run_dir import RunDirectory
+from server.sampling import hospitals_for_round
 from server.secure_round import collect_secure
 from server.views import ViewRecorder
 from strategies.aggregate import weighted_sum
-from strategies.registry import build_strategy
+from strategies.registry import Strategy, build_strategy
 
 
 class NotEnoughHospitals(RuntimeError):
@@ -63,15 +66,21 @@ def run_federation(
     run_dir: RunDirectory,
     initial_adapter: Adapter,
     say: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run all planned rounds; return (and save) the summary."""
+    """Run all planned rounds; return (and save) the summary.
+
+    With `resume`, continue a run directory that stopped early: the global adapter and the
+    strategy's state (e.g. FedAdam's moments) of its last saved round are restored and the
+    next round starts; the base-model evaluation of the first start is reused.
+    """
     strategy = build_strategy(config.federation)
     settings = config.federation
-    global_adapter = initial_adapter
-    run_dir.save_adapter(0, global_adapter)
     report = RoundReport(task=config.model.task, say=say)
     names = HospitalNames()
     guarantees: dict[str, dict[str, float]] = {}  # latest (ε, δ) each hospital reported
+    participation: list[int] = []  # hospitals sampled per completed round (client-level ε)
+    connected: list[int] = []
 
     views = _view_recorder(config, initial_adapter)
     if not config.secure_aggregation.enabled:
@@ -82,17 +91,29 @@ def run_federation(
         )
     else:
         config.secure_aggregation.require_threshold()
-    _wait_for_hospitals(grid, settings.min_hospitals, settings.wait_for_hospitals_s, say)
-    base = _evaluate(grid, global_adapter, config, run_dir.run_id, 0, "test", names)
-    report.evaluation("base model (before round 1), test split", base.per_hospital)
-    _log_refusals(base.refusals, say)
-    run_dir.append_metrics({"event": "evaluate", "round": 0, "split": "test", **_flat(base)})
+    if resume:
+        first_round, global_adapter, base = _restore(run_dir, strategy, say)
+        for past in run_dir.read_metrics():
+            if past.get("event") == "round" and not past.get("aborted"):
+                participation.append(int(past.get("hospitals_sampled", 0)))
+                connected.append(int(past.get("hospitals_connected", 0)))
+                guarantees.update(past.get("privacy_per_hospital", {}))
+    else:
+        first_round, global_adapter = 1, initial_adapter
+        run_dir.save_adapter(0, global_adapter)
+        _wait_for_hospitals(grid, settings.min_hospitals, settings.wait_for_hospitals_s, say)
+        base = _evaluate(grid, global_adapter, config, run_dir.run_id, 0, "test", names)
+        report.evaluation("base model (before round 1), test split", base.per_hospital)
+        _log_refusals(base.refusals, say)
+        run_dir.append_metrics({"event": "evaluate", "round": 0, "split": "test", **_flat(base)})
 
-    for server_round in range(1, settings.rounds + 1):
+    for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
         node_ids = _wait_for_hospitals(
             grid, settings.min_hospitals, settings.wait_for_hospitals_s, say
         )
+        available = node_ids
+        node_ids = hospitals_for_round(available, settings, config.train.seed, server_round)
         job = Job(server_round, config, run_dir.run_id)
         if config.secure_aggregation.enabled:
             collected = collect_secure(grid, node_ids, global_adapter, job, names, views)
@@ -119,6 +140,9 @@ def run_federation(
             "event": "round",
             "round": server_round,
             "hospitals_asked": len(node_ids),
+            "hospitals_connected": len(available),
+            "hospitals_sampled": len(node_ids),
+            "sampled_nodes": node_ids,
             "hospitals_used": sorted(train_metrics),
             "refused": {r.hospital: r.reason for r in refusals},
             "train": train_metrics,
@@ -143,6 +167,14 @@ def run_federation(
             continue
         run_dir.save_adapter(server_round, global_adapter)
         run_dir.save_strategy_state(server_round, strategy.state_dict())
+        participation.append(len(node_ids))
+        connected.append(len(available))
+        record["privacy_per_hospital"] = {
+            h: guarantees[h] for h in train_metrics if h in guarantees
+        }
+        client_level = client_level_guarantee(config, participation, connected)
+        if client_level:
+            record["client_level_privacy"] = client_level
         validation = _evaluate(
             grid, global_adapter, config, run_dir.run_id, server_round, "validation", names
         )
@@ -172,11 +204,13 @@ def run_federation(
         "privacy": {
             "accountant": config.privacy.accountant,
             "per_hospital": guarantees,
+            "client_level": client_level_guarantee(config, participation, connected),
         },
     }
     run_dir.save_summary(summary)
     report.summary(base.per_hospital, final.per_hospital)
     report.privacy(guarantees, config.privacy.accountant)
+    report.client_privacy(client_level_guarantee(config, participation, connected))
     return summary
 
 
@@ -189,9 +223,10 @@ def _collect_plain(
     views: ViewRecorder | None,
 ) -> RoundCollection:
     """Secure aggregation off: every delta arrives in clear and is summed here."""
+    global_adapter, reference = reference, uploaded(reference, job.config)
     messages = [
         Message(
-            request_content(reference, job),
+            request_content(global_adapter, job),
             dst_node_id=node_id,
             message_type=TRAIN,
             group_id=str(job.server_round),
@@ -224,14 +259,75 @@ def _collect_plain(
             np.save(buffer, flatten(delta, reference).astype(np.float32))
             views.received(job.server_round, hospital, buffer.getvalue(), "float32")
         deltas.append(delta)
-        weights.append(reply_metrics["num-examples"])
+        weights.append(update_weight(job.config, int(reply_metrics["num-examples"])))
         out.train_metrics[hospital] = reply_metrics
     needed = job.config.federation.min_hospitals
     if len(deltas) < needed:
         out.abort_reason = f"{len(deltas)} usable update(s), at least {needed} needed"
         return out
-    out.update = weighted_sum(deltas, weights)
+    update = weighted_sum(deltas, weights)
+    size = sum(int(v.size) for v in reference.values())
+    bound = honest_sum_norm_bound(job.config, len(deltas), update.weight_sum, size, 0.0)
+    norm = adapter_norm(update.weighted_delta_sum)
+    if bound is not None and norm > bound * (1 + 1e-6):
+        out.abort_reason = (
+            f"the aggregate's norm {norm:.4g} exceeds what clipped hospitals can send "
+            f"({bound:.4g}): a hospital ignored its clip bound"
+        )
+        return out
+    out.update = update
     return out
+
+
+def client_level_guarantee(
+    config: RunConfig, participation: list[int], connected: list[int]
+) -> dict[str, float]:
+    """Client-level (ε, δ) after the completed rounds, or {} when client-level DP is off.
+
+    Each completed round is one Gaussian mechanism on the sum (sensitivity C, noise ≥ σ·C)
+    with hospitals sampled at the round's rate; the accountant composes them.
+    """
+    privacy = config.privacy
+    if not privacy.client_level or not participation:
+        return {}
+    total = max(connected)
+    rate = min(1.0, max(p / max(c, 1) for p, c in zip(participation, connected, strict=True)))
+    delta = privacy.client_target_delta or automatic_client_delta(total)
+    sigma, rounds = privacy.client_noise_multiplier, len(participation)
+    epsilon = client_level_epsilon(sigma, rate, rounds, delta, privacy.accountant)
+    # The coordinator knows who was sampled: against it, sampling does not amplify privacy.
+    known = (
+        epsilon
+        if rate >= 1.0
+        else client_level_epsilon(sigma, 1.0, rounds, delta, privacy.accountant)
+    )
+    return {
+        "epsilon": epsilon,
+        "epsilon_vs_coordinator": known,
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "clip_norm": privacy.client_clip_norm,
+        "sample_rate": rate,
+        "rounds": float(rounds),
+    }
+
+
+def _restore(
+    run_dir: RunDirectory, strategy: Strategy, say: Callable[[str], None]
+) -> tuple[int, Adapter, EvaluationResult]:
+    """The round to start at, the global adapter and the base evaluation of a stopped run."""
+    last = max(run_dir.saved_rounds(), default=-1)
+    if last < 0:
+        raise FileNotFoundError(f"{run_dir.path} has no saved round to resume from")
+    if last > 0:
+        strategy.load_state_dict(run_dir.load_strategy_state(last))
+    base = EvaluationResult()
+    for record in run_dir.read_metrics():
+        if record.get("event") == "evaluate" and record.get("round") == 0:
+            base.per_hospital = record.get("per_hospital", {})
+    say(f"Resuming {run_dir.path} after round {last}: global adapter and "
+        f"{strategy.name} state restored.")  # fmt: skip
+    return last + 1, run_dir.load_adapter(last), base
 
 
 def _view_recorder(config: RunConfig, reference: Adapter) -> ViewRecorder | None:

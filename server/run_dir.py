@@ -4,7 +4,9 @@
 <run-dir>/
   run-config.json          the run configuration, canonical JSON (what every hospital got)
   adapters/round-0000.safetensors   the global adapter after each round (0 = initial)
-  strategy-state.json      the strategy's state after the last saved round
+  strategy/round-0001.json          the strategy's state after each round: its JSON
+  strategy/round-0001.safetensors   metadata, and its moment arrays (if it has any)
+  strategy-state.json      the same JSON as strategy/round-NNNN.json of the latest round
   metrics.jsonl            one JSON object per round and per evaluation
   summary.json             base vs final metrics, per hospital and weighted
 ```
@@ -23,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, load_file, save, save_file
 
 from fedtune.adapters import Adapter
 from fedtune.config import RunConfig
 
 _ROUND_FILE = re.compile(r"^round-(\d{4})\.safetensors$")
+_STRATEGY_FILE = re.compile(r"^round-(\d{4})\.json$")
 
 
 class RunDirectory:
@@ -88,9 +91,66 @@ class RunDirectory:
         rounds = (_ROUND_FILE.match(p.name) for p in self.adapters_dir.iterdir())
         return sorted(int(m.group(1)) for m in rounds if m)
 
+    @property
+    def strategy_dir(self) -> Path:
+        return self.path / "strategy"
+
     def save_strategy_state(self, server_round: int, state: dict[str, Any]) -> None:
-        payload = {"round": server_round, "state": state}
-        _atomic_write(self.path / "strategy-state.json", json.dumps(payload).encode())
+        """Store a strategy's ``state_dict()`` for this round: meta as JSON, arrays losslessly.
+
+        ``state`` is ``{"meta": JSON-able, "arrays": {key: ndarray}}`` (strategies.state).
+        The arrays go to ``strategy/round-NNNN.safetensors`` in their own dtype (float64 for
+        optimizer moments: a resumed run must continue bit-identically), written before
+        ``strategy/round-NNNN.json``, which names them; so a JSON file on disk always has
+        its complete arrays. ``strategy-state.json`` then repeats the JSON for the latest
+        round.
+        """
+        if "meta" not in state:
+            raise ValueError("strategy state must be {'meta': ..., 'arrays': ...}")
+        arrays = {
+            str(key): np.ascontiguousarray(value) for key, value in state.get("arrays", {}).items()
+        }
+        stem = f"round-{server_round:04d}"
+        arrays_file = None
+        if arrays:
+            arrays_file = f"{self.strategy_dir.name}/{stem}.safetensors"
+            blob = save(arrays, metadata={"round": str(server_round)})
+            _atomic_write(self.path / arrays_file, blob)
+        payload = {
+            "round": server_round,
+            "meta": state["meta"],
+            "arrays": sorted(arrays),
+            "arrays_file": arrays_file,
+        }
+        text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False).encode()
+        _atomic_write(self.strategy_dir / f"{stem}.json", text)
+        _atomic_write(self.path / "strategy-state.json", text)
+
+    def load_strategy_state(self, server_round: int) -> dict[str, Any]:
+        """What ``state_dict()`` produced after ``server_round``: {"meta", "arrays"}."""
+        path = self.strategy_dir / f"round-{server_round:04d}.json"
+        if not path.is_file():
+            saved = ", ".join(str(r) for r in self.strategy_rounds()) or "none"
+            raise FileNotFoundError(
+                f"no strategy state saved for round {server_round}; saved: {saved}"
+            )
+        payload = json.loads(path.read_text())
+        arrays: dict[str, np.ndarray] = {}
+        if payload["arrays_file"] is not None:
+            arrays = dict(load((self.path / payload["arrays_file"]).read_bytes()))
+        if sorted(arrays) != payload["arrays"]:
+            raise ValueError(
+                f"{payload['arrays_file']} does not hold the arrays {path.name} lists; "
+                "the strategy state of this round is damaged"
+            )
+        return {"meta": payload["meta"], "arrays": arrays}
+
+    def strategy_rounds(self) -> list[int]:
+        """Rounds with a saved strategy state, ascending."""
+        if not self.strategy_dir.is_dir():
+            return []
+        rounds = (_STRATEGY_FILE.match(p.name) for p in self.strategy_dir.iterdir())
+        return sorted(int(m.group(1)) for m in rounds if m)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """One JSON line per event; appended, so a crash loses at most the last line."""

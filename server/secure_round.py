@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from fedtune.adapters import Adapter, adapter_norm
 from fedtune.config import RunConfig
 from fedtune.secagg.encoding import decode_aggregate, layout_size
-from fedtune.secagg.fixed_point import FixedPointCodec, FixedPointOverflow
+from fedtune.secagg.fixed_point import FixedPointOverflow
 from fedtune.secagg.primitives import round_context
 from fedtune.secagg.protocol import (
     Advertisement,
@@ -48,6 +48,7 @@ from fedtune.secagg_wire import (
     participants_record,
     survivors_record,
 )
+from fedtune.update_rules import honest_sum_norm_bound, secure_codec, uploaded
 from fedtune.wire import GLOBAL_ADAPTER, METRICS, Job, MalformedReply, adapter_to_record
 from server.collect import HospitalNames, Refusal, RoundCollection
 from server.views import ViewRecorder
@@ -116,7 +117,12 @@ def collect_secure(
     names: HospitalNames,
     views: ViewRecorder | None = None,
 ) -> RoundCollection:
-    """Run the four stages; the result holds only the unmasked sum (or why there is none)."""
+    """Run the four stages; the result holds only the unmasked sum (or why there is none).
+
+    The sum covers the tensors hospitals upload under the strategy (`update_rules.uploaded`):
+    all of the adapter, or all but LoRA A for FFA-LoRA.
+    """
+    reference = uploaded(global_adapter, job.config)
     config: RunConfig = job.config
     settings = config.secure_aggregation
     threshold = settings.threshold
@@ -135,7 +141,7 @@ def collect_secure(
         return _abort(out, reason)
     try:
         check_threshold(threshold, len(adverts))
-        FixedPointCodec(settings.clip_norm, settings.max_weight, len(adverts))
+        secure_codec(config, len(adverts))
     except (ProtocolAbort, ValueError) as exc:
         return _abort(out, str(exc))
     listed: list[Advertisement] = [adverts[h][1] for h in sorted(adverts)]
@@ -154,7 +160,7 @@ def collect_secure(
         return _abort(out, reason)
 
     # Stage 3: each hospital gets its shares and the global adapter, trains, masks.
-    length = layout_size(global_adapter)
+    length = layout_size(reference)
     requests = {}
     for hospital in mask_set:
         inbox = {s: outboxes[s][1][0][hospital] for s in mask_set if s != hospital}
@@ -178,19 +184,20 @@ def collect_secure(
     if reason := _too_few(len(revealed), threshold, "answered the unmasking stage"):
         return _abort(out, reason)
     started = time.perf_counter()
-    codec = FixedPointCodec(settings.clip_norm, settings.max_weight, len(mask_set))
+    codec = secure_codec(config, len(mask_set))
     try:
         total = _unmask(job, threshold, adverts, mask_set, outboxes, masked, revealed)
-        weighted_sum, weight_sum = decode_aggregate(total, len(survivors), codec, global_adapter)
+        weighted_sum, weight_sum = decode_aggregate(total, len(survivors), codec, reference)
     except (ProtocolAbort, FixedPointOverflow) as exc:
         return _abort(out, f"the masked sum could not be recovered: {exc}")
     norm = adapter_norm(weighted_sum)
-    bound = settings.clip_norm * weight_sum + codec.error_bound(len(survivors)) * np.sqrt(length)
-    if norm > bound * (1 + 1e-6):
+    rounding = codec.error_bound(len(survivors))
+    bound = honest_sum_norm_bound(config, len(survivors), weight_sum, length - 1, rounding)
+    if bound is not None and norm > bound * (1 + 1e-6):
         return _abort(
             out,
-            f"the aggregate's norm {norm:.4g} exceeds clip norm × total weight ({bound:.4g}): "
-            "a hospital did not clip its delta",
+            f"the aggregate's norm {norm:.4g} exceeds what clipped hospitals can send "
+            f"({bound:.4g}): a hospital ignored its clip bound",
         )
     out.details["unmask_compute_seconds"] = time.perf_counter() - started
     out.details.update({"survivors": survivors, "dropped": dropped, "threshold": threshold})

@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import DTypeLike
 
-from fedtune.adapters import Adapter
+from fedtune.adapters import Adapter, UpdateRejected, check_update
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,16 @@ class AggregateUpdate:
     weight_sum: float
     num_hospitals: int
 
-    def mean_delta(self) -> Adapter:
-        """The FedAvg direction: the example-weighted mean of the hospitals' deltas."""
+    def mean_delta(self, dtype: DTypeLike = np.float32) -> Adapter:
+        """The FedAvg direction: the example-weighted mean of the hospitals' deltas.
+
+        float32 is the wire format; the server optimizers ask for float64 so that the
+        pseudo-gradient is not rounded once more before it enters their moments.
+        """
         if self.weight_sum <= 0:
             raise ValueError("cannot average: the total weight of the round is zero")
         return {
-            name: (total / self.weight_sum).astype(np.float32)
+            name: (np.asarray(total, dtype=dtype) / self.weight_sum).astype(dtype)
             for name, total in self.weighted_delta_sum.items()
         }
 
@@ -53,3 +58,19 @@ def weighted_sum(
         weight_sum=float(sum(weights)),
         num_hospitals=len(deltas),
     )
+
+
+def check_covers(update: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]) -> None:
+    """Refuse an aggregate that is not a non-empty subset of the global adapter's tensors.
+
+    A subset is legitimate (FFA-LoRA uploads only the B matrices; the others stay as they
+    are), but a tensor the global adapter lacks, a wrong shape or a NaN is not: refused
+    before any tensor or optimizer moment changes.
+    """
+    if not update:
+        raise UpdateRejected("the aggregate", "it holds no tensors")
+    extra = sorted(set(update) - set(global_))
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise UpdateRejected("the aggregate", f"unexpected tensors {shown}")
+    check_update(update, {name: global_[name] for name in update}, hospital="the aggregate")

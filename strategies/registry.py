@@ -1,4 +1,9 @@
-"""Strategies by config name. An unknown name is an error listing the known ones."""
+"""Strategies by config name. An unknown name is an error listing the known ones.
+
+fedavg, fedprox and ffa-lora are FedAvg on the server (FedProx's proximal term and
+FFA-LoRA's frozen A live at the hospitals); fedavgm, fedadagrad, fedadam and fedyogi are the
+server optimizers of Reddi et al. (2021), see ``strategies.server_optimizers``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import numpy as np
 from fedtune.adapters import Adapter
 from fedtune.config import FederationSettings
 from strategies.aggregate import AggregateUpdate
-from strategies.fedavg import FedAvg
+from strategies.fedavg import FedAvg, FedProx
+from strategies.ffa_lora import FFALoRA
+from strategies.server_optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 
 class Strategy(Protocol):
@@ -22,13 +29,21 @@ class Strategy(Protocol):
         self, global_adapter: Mapping[str, np.ndarray], update: AggregateUpdate
     ) -> Adapter: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """{"meta": JSON-able, "arrays": {key: float64 ndarray}}; see strategies.state."""
+        ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 _BUILDERS: dict[str, Callable[[FederationSettings], Strategy]] = {
-    "fedavg": lambda settings: FedAvg(settings.server_learning_rate),
+    "fedavg": lambda s: FedAvg(s.server_learning_rate),
+    "fedprox": lambda s: FedProx(s.server_learning_rate, s.proximal_mu),
+    "ffa-lora": lambda s: FFALoRA(s.server_learning_rate),
+    "fedavgm": lambda s: FedAvgM(s.server_learning_rate, s.server_momentum),
+    "fedadagrad": lambda s: FedAdagrad(s.server_learning_rate, s.beta1, s.tau),
+    "fedadam": lambda s: FedAdam(s.server_learning_rate, s.beta1, s.beta2, s.tau),
+    "fedyogi": lambda s: FedYogi(s.server_learning_rate, s.beta1, s.beta2, s.tau),
 }
 
 

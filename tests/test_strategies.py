@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -80,8 +82,9 @@ def test_weighted_sum_refuses_empty_and_non_positive_weights():
 
 def test_registry_builds_fedavg_and_names_known_strategies_on_a_typo():
     assert build_strategy(FederationSettings(strategy="fedavg")).name == "fedavg"
-    with pytest.raises(UnknownStrategy, match="fedavgg.*known strategies: fedavg"):
-        build_strategy(FederationSettings(strategy="fedavgg"))
+    # The config refuses a typo itself; the registry must too, for settings built otherwise.
+    with pytest.raises(UnknownStrategy, match="fedavgg.*known strategies: fedadagrad"):
+        build_strategy(SimpleNamespace(strategy="fedavgg"))  # type: ignore[arg-type]
     assert "fedavg" in known_strategies()
 
 
@@ -90,3 +93,14 @@ def test_fedavg_state_refuses_another_strategys_checkpoint():
     strategy.load_state_dict(strategy.state_dict())
     with pytest.raises(ValueError, match="fedadam"):
         strategy.load_state_dict({"strategy": "fedadam"})
+
+
+def test_fedavg_updates_the_tensors_an_aggregate_covers_and_copies_the_rest():
+    global_ = {"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)}
+    new = FedAvg(1.0).apply(global_, weighted_sum([{"b": np.full(3, 2.0, np.float32)}], [4.0]))
+    assert list(new) == ["a", "b"]
+    np.testing.assert_array_equal(new["a"], global_["a"])
+    assert new["a"] is not global_["a"]
+    np.testing.assert_array_equal(new["b"], [3.0, 3.0, 3.0])
+    with pytest.raises(UpdateRejected, match="unexpected tensors c"):
+        FedAvg(1.0).apply(global_, weighted_sum([{"c": np.ones(1, np.float32)}], [1.0]))

@@ -64,10 +64,15 @@ def encode_input(
 ) -> EncodedInput:
     """Clip the delta to the norm bound, weight it, and encode it with its weight."""
     clip = clip_to_norm(flatten(delta, reference), codec.clip_norm)
-    ring = np.empty(layout_size(reference), dtype=np.uint32)
-    ring[:-1] = codec.encode(clip.vector * weight)
+    return EncodedInput(encode_values(clip.vector * weight, weight, codec), clip, weight)
+
+
+def encode_values(weighted: np.ndarray, weight: int, codec: FixedPointCodec) -> np.ndarray:
+    """Already bounded w·x values (flat, layout order) and the weight → the ring vector."""
+    ring = np.empty(weighted.size + 1, dtype=np.uint32)
+    ring[:-1] = codec.encode(weighted)
     ring[-1] = encode_weight(weight, codec.max_weight)
-    return EncodedInput(ring, clip, weight)
+    return ring
 
 
 def decode_aggregate(

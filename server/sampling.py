@@ -1,0 +1,42 @@
+"""Which connected hospitals take part in a round.
+
+Cross-silo federations usually train with every hospital every round (fraction 1.0, the
+default). Sampling a subset per round lowers each hospital's load and, under client-level
+DP, amplifies privacy (the accountant uses the sampling rate). The draw is seeded by the
+run's seed and the round number so a resumed run samples the same hospitals.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+from fedtune.config import FederationSettings
+
+
+def hospitals_for_round(
+    node_ids: Sequence[int], settings: FederationSettings, seed: int, server_round: int
+) -> list[int]:
+    """A sorted sample of node ids: the configured count or fraction, never below minimum."""
+    available = sorted(node_ids)
+    if settings.hospitals_per_round > 0:
+        count = settings.hospitals_per_round
+    else:
+        count = math.ceil(settings.fraction_hospitals * len(available))
+    count = min(len(available), max(count, settings.min_hospitals))
+    if count == len(available):
+        return available
+    rng = random.Random(f"fedtune-sampling/{seed}/{server_round}")
+    return sorted(rng.sample(available, count))
+
+
+def sampling_rate(settings: FederationSettings, connected: int) -> float:
+    """The expected fraction of hospitals in a round (for the client-level accountant)."""
+    if connected <= 0:
+        return 1.0
+    if settings.hospitals_per_round > 0:
+        count = settings.hospitals_per_round
+    else:
+        count = math.ceil(settings.fraction_hospitals * connected)
+    return min(1.0, max(count, settings.min_hospitals) / connected)
