@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.config import DATA_FORMATS
+from fedtune.config import DATA_FORMATS, STRATEGIES
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="turn differential privacy off (for comparisons only)")  # fmt: skip
     demo.add_argument("--rounds", type=int, default=None, help="federated rounds")
     demo.add_argument("--examples-per-hospital", type=int, default=None)
+    demo.add_argument("--strategy", default="fedavg", choices=STRATEGIES,
+                      help="how the coordinator merges the sum of updates (fedavg)")  # fmt: skip
     demo.add_argument(
         "--no-secure-aggregation",
         action="store_true",
@@ -303,6 +305,7 @@ def _demo(args: argparse.Namespace) -> int:
         examples_per_hospital=args.examples_per_hospital, run_dir=run_dir,
         privacy=not args.no_dp, epsilon=args.epsilon,
         secure_aggregation=not args.no_secure_aggregation, record_views=args.record_views,
+        strategy=args.strategy,
     )  # fmt: skip
     run_demo(options)
     return 0

@@ -71,8 +71,14 @@ class DemoOptions:
     privacy: bool = True  # DP on by default: every hospital promises ε ≤ epsilon per patient
     epsilon: float = 8.0
     secure_aggregation: bool = True  # the coordinator learns only the sum of the deltas
+    strategy: str = "fedavg"  # any federation.strategy; adaptive ones get their own η below
+    server_learning_rate: float | None = None  # None: 1.0, or 0.01 for the server optimizers
     record_views: Path | None = None  # security research: see LaunchPlan.record_views
 
+
+# Server optimizers take η per coordinate (Adam-like steps of size ≈ η), not a FedAvg scale:
+# Reddi et al. 2021 use 10^-2 … 10^-1.5 for their text tasks.
+_ADAPTIVE_SERVER_LR = 0.01
 
 # Each hospital's adapter delta is clipped to this L2 norm before masking. Measured on the
 # classify demo: per-round deltas have norm 2.8-4.2, so 10 never clips an honest update.
@@ -96,6 +102,11 @@ def write_demo_config(options: DemoOptions) -> Path:
     settings["federation"]["min_hospitals"] = options.hospitals
     if options.rounds is not None:
         settings["federation"]["rounds"] = options.rounds
+    settings["federation"]["strategy"] = options.strategy
+    adaptive = options.strategy in ("fedadam", "fedyogi", "fedadagrad")
+    settings["federation"]["server_learning_rate"] = options.server_learning_rate or (
+        _ADAPTIVE_SERVER_LR if adaptive else 1.0
+    )
     settings["privacy"] = {
         "enabled": options.privacy,
         "target_epsilon": options.epsilon,
