@@ -35,8 +35,15 @@ def _registry() -> dict[str, Benchmark]:
     from benchmarks.dp_overhead import bench_dp
     from benchmarks.round_overhead import bench_round
     from benchmarks.secagg import bench_secagg
+    from benchmarks.strategies import bench_strategies
 
-    return {"round": bench_round, "dp": bench_dp, "demo": bench_demo, "secagg": bench_secagg}
+    return {
+        "round": bench_round,
+        "dp": bench_dp,
+        "demo": bench_demo,
+        "secagg": bench_secagg,
+        "strategies": bench_strategies,
+    }
 
 
 def run_benchmarks(names: Sequence[str], out_dir: Path) -> dict[str, float]:
