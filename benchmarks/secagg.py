@@ -169,7 +169,7 @@ def _secure_round(
     for name in names:
         started = time.perf_counter()
         outboxes[name], commitments[name] = protocol.make_shares(
-            states[name], listed, enrollment, THRESHOLD
+            states[name], listed, enrollment, THRESHOLD, minimum_threshold=2
         )
         out.setup_seconds[name] += time.perf_counter() - started
         content = RecordDict({OUTBOX: outbox_record(outboxes[name], commitments[name])})

@@ -42,6 +42,14 @@ from fedtune.wire import Job, evaluate_reply_content, parse_request, train_reply
 
 log = logging.getLogger("fedtune.hospital")
 
+# A deployed hospital's admin must opt in before its node ever sends a delta in clear.
+NODE_ALLOW_PLAIN_KEY = "allow-plain-updates"
+
+
+class PlainUpdateRefused(PermissionError):
+    """The coordinator asked for an unmasked update from a node that does not allow it."""
+
+
 # Error codes in replies (Flower's Error.code is an int); the reason says the rest.
 HOSPITAL_CONFIG_ERROR = 4001
 HOSPITAL_DATA_ERROR = 4002
@@ -59,6 +67,7 @@ _REFUSAL_CODES: dict[type[Exception], int] = {
     LedgerError: HOSPITAL_LEDGER_ERROR,
     IdentityError: HOSPITAL_CONFIG_ERROR,
     SharedInitMismatch: HOSPITAL_CONFIG_ERROR,
+    PlainUpdateRefused: HOSPITAL_SECURE_AGGREGATION_ABORT,
     ProtocolAbort: HOSPITAL_SECURE_AGGREGATION_ABORT,
     BadSignature: HOSPITAL_SECURE_AGGREGATION_ABORT,
     ShareRejected: HOSPITAL_SECURE_AGGREGATION_ABORT,
@@ -180,6 +189,13 @@ def train(msg: Message, context: Context) -> Message:
     (research comparisons); it warns about it in its output.
     """
     global_adapter, job = parse_request(msg)
+    identity = hospital_identity(context.node_config, job.config.data)
+    if not identity.simulated and not context.node_config.get(NODE_ALLOW_PLAIN_KEY, False):
+        raise PlainUpdateRefused(
+            "the coordinator asked for this hospital's update in clear (secure aggregation "
+            "off); this node only sends masked updates. For a research run on non-sensitive "
+            f'data, its admin can allow it with --node-config "{NODE_ALLOW_PLAIN_KEY}=true"'
+        )
     update = train_local_update(global_adapter, job, context)
     # Weighted by the coordinator (it sees the example count in this mode anyway).
     prepared = prepare_update(update.delta, global_adapter, job.config, weight=1)

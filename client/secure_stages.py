@@ -9,6 +9,7 @@ the round, so nothing of its data can be unmasked.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,11 +20,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.outgoing import prepare_update
 from client.secure_views import refuse_recording_outside_simulation
-from client.session import HospitalIdentity, hospital_identity
+from client.session import NODE_NAME_KEY, HospitalIdentity, hospital_identity
 from fedtune.config import ConfigError, RunConfig
 from fedtune.secagg import protocol
 from fedtune.secagg.encoding import encode_values
 from fedtune.secagg.identity import load_enrollment, load_identity_key, simulated_identity_paths
+from fedtune.secagg.primitives import raw_public
 from fedtune.secagg_wire import (
     ADVERT,
     MASKED_INPUT,
@@ -44,8 +46,17 @@ from fedtune.wire import JOB, METRICS, Job, parse_request
 # Node configuration keys of a deployed hospital (paths on the hospital's machine).
 NODE_IDENTITY_KEY = "identity-key"  # its Ed25519 private key (`fedtune keys generate`)
 NODE_ENROLLMENT_KEY = "enrollment"  # the coordinator's list of enrolled hospitals' public keys
+NODE_MIN_THRESHOLD_KEY = "secagg-min-threshold"  # the lowest threshold this hospital accepts
 
 _STATE = "secagg-round"  # context.state record holding this round's secrets
+# Training metrics that reveal the number of training examples (the masked weight).
+SIZE_REVEALING_METRICS = ("sample-rate", "noise-multiplier", "dp-steps", "train-steps")
+
+log = logging.getLogger("fedtune.hospital")
+
+
+def settings_max_weight(config: RunConfig) -> int:
+    return config.secure_aggregation.max_weight
 
 
 def advertise_keys(msg: Message, context: Context) -> Message:
@@ -73,8 +84,9 @@ def share_keys(msg: Message, context: Context) -> Message:
     except ValueError as exc:
         raise ConfigError(f"secure aggregation: {exc}") from None
     outbox, commitment = protocol.make_shares(
-        state, adverts, enrollment, job.config.secure_aggregation.threshold
-    )
+        state, adverts, enrollment, job.config.secure_aggregation.threshold,
+        minimum_threshold(context.node_config, identity, enrollment),
+    )  # fmt: skip
     _save(context, state, job, spent + time.perf_counter() - started)
     return _reply(msg, identity, {OUTBOX: outbox_record(outbox, commitment)})
 
@@ -99,10 +111,15 @@ def masked_input(msg: Message, context: Context) -> Message:
     masked = protocol.mask(state, encode_values(prepared.values, weight, codec))
     spent += time.perf_counter() - started
     _save(context, state, job, spent)
+    if weight < update.num_examples and not config.privacy.client_level:
+        log.warning("%s: weight capped at secure_aggregation.max_weight = %d",
+                    identity.name, settings_max_weight(config))  # fmt: skip
+    # The weight is masked; metrics from which the coordinator could read this hospital's
+    # data size (DP sampling rate, σ calibrated from it, step counts) stay here.
+    shown = {k: v for k, v in update.metrics.items() if k not in SIZE_REVEALING_METRICS}
     metrics: dict[str, int | float | list[int] | list[float]] = {
-        **update.metrics,
+        **shown,
         **prepared.metrics,
-        "weight-capped": float(not config.privacy.client_level and weight < update.num_examples),
         "secagg-seconds": spent,
     }
     return _reply(
@@ -119,6 +136,27 @@ def reveal_shares(msg: Message, context: Context) -> Message:
     shares = protocol.reveal(state, survivors, dropped)
     _save(context, state, job, spent)
     return _reply(msg, identity, {REVEALED: revealed_record(shares)})
+
+
+def minimum_threshold(
+    node_config: Mapping[str, Any], identity: HospitalIdentity, enrollment: Mapping[str, Any]
+) -> int:
+    """The lowest threshold this hospital accepts, whatever the coordinator asks.
+
+    A deployed hospital requires a majority of its enrolled hospitals unless its admin sets
+    `secagg-min-threshold` (e.g. lower, for federations that sample hospitals per round; it
+    is never below 2). Simulated hospitals are the researcher's own: 2.
+    """
+    if NODE_MIN_THRESHOLD_KEY in node_config:
+        value = node_config[NODE_MIN_THRESHOLD_KEY]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ConfigError(
+                f"node setting {NODE_MIN_THRESHOLD_KEY} must be a whole number >= 2, got {value!r}"
+            )
+        return value
+    if identity.simulated:
+        return 2
+    return max(2, len(enrollment) // 2 + 1)
 
 
 def hospital_keys(
@@ -143,7 +181,21 @@ def hospital_keys(
             )
         key_path = Path(str(node_config[NODE_IDENTITY_KEY])).expanduser()
         enrollment_path = Path(str(node_config[NODE_ENROLLMENT_KEY])).expanduser()
-    return load_identity_key(key_path), load_enrollment(enrollment_path)
+    signing_key, enrollment = load_identity_key(key_path), load_enrollment(enrollment_path)
+    # Local set-up mistakes are reported as such here, not later as a peer's bad signature.
+    if identity.name not in enrollment:
+        raise ConfigError(
+            f"this hospital's name {identity.name!r} is not in the enrollment list "
+            f"{enrollment_path}; set the node setting '{NODE_NAME_KEY}' to the name this "
+            f"hospital was enrolled with (enrolled: {', '.join(sorted(enrollment))})"
+        )
+    if raw_public(signing_key.public_key()) != raw_public(enrollment[identity.name]):
+        raise ConfigError(
+            f"the identity key {key_path} is not the key enrolled for {identity.name!r} in "
+            f"{enrollment_path}; check the node setting '{NODE_IDENTITY_KEY}' (or enroll "
+            "this key's .pub file with the coordinator)"
+        )
+    return signing_key, enrollment
 
 
 def _job(msg: Message) -> Job:

@@ -280,6 +280,14 @@ class RunConfig:
     secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
+    def __post_init__(self) -> None:
+        if self.privacy.client_level and not self.secure_aggregation.enabled:
+            raise ConfigError(
+                "privacy.client_level needs secure aggregation: without it the coordinator "
+                "sees each hospital's update with only its share of the noise. Set "
+                "secure_aggregation.enabled = true (and its threshold)."
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), suitable for JSON and TOML."""
         parsed: dict[str, Any] = json.loads(self.to_json())

@@ -21,6 +21,7 @@ from fedtune.secagg.identity import ensure_simulation_identities
 from fedtune.secagg.protocol import ProtocolAbort, check_threshold
 from fedtune.simulation import SimulationSpec, run_simulation
 from fedtune.update_rules import secure_codec
+from server.sampling import round_size
 
 # Flower prefixes forwarded app output with its log level; we show the coordinator's lines.
 _FLOWER_PREFIX = re.compile(
@@ -83,9 +84,15 @@ def prepare_secure_aggregation(
             "adapter delta in clear (research comparisons only).")  # fmt: skip
         return
     secure.require_threshold()
+    per_round = round_size(config.federation, num_hospitals)
+    if secure.threshold > per_round:
+        raise ConfigError(
+            f"secure_aggregation.threshold = {secure.threshold} but rounds have "
+            f"{per_round} hospital(s): no round could complete."
+        )
     try:
-        check_threshold(secure.threshold, num_hospitals)
-        secure_codec(config, num_hospitals)
+        check_threshold(secure.threshold, per_round)
+        secure_codec(config, per_round)
     except (ProtocolAbort, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     keys_dir = Path(

@@ -10,12 +10,12 @@ one place keeps the two sides from drifting apart.
 from __future__ import annotations
 
 import numpy as np
-from strategies.ffa_lora import uploaded_tensors
 
 from fedtune.adapters import Adapter
 from fedtune.client_dp import ClientDPPlan, aggregate_norm_bound
 from fedtune.config import RunConfig
 from fedtune.secagg.fixed_point import FixedPointCodec
+from strategies.ffa_lora import uploaded_tensors
 
 
 def client_dp_plan(config: RunConfig) -> ClientDPPlan | None:
@@ -23,9 +23,10 @@ def client_dp_plan(config: RunConfig) -> ClientDPPlan | None:
     privacy = config.privacy
     if not privacy.client_level:
         return None
-    secure = config.secure_aggregation
-    survivors = secure.threshold if secure.enabled else config.federation.min_hospitals
-    return ClientDPPlan(privacy.client_clip_norm, privacy.client_noise_multiplier, survivors)
+    # Client-level DP requires secure aggregation (RunConfig refuses it otherwise): shares
+    # are sized so that any `threshold` survivors carry the full noise.
+    threshold = config.secure_aggregation.threshold
+    return ClientDPPlan(privacy.client_clip_norm, privacy.client_noise_multiplier, threshold)
 
 
 def uploaded(adapter: Adapter, config: RunConfig) -> Adapter:

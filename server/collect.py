@@ -49,4 +49,7 @@ class RoundCollection:
     train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     refusals: list[Refusal] = field(default_factory=list)
     abort_reason: str = ""
+    # The coordinator computed (saw) the round's sum, even if it then refused it: it counts
+    # as a release for client-level privacy accounting.
+    sum_revealed: bool = False
     details: dict[str, Any] = field(default_factory=dict)  # e.g. secure-aggregation timings

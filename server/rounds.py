@@ -94,9 +94,10 @@ def run_federation(
     if resume:
         first_round, global_adapter, base = _restore(run_dir, strategy, say)
         for past in run_dir.read_metrics():
-            if past.get("event") == "round" and not past.get("aborted"):
-                participation.append(int(past.get("hospitals_sampled", 0)))
-                connected.append(int(past.get("hospitals_connected", 0)))
+            if past.get("event") == "sum-revealed":
+                participation.append(int(past["hospitals_sampled"]))
+                connected.append(int(past["hospitals_connected"]))
+            if past.get("event") == "round":
                 guarantees.update(past.get("privacy_per_hospital", {}))
     else:
         first_round, global_adapter = 1, initial_adapter
@@ -143,12 +144,21 @@ def run_federation(
             "hospitals_connected": len(available),
             "hospitals_sampled": len(node_ids),
             "sampled_nodes": node_ids,
+            "sampled_hospitals": [names.known(n) for n in node_ids],
             "hospitals_used": sorted(train_metrics),
             "refused": {r.hospital: r.reason for r in refusals},
             "train": train_metrics,
             "train_phase_seconds": train_phase_seconds,
             "secure_aggregation": collected.details,
         }
+        if collected.sum_revealed:
+            # Logged before anything else can fail: a crash after this line and a resumed
+            # run that redoes the round count as two releases, as they are.
+            participation.append(len(node_ids))
+            connected.append(len(available))
+            run_dir.append_metrics({"event": "sum-revealed", "round": server_round,
+                                    "hospitals_sampled": len(node_ids),
+                                    "hospitals_connected": len(available)})  # fmt: skip
         if collected.update is None:
             say(f"Round {server_round} aborted: {collected.abort_reason}. "
                 "The global adapter is unchanged.")  # fmt: skip
@@ -165,10 +175,9 @@ def run_federation(
             say(f"Round {server_round} aborted: {exc}. The global adapter is unchanged.")
             run_dir.append_metrics({**record, "aborted": True, "reason": str(exc)})
             continue
-        run_dir.save_adapter(server_round, global_adapter)
+        # State first: a saved adapter always has its strategy state (resume trusts it).
         run_dir.save_strategy_state(server_round, strategy.state_dict())
-        participation.append(len(node_ids))
-        connected.append(len(available))
+        run_dir.save_adapter(server_round, global_adapter)
         record["privacy_per_hospital"] = {
             h: guarantees[h] for h in train_metrics if h in guarantees
         }
@@ -266,6 +275,7 @@ def _collect_plain(
         out.abort_reason = f"{len(deltas)} usable update(s), at least {needed} needed"
         return out
     update = weighted_sum(deltas, weights)
+    out.sum_revealed = True
     size = sum(int(v.size) for v in reference.values())
     bound = honest_sum_norm_bound(job.config, len(deltas), update.weight_sum, size, 0.0)
     norm = adapter_norm(update.weighted_delta_sum)

@@ -190,6 +190,7 @@ def collect_secure(
         weighted_sum, weight_sum = decode_aggregate(total, len(survivors), codec, reference)
     except (ProtocolAbort, FixedPointOverflow) as exc:
         return _abort(out, f"the masked sum could not be recovered: {exc}")
+    out.sum_revealed = True
     norm = adapter_norm(weighted_sum)
     rounding = codec.error_bound(len(survivors))
     bound = honest_sum_norm_bound(config, len(survivors), weight_sum, length - 1, rounding)

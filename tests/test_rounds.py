@@ -226,13 +226,40 @@ def test_an_unexpected_error_at_a_hospital_is_reported_with_its_name(
 
 
 def test_two_hospitals_with_the_same_name_are_both_counted(classify_config: RunConfig, tmp_path):
+    """Plain mode (nodes that allow it): with secure aggregation names must be enrolled."""
     source = classify_config.data.simulation_root
     nodes = {
-        0: {"hospital-name": "General", "data-path": f"{source}/hospital-1.jsonl"},
-        1: {"hospital-name": "General", "data-path": f"{source}/hospital-2.jsonl"},
+        0: {
+            "hospital-name": "General",
+            "data-path": f"{source}/hospital-1.jsonl",
+            "allow-plain-updates": True,
+        },
+        1: {
+            "hospital-name": "General",
+            "data-path": f"{source}/hospital-2.jsonl",
+            "allow-plain-updates": True,
+        },
     }
     config = replace_section(in_clear(classify_config), "federation", rounds=1, min_hospitals=2)
     _run(config, InProcessGrid(2, node_configs=nodes), tmp_path, [])
     (record,) = [r for r in RunDirectory(tmp_path / "run").read_metrics() if r["event"] == "round"]
     assert sorted(record["hospitals_used"]) == ["General", "General (node 1001)"]
     assert record["refused"] == {}
+
+
+def test_a_deployed_node_refuses_to_send_its_update_in_clear_unless_its_admin_allows_it(
+    classify_config: RunConfig, tmp_path
+):
+    source = classify_config.data.simulation_root
+    sites = {0: ("North", f"{source}/hospital-1.jsonl"), 1: ("South", f"{source}/hospital-2.jsonl")}
+    nodes = deployed_nodes(tmp_path / "keys", sites)
+    nodes[1]["allow-plain-updates"] = True
+    config = replace_section(in_clear(classify_config), "federation", rounds=1, min_hospitals=1)
+    _run(config, InProcessGrid(2, node_configs=nodes), tmp_path, [])
+    (record,) = [r for r in RunDirectory(tmp_path / "run").read_metrics() if r["event"] == "round"]
+    assert record["hospitals_used"] == ["South"]
+    assert (
+        "North: the coordinator asked for this hospital's update in clear"
+        in (record["refused"]["North"])
+    )
+    assert "allow-plain-updates=true" in record["refused"]["North"]

@@ -129,7 +129,7 @@ def run_protocol(
     for name in names:  # stage 2: everyone who advertised is relayed to everyone
         if drop_after.get(name) != "advertise":
             outboxes[name], commitments[name] = P.make_shares(
-                states[name], list(adverts.values()), enrollment, threshold
+                states[name], list(adverts.values()), enrollment, threshold, minimum_threshold=2
             )
     mask_set = sorted(outboxes)
     masked: dict[str, np.ndarray] = {}
@@ -477,7 +477,7 @@ def advertised(identities: Mapping[str, Ed25519PrivateKey], server_round: int = 
 def shared(round_: SharedRound, threshold: int = 2) -> SharedRound:
     for name, state in round_.states.items():
         round_.outboxes[name], _ = P.make_shares(
-            state, list(round_.adverts.values()), round_.enrollment, threshold
+            state, list(round_.adverts.values()), round_.enrollment, threshold, minimum_threshold=2
         )
     return round_
 
@@ -559,7 +559,9 @@ def test_a_substituted_public_key_fails_its_signature(key: str) -> None:
     for fields_ in (forged, resigned):
         adverts = {**round_.adverts, H2: Advertisement(**fields_)}
         with pytest.raises(p.BadSignature, match=H2):
-            P.make_shares(round_.states[H1], list(adverts.values()), round_.enrollment, 2)
+            P.make_shares(
+                round_.states[H1], list(adverts.values()), round_.enrollment, 2, minimum_threshold=2
+            )
         assert round_.states[H1].stage == "advertised"
         assert_no_masked_input(round_.states[H1])
 
@@ -571,7 +573,9 @@ def test_an_advertisement_from_another_round_fails_its_signature() -> None:
     round2 = advertised(identities, server_round=2)
     adverts = {**round2.adverts, H2: round1.adverts[H2]}
     with pytest.raises(p.BadSignature, match=H2):
-        P.make_shares(round2.states[H1], list(adverts.values()), round2.enrollment, 2)
+        P.make_shares(
+            round2.states[H1], list(adverts.values()), round2.enrollment, 2, minimum_threshold=2
+        )
     assert_no_masked_input(round2.states[H1])
 
 
@@ -581,11 +585,17 @@ def test_an_unenrolled_or_duplicated_hospital_aborts() -> None:
     round_ = advertised(new_identities(NAMES3))
     _, intruder = P.advertise(Ed25519PrivateKey.generate(), "intruder", RUN_ID, 1)
     with pytest.raises(ProtocolAbort, match="intruder is not in this hospital's enrollment"):
-        P.make_shares(round_.states[H1], [*round_.adverts.values(), intruder], round_.enrollment, 2)
+        P.make_shares(
+            round_.states[H1],
+            [*round_.adverts.values(), intruder],
+            round_.enrollment,
+            2,
+            minimum_threshold=2,
+        )
     assert_no_masked_input(round_.states[H1])
     twice = [*round_.adverts.values(), round_.adverts[H3]]
     with pytest.raises(ProtocolAbort, match="twice"):
-        P.make_shares(round_.states[H1], twice, round_.enrollment, 2)
+        P.make_shares(round_.states[H1], twice, round_.enrollment, 2, minimum_threshold=2)
     assert_no_masked_input(round_.states[H1])
 
 
@@ -596,19 +606,23 @@ def test_the_recipients_own_keys_must_be_relayed_unchanged() -> None:
     round_ = advertised(identities)
     others = [a for name, a in round_.adverts.items() if name != H1]
     with pytest.raises(ProtocolAbort, match="own round keys"):
-        P.make_shares(round_.states[H1], others, round_.enrollment, 2)
+        P.make_shares(round_.states[H1], others, round_.enrollment, 2, minimum_threshold=2)
     assert_no_masked_input(round_.states[H1])
 
     _, stale = P.advertise(identities[H1], H1, RUN_ID, 1)
     with pytest.raises(ProtocolAbort, match="own round keys"):
-        P.make_shares(round_.states[H1], [*others, stale], round_.enrollment, 2)
+        P.make_shares(
+            round_.states[H1], [*others, stale], round_.enrollment, 2, minimum_threshold=2
+        )
     assert_no_masked_input(round_.states[H1])
 
     _, other_public = p.new_x25519()
     altered = Advertisement(H1, other_public, round_.adverts[H1].s_public,
                             round_.adverts[H1].signature)  # fmt: skip
     with pytest.raises(p.BadSignature, match=H1):
-        P.make_shares(round_.states[H1], [*others, altered], round_.enrollment, 2)
+        P.make_shares(
+            round_.states[H1], [*others, altered], round_.enrollment, 2, minimum_threshold=2
+        )
     assert_no_masked_input(round_.states[H1])
 
 
@@ -715,7 +729,9 @@ def test_make_shares_enforces_the_threshold_rule() -> None:
     round_ = advertised(new_identities(hospital_names(4)))
     state = round_.states["hospital-1"]
     with pytest.raises(ProtocolAbort, match="too low for 4 hospitals"):
-        P.make_shares(state, list(round_.adverts.values()), round_.enrollment, 2)
+        P.make_shares(
+            state, list(round_.adverts.values()), round_.enrollment, 2, minimum_threshold=2
+        )
     assert state.stage == "advertised"
 
 
@@ -949,7 +965,11 @@ def test_hospital_round_survives_to_bytes_between_every_stage(names: list[str]) 
     outboxes, commitments = {}, {}
     for name in names:
         outboxes[name], commitments[name] = P.make_shares(
-            states[name], list(adverts.values()), enrollment, len(names) // 2 + 1
+            states[name],
+            list(adverts.values()),
+            enrollment,
+            len(names) // 2 + 1,
+            minimum_threshold=2,
         )
         states[name] = reload(states[name])
         assert states[name].self_seed and states[name].participants
@@ -970,3 +990,18 @@ def test_hospital_round_survives_to_bytes_between_every_stage(names: list[str]) 
                        revealed)
     )  # fmt: skip
     np.testing.assert_array_equal(total, ring_sum(list(inputs.values())))
+
+
+def test_a_hospital_refuses_a_threshold_below_its_own_floor() -> None:
+    """A coordinator listing only itself-controlled peers with a low threshold is refused:
+    the floor is the hospital's (a majority of its enrolled hospitals), not the coordinator's."""
+    names = hospital_names(6)
+    identities = new_identities(names)
+    enrollment = enrollment_of(identities)
+    victim, colluder = names[0], names[1]
+    states, adverts = {}, {}
+    for name in (victim, colluder):
+        states[name], adverts[name] = P.advertise(identities[name], name, "run-floor", 1)
+    with pytest.raises(P.ProtocolAbort, match="below this hospital's minimum of 4"):
+        P.make_shares(states[victim], list(adverts.values()), enrollment, 2,
+                      minimum_threshold=len(enrollment) // 2 + 1)  # fmt: skip

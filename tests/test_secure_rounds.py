@@ -116,6 +116,8 @@ def test_secure_and_plain_rounds_give_the_same_weighted_mean(
     small.write_text("\n".join((source / "hospital-2.jsonl").read_text().splitlines()[:30]) + "\n")
     nodes = deployed_nodes(tmp_path / "keys", {0: ("Big", str(source / "hospital-1.jsonl")),
                                                1: ("Small", str(small))})  # fmt: skip
+    for node in nodes.values():
+        node["allow-plain-updates"] = True  # the plain arm of the comparison
     config = _secure(classify_config)
     plain_a = _run(in_clear(config), InProcessGrid(2, node_configs=nodes), tmp_path / "plain-a")
     plain_b = _run(in_clear(config), InProcessGrid(2, node_configs=nodes), tmp_path / "plain-b")
@@ -548,3 +550,29 @@ def test_fixed_point_settings_that_cannot_fit_are_refused_before_anyone_trains(
     assert run_dir.saved_rounds() == [0]
     assert any("Round 1 aborted" in line and "fixed point" in line for line in lines)
     assert not [m for m in grid.sent if m.metadata.message_type == MASKED]  # nobody trained
+
+
+def test_local_key_setup_mistakes_are_reported_as_such_at_the_node(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """A hospital name that is not enrolled, or a key that is not the enrolled one, is the
+    node's own set-up mistake: said so, with the setting to fix, not as a peer's attack."""
+    from fedtune.secagg.identity import generate_identity
+
+    source = classify_config.data.simulation_root
+    sites = {0: ("North", f"{source}/hospital-1.jsonl"), 1: ("South", f"{source}/hospital-2.jsonl"),
+             2: ("East", f"{source}/hospital-3.jsonl")}  # fmt: skip
+    nodes = deployed_nodes(tmp_path / "keys", sites)
+    nodes[0]["hospital-name"] = "Nort"  # a typo
+    other_key, _ = generate_identity("South", tmp_path / "other")
+    nodes[1]["identity-key"] = str(other_key)  # not the enrolled key
+    lines: list[str] = []
+    run_dir = _run(_secure(classify_config), InProcessGrid(3, node_configs=nodes),
+                   tmp_path / "run", lines)  # fmt: skip
+    (record,) = _rounds(run_dir)
+    refused = record["refused"]
+    assert "'Nort' is not in the enrollment list" in refused["Nort"]
+    assert "hospital-name" in refused["Nort"] and "East, North, South" in refused["Nort"]
+    assert "is not the key enrolled for 'South'" in refused["South"]
+    assert "identity-key" in refused["South"]
+    assert run_dir.saved_rounds() == [0]  # one hospital left: aborted

@@ -152,17 +152,26 @@ def test_client_level_sums_beyond_the_clip_bound_are_refused(
 
     monkeypatch.setattr(client_dp, "clip_to_norm", no_clip)
     monkeypatch.setattr(outgoing, "clip_to_norm", no_clip)
-    for secure in (True, False):
-        config = _config(classify_config, "fedavg")
-        config = replace_section(config, "privacy", client_level=True, client_clip_norm=1e-3,
-                                 client_noise_multiplier=0.5)  # fmt: skip
-        if not secure:
-            config = in_clear(config)
-        lines: list[str] = []
-        run_dir = _run(config, InProcessGrid(3), tmp_path / f"run-{secure}", lines)
-        assert run_dir.saved_rounds() == [0]
-        assert any("ignored its clip bound" in line or "could not be recovered" in line
-                   for line in lines), lines  # fmt: skip
+    config = _config(classify_config, "fedavg")
+    config = replace_section(config, "privacy", client_level=True, client_clip_norm=1e-3,
+                             client_noise_multiplier=0.5)  # fmt: skip
+    lines: list[str] = []
+    run_dir = _run(config, InProcessGrid(3), tmp_path / "run", lines)
+    assert run_dir.saved_rounds() == [0]
+    assert any("ignored its clip bound" in line or "could not be recovered" in line
+               for line in lines), lines  # fmt: skip
+    # The refused sum was still computed: it counts for the client-level accounting.
+    (revealed,) = [r for r in run_dir.read_metrics() if r["event"] == "sum-revealed"]
+    assert revealed["round"] == 1 and revealed["hospitals_sampled"] == 3
+    assert run_dir.summary()["privacy"]["client_level"]["rounds"] == 1
+
+
+def test_client_level_dp_without_secure_aggregation_is_refused(classify_config: RunConfig):
+    """Without masking the coordinator would see each update with only its noise share."""
+    from fedtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="client_level needs secure aggregation"):
+        in_clear(replace_section(classify_config, "privacy", client_level=True))
 
 
 def test_hospital_sampling_takes_the_configured_count_and_records_it(
@@ -234,3 +243,17 @@ def test_fedprox_pulls_hospitals_toward_the_global_adapter(
         start, end = run_dir.load_adapter(0), run_dir.load_adapter(1)
         norms[strategy] = float(np.linalg.norm(flatten(end, start) - flatten(start, start)))
     assert norms["fedprox"] < 0.8 * norms["fedavg"]
+
+
+def test_the_launcher_checks_the_threshold_against_the_sampled_round_size(
+    classify_config: RunConfig,
+):
+    from fedtune.config import ConfigError
+    from fedtune.launch import prepare_secure_aggregation
+
+    sampled = replace_section(classify_config, "federation", hospitals_per_round=4)
+    ok = replace_section(sampled, "secure_aggregation", threshold=3)  # 3 > 4/2
+    prepare_secure_aggregation(ok, 3, say=lambda _line: None)  # 3 hospitals: rounds of 3
+    too_high = replace_section(sampled, "secure_aggregation", threshold=4)
+    with pytest.raises(ConfigError, match="rounds have 3 hospital"):
+        prepare_secure_aggregation(too_high, 3, say=lambda _line: None)

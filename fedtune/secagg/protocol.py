@@ -171,11 +171,14 @@ def make_shares(
     adverts: Sequence[Advertisement],
     enrollment: Mapping[str, Ed25519PublicKey],
     threshold: int,
+    minimum_threshold: int,
 ) -> tuple[dict[str, bytes], bytes]:
     """Stage 2: verify peers, split b and s, encrypt a share pair for every peer.
 
-    Returns (recipient → ciphertext, commitment to b). The commitment lets the coordinator
-    check that the b it reconstructs is the one this hospital masked with.
+    `minimum_threshold` is the hospital's own floor, never the coordinator's: a coordinator
+    choosing both a low threshold and a small group (itself plus one colluder) could
+    otherwise unmask this hospital. Returns (recipient → ciphertext, commitment to b); the
+    commitment lets the coordinator check that the b it reconstructs is the one masked with.
     """
     if state.stage != "advertised":
         raise ProtocolAbort(f"key shares requested twice in one round (stage {state.stage})")
@@ -189,6 +192,13 @@ def make_shares(
             "the coordinator did not relay this hospital's own round keys unchanged"
         )
     check_threshold(threshold, len(adverts))
+    if threshold < minimum_threshold:
+        raise ProtocolAbort(
+            f"the coordinator asked for threshold {threshold}, below this hospital's minimum "
+            f"of {minimum_threshold} (a majority of its enrolled hospitals, or its node "
+            f"setting secagg-min-threshold); with fewer, a coordinator and a few colluders "
+            f"could unmask it"
+        )
     state.threshold = threshold
     state.participants = {a.hospital: (a.c_public, a.s_public) for a in adverts}
     state.self_seed = secrets.token_bytes(p.KEY_BYTES)
