@@ -36,6 +36,7 @@ clientapp = "client.app:app"
 [tool.flwr.app.config]
 config-path = ""
 run-dir = ""
+resume = false
 """
 
 

@@ -33,10 +33,19 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(Path(run_dir_path))
     resume = bool(context.run_config.get("resume", False))
     if resume:
-        if run_dir.config() != config:
+        started = run_dir.config()
+        if started != config:
+            before, now = started.to_dict(), config.to_dict()
+            changed = sorted(
+                f"{section}.{key}"
+                for section in now
+                for key in now[section]
+                if before[section].get(key) != now[section][key]
+            )
             raise ConfigError(
-                f"{run_dir.path} was started with a different run configuration; resume it "
-                "with the same --config (its run-config.json), or start a new run directory."
+                f"{run_dir.path} was started with a different run configuration (changed: "
+                f"{', '.join(changed)}); resume it with the same --config and flags, or "
+                "start a new run directory."
             )
     else:
         run_dir.create(config)

@@ -61,6 +61,15 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
         assert received.dtype == np.uint32
         assert received.size == plain.size + 1  # one more slot: the masked weight
         assert np.any(plain != 0) and abs(np.corrcoef(plain, received[:-1])[0, 1]) < 0.2
+    # Resuming a finished run goes through Flower (the app declares `resume`), restores the
+    # last round and has nothing left to train: no round is run or counted twice.
+    code = main(["run", "--config", str(config_path), "--hospitals", "2",
+                 "--run-dir", str(run_dir), "--record-views", str(views), "--resume"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "after round 2" in out and "Resuming" in out
+    assert run.saved_rounds() == [0, 1, 2]
+    assert [r["round"] for r in run.read_metrics() if r["event"] == "round"] == [1, 2]
     # Nothing the run started is left behind.
     leftovers = [
         p for home in (run_dir / ".flower").glob("flwr-home-*")
