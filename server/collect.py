@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import Message
 
 from fedtune.wire import reply_hospital
+from server.report import weighted_metrics
 from strategies.aggregate import AggregateUpdate
 
 
@@ -53,3 +54,15 @@ class RoundCollection:
     # as a release for client-level privacy accounting.
     sum_revealed: bool = False
     details: dict[str, Any] = field(default_factory=dict)  # e.g. secure-aggregation timings
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics per hospital for one split, and the example-weighted mean."""
+
+    per_hospital: dict[str, dict[str, float]] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)
+
+    @property
+    def weighted(self) -> dict[str, float]:
+        return weighted_metrics(self.per_hospital)

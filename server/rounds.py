@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtune.adapters import Adapter, UpdateRejected, adapter_norm, check_update
-from fedtune.client_dp import automatic_client_delta, client_level_epsilon
 from fedtune.config import RunConfig
 from fedtune.secagg.encoding import flatten
 from fedtune.update_rules import honest_sum_norm_bound, update_weight, uploaded
@@ -34,30 +32,20 @@ from fedtune.wire import (
     parse_train_reply,
     request_content,
 )
-from server.collect import HospitalNames, Refusal, RoundCollection
-from server.report import RoundReport, weighted_metrics
+from server.client_privacy import client_level_guarantee
+from server.collect import EvaluationResult, HospitalNames, Refusal, RoundCollection
+from server.report import RoundReport
+from server.resume import restore_run
 from server.run_dir import RunDirectory
 from server.sampling import hospitals_for_round
 from server.secure_round import collect_secure
 from server.views import ViewRecorder
 from strategies.aggregate import weighted_sum
-from strategies.registry import Strategy, build_strategy
+from strategies.registry import build_strategy
 
 
 class NotEnoughHospitals(RuntimeError):
     """Fewer hospitals than `federation.min_hospitals` connected in time."""
-
-
-@dataclass
-class EvaluationResult:
-    """Metrics per hospital for one split, and the example-weighted mean."""
-
-    per_hospital: dict[str, dict[str, float]] = field(default_factory=dict)
-    refusals: list[Refusal] = field(default_factory=list)
-
-    @property
-    def weighted(self) -> dict[str, float]:
-        return weighted_metrics(self.per_hospital)
 
 
 def run_federation(
@@ -92,7 +80,7 @@ def run_federation(
     else:
         config.secure_aggregation.require_threshold()
     if resume:
-        first_round, global_adapter, base = _restore(run_dir, strategy, say)
+        first_round, global_adapter, base = restore_run(run_dir, strategy, say)
         for past in run_dir.read_metrics():
             if past.get("event") == "sum-revealed":
                 participation.append(int(past["hospitals_sampled"]))
@@ -287,57 +275,6 @@ def _collect_plain(
         return out
     out.update = update
     return out
-
-
-def client_level_guarantee(
-    config: RunConfig, participation: list[int], connected: list[int]
-) -> dict[str, float]:
-    """Client-level (ε, δ) after the completed rounds, or {} when client-level DP is off.
-
-    Each completed round is one Gaussian mechanism on the sum (sensitivity C, noise ≥ σ·C)
-    with hospitals sampled at the round's rate; the accountant composes them.
-    """
-    privacy = config.privacy
-    if not privacy.client_level or not participation:
-        return {}
-    total = max(connected)
-    rate = min(1.0, max(p / max(c, 1) for p, c in zip(participation, connected, strict=True)))
-    delta = privacy.client_target_delta or automatic_client_delta(total)
-    sigma, rounds = privacy.client_noise_multiplier, len(participation)
-    epsilon = client_level_epsilon(sigma, rate, rounds, delta, privacy.accountant)
-    # The coordinator knows who was sampled: against it, sampling does not amplify privacy.
-    known = (
-        epsilon
-        if rate >= 1.0
-        else client_level_epsilon(sigma, 1.0, rounds, delta, privacy.accountant)
-    )
-    return {
-        "epsilon": epsilon,
-        "epsilon_vs_coordinator": known,
-        "delta": delta,
-        "noise_multiplier": sigma,
-        "clip_norm": privacy.client_clip_norm,
-        "sample_rate": rate,
-        "rounds": float(rounds),
-    }
-
-
-def _restore(
-    run_dir: RunDirectory, strategy: Strategy, say: Callable[[str], None]
-) -> tuple[int, Adapter, EvaluationResult]:
-    """The round to start at, the global adapter and the base evaluation of a stopped run."""
-    last = max(run_dir.saved_rounds(), default=-1)
-    if last < 0:
-        raise FileNotFoundError(f"{run_dir.path} has no saved round to resume from")
-    if last > 0:
-        strategy.load_state_dict(run_dir.load_strategy_state(last))
-    base = EvaluationResult()
-    for record in run_dir.read_metrics():
-        if record.get("event") == "evaluate" and record.get("round") == 0:
-            base.per_hospital = record.get("per_hospital", {})
-    say(f"Resuming {run_dir.path} after round {last}: global adapter and "
-        f"{strategy.name} state restored.")  # fmt: skip
-    return last + 1, run_dir.load_adapter(last), base
 
 
 def _view_recorder(config: RunConfig, reference: Adapter) -> ViewRecorder | None:

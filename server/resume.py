@@ -1,0 +1,28 @@
+"""Resuming a stopped run: the last saved round's adapter, strategy state and base metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedtune.adapters import Adapter
+from server.collect import EvaluationResult
+from server.run_dir import RunDirectory
+from strategies.registry import Strategy
+
+
+def restore_run(
+    run_dir: RunDirectory, strategy: Strategy, say: Callable[[str], None]
+) -> tuple[int, Adapter, EvaluationResult]:
+    """The round to start at, the global adapter and the base evaluation of a stopped run."""
+    last = max(run_dir.saved_rounds(), default=-1)
+    if last < 0:
+        raise FileNotFoundError(f"{run_dir.path} has no saved round to resume from")
+    if last > 0:
+        strategy.load_state_dict(run_dir.load_strategy_state(last))
+    base = EvaluationResult()
+    for record in run_dir.read_metrics():
+        if record.get("event") == "evaluate" and record.get("round") == 0:
+            base.per_hospital = record.get("per_hospital", {})
+    say(f"Resuming {run_dir.path} after round {last}: global adapter and "
+        f"{strategy.name} state restored.")  # fmt: skip
+    return last + 1, run_dir.load_adapter(last), base
