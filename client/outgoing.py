@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from fedtune.client_dp import clip_and_noise
 
 from fedtune.adapters import Adapter
+from fedtune.client_dp import clip_and_noise
 from fedtune.config import RunConfig
 from fedtune.secagg.encoding import flatten, unflatten
 from fedtune.secagg.fixed_point import clip_to_norm
