@@ -38,6 +38,8 @@ _NOISE = (
     "Starting Flower Simulation",
     "Using SuperLink:",
     "default simulated SuperNodes changed",
+    "Manually terminating ClientAppActor",  # Ray stopping the virtual hospitals at the end
+    "Ray deduplicates logs",
 )
 
 
