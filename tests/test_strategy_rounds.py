@@ -257,3 +257,26 @@ def test_the_launcher_checks_the_threshold_against_the_sampled_round_size(
     too_high = replace_section(sampled, "secure_aggregation", threshold=4)
     with pytest.raises(ConfigError, match="rounds have 3 hospital"):
         prepare_secure_aggregation(too_high, 3, say=lambda _line: None)
+
+
+def test_a_resumed_dp_run_keeps_each_hospitals_ledger_exact(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """Coordinator killed before round 3 trains: after --resume every hospital's ledger has
+    exactly one entry per round of this run, and its ε stays within the run's target."""
+    from client.privacy_ledger import read_ledger_file
+
+    ledgers = tmp_path / "ledgers"
+    config = replace_section(_config(classify_config, "fedadam", rounds=3), "privacy",
+                             enabled=True, target_epsilon=4.0, ledger_dir=str(ledgers))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        _run(config, _CrashAtRound(3, crash_round=3), tmp_path / "run")
+    run_dir = _run(config, InProcessGrid(3), tmp_path / "run", resume=True)
+    assert run_dir.saved_rounds() == [0, 1, 2, 3]
+    for hospital in ("hospital-1", "hospital-2", "hospital-3"):
+        ledger = read_ledger_file(ledgers / f"{hospital}.json")
+        assert [e.server_round for e in ledger.entries] == [1, 2, 3]
+        assert len({e.run_id for e in ledger.entries}) == 1
+        assert ledger.epsilon_spent() <= 4.0
+    guarantees = run_dir.summary()["privacy"]["per_hospital"]
+    assert set(guarantees) == {"hospital-1", "hospital-2", "hospital-3"}
