@@ -55,10 +55,6 @@ SIZE_REVEALING_METRICS = ("sample-rate", "noise-multiplier", "dp-steps", "train-
 log = logging.getLogger("fedtune.hospital")
 
 
-def settings_max_weight(config: RunConfig) -> int:
-    return config.secure_aggregation.max_weight
-
-
 def advertise_keys(msg: Message, context: Context) -> Message:
     """Stage 1: fresh round keys, signed with this hospital's identity key."""
     started = time.perf_counter()
@@ -113,7 +109,7 @@ def masked_input(msg: Message, context: Context) -> Message:
     _save(context, state, job, spent)
     if weight < update.num_examples and not config.privacy.client_level:
         log.warning("%s: weight capped at secure_aggregation.max_weight = %d",
-                    identity.name, settings_max_weight(config))  # fmt: skip
+                    identity.name, config.secure_aggregation.max_weight)  # fmt: skip
     # The weight is masked; metrics from which the coordinator could read this hospital's
     # data size (DP sampling rate, σ calibrated from it, step counts) stay here.
     shown = {k: v for k, v in update.metrics.items() if k not in SIZE_REVEALING_METRICS}
