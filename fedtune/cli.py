@@ -36,13 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from client.data import DataValidationError
     from client.privacy_ledger import LedgerError
     from fedtune.config import ConfigError
+    from fedtune.secagg.identity import IdentityError
     from fedtune.simulation import SimulationError
 
     try:
         result: int = args.handler(args)
         return result
     except (
-        ConfigError, DataValidationError, LedgerError, FileNotFoundError, FileExistsError
+        ConfigError, DataValidationError, LedgerError, IdentityError,
+        FileNotFoundError, FileExistsError,
     ) as exc:  # fmt: skip
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
@@ -225,19 +227,10 @@ def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
-    from fedtune.secagg.identity import (
-        IdentityError,
-        fingerprint,
-        generate_identity,
-        load_public_key_file,
-    )
+    from fedtune.secagg.identity import fingerprint, generate_identity, load_public_key_file
 
-    try:
-        key_path, pub_path = generate_identity(args.hospital, args.out)
-        _, public = load_public_key_file(pub_path)
-    except IdentityError as exc:
-        print(f"fedtune: error: {exc}", file=sys.stderr)
-        return 2
+    key_path, pub_path = generate_identity(args.hospital, args.out)
+    _, public = load_public_key_file(pub_path)
     print(f"private key: {key_path}")
     print(f"public key:  {pub_path}")
     print(f"fingerprint: {fingerprint(public)}")
@@ -249,14 +242,10 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _keys_enroll(args: argparse.Namespace) -> int:
-    from fedtune.secagg.identity import IdentityError, load_enrollment, write_enrollment
+    from fedtune.secagg.identity import load_enrollment, write_enrollment
 
-    try:
-        write_enrollment(args.pub_files, args.out)
-        enrolled = load_enrollment(args.out)
-    except IdentityError as exc:
-        print(f"fedtune: error: {exc}", file=sys.stderr)
-        return 2
+    write_enrollment(args.pub_files, args.out)
+    enrolled = load_enrollment(args.out)
     print(f"Enrolled {len(enrolled)} hospital(s) in {args.out}:")
     _print_fingerprints(enrolled)
     return 0
@@ -265,24 +254,20 @@ def _keys_enroll(args: argparse.Namespace) -> int:
 def _keys_show(args: argparse.Namespace) -> int:
     import json
 
-    from fedtune.secagg.identity import IdentityError, load_enrollment, load_public_key_file
+    from fedtune.secagg.identity import load_enrollment, load_public_key_file
 
+    # An enrollment file carries a "format" marker; a .pub file does not.
     try:
-        # An enrollment file carries a "format" marker; a .pub file does not.
-        try:
-            is_enrollment = "format" in json.loads(args.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
-            is_enrollment = False  # the loader below explains what is wrong
-        if is_enrollment:
-            enrolled = load_enrollment(args.path)
-            print(f"{args.path}: enrollment file, {len(enrolled)} hospital(s)")
-        else:
-            name, key = load_public_key_file(args.path)
-            print(f"{args.path}: public key file")
-            enrolled = {name: key}
-    except IdentityError as exc:
-        print(f"fedtune: error: {exc}", file=sys.stderr)
-        return 2
+        is_enrollment = "format" in json.loads(args.path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        is_enrollment = False  # the loader below explains what is wrong
+    if is_enrollment:
+        enrolled = load_enrollment(args.path)
+        print(f"{args.path}: enrollment file, {len(enrolled)} hospital(s)")
+    else:
+        name, key = load_public_key_file(args.path)
+        print(f"{args.path}: public key file")
+        enrolled = {name: key}
     _print_fingerprints(enrolled)
     return 0
 
