@@ -120,6 +120,20 @@ def _parser() -> argparse.ArgumentParser:
                           "(same --config)")  # fmt: skip
     run.set_defaults(handler=_run)
 
+    simulate = commands.add_parser(
+        "simulate", help="run a research experiment: baselines, federated arms, sweeps, plots",
+        description="Partition a real offline medical dataset into virtual hospitals and run "
+        "the experiment's arms (centralized, local-only, federated, federated + DP, + secure "
+        "aggregation) over its sweep grid and seeds on Flower's simulation engine; writes "
+        "results.csv, results.md and PNG plots.",
+    )  # fmt: skip
+    simulate.add_argument("experiment", type=Path,
+                          help="experiment file, e.g. simulations/quick.toml")  # fmt: skip
+    simulate.add_argument("--out", type=Path, default=None,
+                          help="output folder (default runs/simulations/<name>); an "
+                          "interrupted sweep resumes in the same folder")  # fmt: skip
+    simulate.set_defaults(handler=_simulate)
+
     data = commands.add_parser(
         "data", help="write the ICD-10-CM demo data as hospital JSONL files",
         description="Build per-hospital JSONL files (non-IID by specialty) from the ICD-10-CM "
@@ -313,6 +327,16 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.run_dir} holds no run to resume.")
     launch(plan)
     return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulations.experiment import load_experiment
+    from simulations.sweep import run_experiment
+
+    experiment = load_experiment(args.experiment)
+    out_dir = args.out or Path("runs") / "simulations" / experiment.name
+    results = run_experiment(experiment, out_dir)
+    return 0 if all(r.status == "ok" for r in results) else 1
 
 
 def _data(args: argparse.Namespace) -> int:

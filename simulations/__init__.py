@@ -1,0 +1,1 @@
+"""Research simulations: partitioners, baselines, sweeps, tables and plots."""

@@ -1,0 +1,211 @@
+"""The non-federated arms, and scoring every arm on the one shared test set.
+
+What a federation is compared with, on exactly the examples the federated hospitals train on
+(each hospital file's ``train`` split, made by the same ``data.split`` and seed):
+
+- **centralized**: all hospitals' training examples pooled at one site. It gets the same
+  compute as the whole federation: each "round" is ``hospitals × train.local_steps`` steps
+  (the federation takes ``train.local_steps`` at each hospital per round).
+- **local-only**: each hospital trains alone for the same rounds × ``train.local_steps``;
+  its curve and final metric are averaged over hospitals (what a hospital gets by itself).
+
+Both use the client's own training functions (``client.train`` / Opacus ``client.dp_train``),
+start from the coordinator's initial adapter, and for DP calibrate σ once so that the target
+(ε, δ) holds after the last round (δ = the power of ten below 1/n, as at a hospital).
+Training runs in this process: there is no communication to simulate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.data import load_hospital_data
+from client.dp_train import DPPlan, poisson_sample_rate, train_privately
+from client.encoding import encode_classification, encode_generation
+from client.evaluate import evaluate_classification, evaluate_generation
+from client.model import get_adapter, set_adapter
+from client.privacy import default_delta
+from client.privacy_accounting import calibrate_noise_multiplier, compute_epsilon
+from client.session import HospitalIdentity, ModelHandle, data_for, model_for
+from client.train import train_locally
+from fedtune.adapters import Adapter
+from fedtune.config import RunConfig
+from simulations.datasets import file_fingerprint
+
+Progress = Callable[[int, int], None]  # (done, total) training rounds
+
+
+@dataclass(frozen=True)
+class SharedTestSet:
+    """The experiment's held-out test file, encoded once per model."""
+
+    path: Path
+    fingerprint: str
+    features: list[Any]
+    examples: list[Any]
+
+
+@dataclass
+class BaselineOutcome:
+    """A baseline's curve on the shared test set and, with DP, the ε it actually spent."""
+
+    curve: list[tuple[int, float]]
+    achieved_epsilon: float | None = None
+
+
+def load_test_set(config: RunConfig, path: Path, handle: ModelHandle) -> SharedTestSet:
+    """Read and encode the shared test file with this run's tokenizer and labels."""
+    labels = config.model.labels if config.model.task == "classify" else None
+    examples = list(load_hospital_data(path, config.data.format, labels=labels).examples)
+    if config.model.task == "classify":
+        label_to_id = {label: i for i, label in enumerate(config.model.labels)}
+        features: list[Any] = list(
+            encode_classification(
+                examples,  # type: ignore[arg-type]
+                handle.tokenizer, label_to_id, config.model.max_length,
+            )
+        )  # fmt: skip
+    else:
+        features = list(
+            encode_generation(
+                examples,  # type: ignore[arg-type]
+                handle.tokenizer, config.model.max_length,
+            )
+        )  # fmt: skip
+    return SharedTestSet(path, file_fingerprint(path), features, examples)
+
+
+def score(config: RunConfig, handle: ModelHandle, adapter: Adapter, test: SharedTestSet) -> float:
+    """The headline metric of ``adapter`` on the shared test set (higher is better).
+
+    Classification: accuracy over the whole test set. Instruct: exact match of greedy answers
+    over the first ``evaluation.generation_examples`` test examples (generation dominates the
+    cost on a CPU); the same examples for every arm.
+    """
+    set_adapter(handle.model, adapter)
+    pad_id = int(handle.tokenizer.pad_token_id)
+    batch = config.train.batch_size
+    if config.model.task == "classify":
+        metrics = evaluate_classification(
+            handle.model, test.features, len(config.model.labels), batch, pad_id
+        )
+        return float(metrics["accuracy"])
+    wanted = max(1, config.evaluation.generation_examples)
+    metrics = evaluate_generation(
+        handle.model, handle.tokenizer, test.features[:wanted], test.examples[:wanted],
+        batch, wanted, config.evaluation.max_new_tokens,
+    )  # fmt: skip
+    return float(metrics["exact-match"])
+
+
+def hospital_train_features(
+    config: RunConfig, hospital_files: Sequence[Path], handle: ModelHandle
+) -> list[list[Any]]:
+    """Each hospital's encoded ``train`` split: exactly what it trains on when federated."""
+    return [
+        data_for(config, HospitalIdentity(path.stem, path, simulated=True), handle).features[
+            "train"
+        ]
+        for path in hospital_files
+    ]
+
+
+def run_centralized(
+    config: RunConfig,
+    hospital_files: Sequence[Path],
+    initial: Adapter,
+    test: SharedTestSet,
+    epsilon: float | None,
+    progress: Progress | None = None,
+) -> BaselineOutcome:
+    """All training examples pooled; ``rounds`` chunks of ``hospitals × local_steps`` steps."""
+    handle = model_for(config)
+    pooled = [f for part in hospital_train_features(config, hospital_files, handle) for f in part]
+    steps = config.train.local_steps * len(hospital_files)
+    return _train_curve(config, handle, pooled, steps, initial, test, epsilon, progress)
+
+
+def run_local_only(
+    config: RunConfig,
+    hospital_files: Sequence[Path],
+    initial: Adapter,
+    test: SharedTestSet,
+    epsilon: float | None,
+    progress: Progress | None = None,
+) -> BaselineOutcome:
+    """Each hospital alone from the same start; curves and ε averaged / maxed over hospitals."""
+    handle = model_for(config)
+    parts = hospital_train_features(config, hospital_files, handle)
+    rounds = config.federation.rounds
+    outcomes = []
+    for k, features in enumerate(parts):
+
+        def hospital_progress(done: int, _total: int, k: int = k) -> None:
+            if progress is not None:
+                progress(k * rounds + done, len(parts) * rounds)
+
+        outcomes.append(
+            _train_curve(
+                config, handle, features, config.train.local_steps, initial, test, epsilon,
+                hospital_progress,
+            )
+        )  # fmt: skip
+    curve = [
+        (point[0], sum(o.curve[i][1] for o in outcomes) / len(outcomes))
+        for i, point in enumerate(outcomes[0].curve)
+    ]
+    spent = [o.achieved_epsilon for o in outcomes if o.achieved_epsilon is not None]
+    return BaselineOutcome(curve, max(spent) if spent else None)
+
+
+def _train_curve(
+    config: RunConfig,
+    handle: ModelHandle,
+    features: list[Any],
+    steps_per_round: int,
+    initial: Adapter,
+    test: SharedTestSet,
+    epsilon: float | None,
+    progress: Progress | None,
+) -> BaselineOutcome:
+    """Train ``federation.rounds`` chunks from ``initial``, scoring after each one."""
+    rounds = config.federation.rounds
+    settings = dataclasses.replace(config.train, local_steps=steps_per_round, local_epochs=0.0)
+    pad_id = int(handle.tokenizer.pad_token_id)
+    task = config.model.task
+    curve = [(0, score(config, handle, initial, test))]
+    plan, history, delta = None, [], 0.0
+    if epsilon is not None:
+        delta = config.privacy.target_delta or default_delta(len(features))
+        sample_rate = poisson_sample_rate(settings.batch_size, len(features))
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=epsilon, delta=delta, sample_rate=sample_rate,
+            steps=steps_per_round * rounds, accountant=config.privacy.accountant,
+        )  # fmt: skip
+        plan = DPPlan(
+            noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm,
+            sample_rate=sample_rate, steps=steps_per_round,
+            grad_sample_mode=config.privacy.grad_sample_mode,
+            max_physical_batch_size=config.privacy.max_physical_batch_size,
+        )  # fmt: skip
+    set_adapter(handle.model, initial)
+    for server_round in range(1, rounds + 1):
+        seed = config.train.seed * 1000 + server_round
+        if plan is None:
+            train_locally(handle.model, features, settings, pad_id, seed, task)
+        else:
+            result = train_privately(handle.model, features, settings, plan, pad_id, seed, task)
+            history.append((plan.noise_multiplier, plan.sample_rate, result.steps))
+        trained = get_adapter(handle.model)
+        curve.append((server_round, score(config, handle, trained, test)))
+        set_adapter(handle.model, trained)
+        if progress is not None:
+            progress(server_round, rounds)
+    achieved = (
+        compute_epsilon(history, delta, config.privacy.accountant) if history else None
+    )
+    return BaselineOutcome(curve, achieved)
