@@ -13,7 +13,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 class BenchResult:
     """What one benchmark measured."""
 
-    numbers: dict[str, float]
+    numbers: Mapping[str, float | str]  # a few keys name things, e.g. sim_metric_name
     markdown: str
 
 
@@ -32,9 +32,11 @@ Benchmark = Callable[[Path], BenchResult]
 
 def _registry() -> dict[str, Benchmark]:
     from benchmarks.demo_utility import bench_demo
+    from benchmarks.deployment import bench_deployment
     from benchmarks.dp_overhead import bench_dp
     from benchmarks.round_overhead import bench_round
     from benchmarks.secagg import bench_secagg
+    from benchmarks.simulation import bench_simulation
     from benchmarks.strategies import bench_strategies
 
     return {
@@ -43,17 +45,19 @@ def _registry() -> dict[str, Benchmark]:
         "demo": bench_demo,
         "secagg": bench_secagg,
         "strategies": bench_strategies,
+        "simulation": bench_simulation,
+        "deployment": bench_deployment,
     }
 
 
-def run_benchmarks(names: Sequence[str], out_dir: Path) -> dict[str, float]:
+def run_benchmarks(names: Sequence[str], out_dir: Path) -> dict[str, float | str]:
     """Run the named benchmarks (all when empty) and write both result files."""
     registry = _registry()
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {unknown}; known: {', '.join(sorted(registry))}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    measured: dict[str, float] = {}
+    measured: dict[str, float | str] = {}
     for name in names or sorted(registry):
         print(f"== benchmark {name}", flush=True)
         result = registry[name](Path("runs") / "bench" / name)
@@ -61,7 +65,7 @@ def run_benchmarks(names: Sequence[str], out_dir: Path) -> dict[str, float]:
         _update_markdown(out_dir / "RESULTS.md", name, result.markdown)
         _update_json(out_dir / "results.json", result.numbers)
         for key, value in result.numbers.items():
-            print(f"{key} = {value:.4g}")
+            print(f"{key} = {value:.4g}" if isinstance(value, float) else f"{key} = {value}")
     return measured
 
 
@@ -83,7 +87,7 @@ def machine_description() -> dict[str, str]:
     }
 
 
-def _update_json(path: Path, numbers: dict[str, float]) -> None:
+def _update_json(path: Path, numbers: Mapping[str, float | str]) -> None:
     existing = json.loads(path.read_text()) if path.is_file() else {}
     merged = {k: v for k, v in existing.items() if k != "machine"}
     merged.update(numbers)

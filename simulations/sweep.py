@@ -193,6 +193,7 @@ def run_experiment(
     from simulations.plots import write_plots
     from simulations.tables import summarize, write_csv, write_markdown
 
+    out_dir = out_dir.resolve()  # run configs live in sub-folders: paths must be absolute
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
     previous = {r.run_dir: r for r in load_results(results_path)} if results_path.exists() else {}
@@ -215,20 +216,20 @@ def run_experiment(
             run_dir = out_dir / "runs" / spec.key
             reused = previous.get(str(run_dir))
             started = time.monotonic()
-            if reused is not None and reused.status == "ok":
+            executed = reused is None or reused.status != "ok"
+            if reused is not None and not executed:
                 say(f"- {spec.key}: done in an earlier sweep, reused")
                 done[spec.key] = reused
             else:
                 done[spec.key] = _execute(experiment, spec, out_dir, run_dir, display, say)
-            display.finish_run(
-                spec.cost_units(experiment), time.monotonic() - started, reused is None
-            )
+            display.finish_run(spec.cost_units(experiment), time.monotonic() - started, executed)
         results.append(dataclasses.replace(done[spec.key], point=_shown(experiment, point)))
         save_results(results, results_path)
     rows = summarize(results)
     write_csv(rows, out_dir / "results.csv")
     write_markdown(rows, out_dir / "results.md", f"{experiment.name}: {experiment.metric_name}")
     plots = write_plots(results, out_dir / "plots")
+    _report_secagg_twins(results, out_dir, say)
     failed = sorted({r.run_dir for r in results if r.status != "ok"})
     say(f"Results: {out_dir / 'results.md'} and {out_dir / 'results.csv'} (all runs: "
         f"{results_path})")  # fmt: skip
@@ -238,6 +239,32 @@ def run_experiment(
         say(f"{len(failed)} run(s) failed; their logs: " + ", ".join(
             str(Path(f) / "log.txt") for f in failed))  # fmt: skip
     return results
+
+
+def _report_secagg_twins(
+    results: list[ArmResult], out_dir: Path, say: Callable[[str], None]
+) -> None:
+    """Check federated-secagg against federated (round 1, fixed-point bound); record it."""
+    from simulations.secagg_check import compare_twins
+
+    comparisons = compare_twins(results)
+    if not comparisons:
+        return
+    (out_dir / "secagg_check.json").write_text(
+        json.dumps([c.to_json() for c in comparisons], indent=2) + "\n", encoding="utf-8"
+    )
+    lines = ["", "Secure aggregation vs plain sum (round-1 global adapter, same setting):", ""]
+    for c in comparisons:
+        verdict = "equal within fixed-point error" if c.equal else "DIFFERENT: check the runs"
+        lines.append(
+            f"- {Path(c.secure_run).name}: max |difference| {c.max_abs_difference:.2e}, "
+            f"bound {c.bound:.2e}: {verdict}"
+        )
+    with (out_dir / "results.md").open("a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    for line in lines[1:]:
+        if line:
+            say(line)
 
 
 def _shown(experiment: Experiment, point: dict[str, Any]) -> dict[str, Any]:
