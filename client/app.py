@@ -29,7 +29,13 @@ from client.outgoing import prepare_update
 from client.privacy import ledger_lock, plan_round
 from client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
 from client.secure_views import record_plaintext_view, refuse_recording_outside_simulation
-from client.session import HospitalIdentity, data_for, hospital_identity, model_for
+from client.session import (
+    HospitalIdentity,
+    apply_node_settings,
+    data_for,
+    hospital_identity,
+    model_for,
+)
 from client.train import train_locally
 from fedtune.adapters import Adapter, adapter_delta
 from fedtune.config import ConfigError
@@ -118,7 +124,7 @@ def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> L
     Shared by the plain `train` action and the masked-input stage of secure aggregation, so
     both train identically; only what is sent differs.
     """
-    config = job.config
+    config = apply_node_settings(job.config, context.node_config)
     identity = hospital_identity(context.node_config, config.data)
     refuse_recording_outside_simulation(config, identity)
     handle = model_for(config)
@@ -209,7 +215,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the global adapter on this hospital's validation or test split."""
     global_adapter, job = parse_request(msg)
-    config = job.config
+    config = apply_node_settings(job.config, context.node_config)
     identity = hospital_identity(context.node_config, config.data)
     handle = model_for(config)
     data = data_for(config, identity, handle)

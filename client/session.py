@@ -27,6 +27,29 @@ NODE_NAME_KEY = "hospital-name"
 NODE_DATA_KEY = "data-path"
 # Set by Flower's simulation engine for each virtual hospital.
 SIM_PARTITION_KEY = "partition-id"
+# The hospital's own choices, which the coordinator's run configuration cannot override.
+NODE_DEVICE_KEY = "device"  # where this node trains: auto, cpu or cuda
+NODE_ALLOWED_MODEL_KEY = "allowed-model"  # the only base model this hospital agrees to run
+
+
+def apply_node_settings(config: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
+    """The run configuration as this hospital will execute it.
+
+    The coordinator asks; the hospital decides: a node pinned to a base model refuses any
+    other (a coordinator must not swap the model that hospital data trains), and the node's
+    device replaces the coordinator's (only the hospital knows its hardware).
+    """
+    allowed = str(node_config.get(NODE_ALLOWED_MODEL_KEY, ""))
+    if allowed and config.model.source != allowed:
+        raise ConfigError(
+            f"the coordinator asked to train base model {config.model.source!r}, but this "
+            f"hospital only allows {allowed!r} (node setting '{NODE_ALLOWED_MODEL_KEY}'); "
+            "nothing was trained."
+        )
+    device = str(node_config.get(NODE_DEVICE_KEY, ""))
+    if device and device != config.model.device:
+        return config.with_overrides(model={"device": device})
+    return config
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.config import DATA_FORMATS, STRATEGIES
+from fedtune.config import DATA_FORMATS, STRATEGIES, ConfigError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from client.data import DataValidationError
     from client.privacy_ledger import LedgerError
-    from fedtune.config import ConfigError
+    from fedtune.deployment import DeploymentError
     from fedtune.secagg.identity import IdentityError
     from fedtune.simulation import SimulationError
 
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:  # fmt: skip
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
-    except SimulationError as exc:
+    except (SimulationError, DeploymentError) as exc:
         print(f"fedtune: the federated run failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -119,6 +120,36 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue the stopped run in --run-dir after its last saved round "
                           "(same --config)")  # fmt: skip
     run.set_defaults(handler=_run)
+
+    server = commands.add_parser(
+        "server", help="coordinator: start the SuperLink (TLS, node authentication) and run",
+        description="Start Flower's SuperLink with TLS and SuperNode authentication, register "
+        "the enrolled hospitals' node keys, run the fedtune ServerApp to the end and stop "
+        "everything it started. See docs/coordinator-guide.md.",
+    )  # fmt: skip
+    server.add_argument("--config", type=Path, required=True, help="run configuration (TOML)")
+    server.add_argument("--federation", type=Path, required=True, metavar="DIR",
+                        help="folder made by `fedtune keys init-federation` (certificates, "
+                        "enrolled hospitals, the SuperLink's state)")  # fmt: skip
+    server.add_argument("--run-dir", type=Path, default=None,
+                        help="output folder for checkpoints and metrics (new)")  # fmt: skip
+    server.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue the stopped run in RUN_DIR after its last saved round")
+    server.add_argument("--host", required=True,
+                        help="address to listen on, e.g. 0.0.0.0 or the coordinator's IP")
+    server.add_argument("--port", type=int, required=True, help="port to listen on")
+    server.add_argument("--insecure", action="store_true",
+                        help="NO TLS and NO node authentication: local experiments only")
+    server.set_defaults(handler=_server)
+
+    node = commands.add_parser(
+        "node", help="hospital: run this hospital's node (SuperNode) from its node file",
+        description="Start this hospital's Flower SuperNode with its own settings (data, "
+        "privacy budget and ledger, keys, device); runs until stopped. See "
+        "docs/hospital-admin-guide.md.",
+    )  # fmt: skip
+    node.add_argument("--config", type=Path, required=True, help="the hospital's node file")
+    node.set_defaults(handler=_node)
 
     simulate = commands.add_parser(
         "simulate", help="run a research experiment: baselines, federated arms, sweeps, plots",
@@ -193,11 +224,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = commands.add_parser(
-        "keys", help="hospital identity keys: generate, enroll, show",
-        description="Each hospital holds a long-term Ed25519 identity key that signs its "
-        "secure-aggregation round keys, so the coordinator cannot substitute keys. A hospital "
-        "runs `keys generate` and sends its .pub file to the coordinator, who runs `keys enroll` "
-        "on all .pub files; both sides compare fingerprints (`keys show`) over the phone.",
+        "keys", help="keys: hospital identities, federation TLS and node authentication",
+        description="Simulation and secure aggregation: each hospital holds a long-term Ed25519 "
+        "identity key that signs its secure-aggregation round keys, so the coordinator cannot "
+        "substitute keys. A hospital runs `keys generate` and sends its .pub file to the "
+        "coordinator, who runs `keys enroll` on all .pub files; both sides compare fingerprints "
+        "(`keys show`) over the phone. A deployed federation also needs TLS and node "
+        "authentication: the coordinator runs `keys init-federation` once (hospitals get its "
+        "ca.pem), each hospital runs `keys new-hospital` (identity and node key), and the "
+        "coordinator enrolls each hospital with `keys enroll --federation DIR NAME.pub "
+        "NAME-node.pub`.",
     )  # fmt: skip
     keys.set_defaults(handler=lambda _args: _print_help_and_fail(keys))
     actions = keys.add_subparsers(title="keys commands", metavar="ACTION")
@@ -206,7 +242,8 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "generate", help="create this hospital's identity key pair (.key and .pub)",
         description="Write <DIR>/<NAME>.key (private: stays at the hospital, readable only by "
         "its owner) and <DIR>/<NAME>.pub (public: send it to the coordinator). Never overwrites "
-        "an existing key.",
+        "an existing key. For a deployed federation use `keys new-hospital`, which also creates "
+        "the node-authentication key.",
     )  # fmt: skip
     generate.add_argument("--hospital", required=True, metavar="NAME",
                           help="hospital name: letters, digits, '-', '_', '.'")  # fmt: skip
@@ -214,24 +251,62 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                           help="folder for the key files (created if missing)")  # fmt: skip
     generate.set_defaults(handler=_keys_generate)
 
+    init = actions.add_parser(
+        "init-federation", help="coordinator: create the federation CA and TLS certificate",
+        description="Write DIR/ca.pem and DIR/ca.key (the federation's certificate authority), "
+        "DIR/coordinator.pem and DIR/coordinator.key (the SuperLink's TLS certificate, signed "
+        "by the CA, valid for every --host). ca.key and coordinator.key are secret; every "
+        "hospital gets ca.pem. Never overwrites existing files.",
+    )  # fmt: skip
+    init.add_argument("dir", type=Path, metavar="DIR",
+                      help="folder for the federation files (created if missing)")  # fmt: skip
+    init.add_argument(
+        "--host", dest="hosts", action="append", required=True, metavar="HOST",
+        help="an IP address or DNS name hospitals use to reach the coordinator; repeat for "
+        "each (e.g. --host 10.0.0.5 --host coordinator.example.org)",
+    )  # fmt: skip
+    init.add_argument("--valid-days", type=int, default=365, metavar="N",
+                      help="how long the certificates are valid (1-3650; default 365)")  # fmt: skip
+    init.set_defaults(handler=_keys_init_federation)
+
+    new_hospital = actions.add_parser(
+        "new-hospital", help="hospital: create the identity and node-authentication keys",
+        description="Write DIR/NAME.key and DIR/NAME.pub (identity for secure aggregation) and "
+        "DIR/NAME-node.key and DIR/NAME-node.pub (the SuperNode's authentication key, OpenSSH "
+        "format). Send the two .pub files to the coordinator; the .key files never leave this "
+        "machine. Never overwrites existing keys.",
+    )  # fmt: skip
+    new_hospital.add_argument("name", metavar="NAME",
+                              help="hospital name: letters, digits, '-', '_', '.'")  # fmt: skip
+    new_hospital.add_argument("--out", type=Path, required=True, metavar="DIR",
+                              help="folder for the key files (created if missing)")  # fmt: skip
+    new_hospital.set_defaults(handler=_keys_new_hospital)
+
     enroll = actions.add_parser(
-        "enroll", help="coordinator: build the enrollment file from hospitals' .pub files",
-        description="Collect hospitals' .pub files into one enrollment file that every "
-        "hospital uses to check its peers' signatures. Refuses a hospital listed twice and two "
-        "hospitals sharing a key.",
+        "enroll", help="coordinator: enroll hospitals' public keys",
+        description="Either collect hospitals' identity .pub files into one enrollment file "
+        "(--out FILE; simulation and manual setups), or enroll one hospital in a federation "
+        "directory made by `keys init-federation` (--federation DIR NAME.pub NAME-node.pub): "
+        "its keys are kept in DIR/hospitals/ and DIR/enrollment.json is rewritten. Refuses a "
+        "hospital listed twice, a changed key for an enrolled hospital, and shared keys.",
     )  # fmt: skip
     enroll.add_argument("pub_files", nargs="+", type=Path, metavar="PUB",
-                        help="a hospital's .pub file")  # fmt: skip
-    enroll.add_argument("--out", type=Path, required=True, metavar="FILE",
+                        help="a hospital's .pub file; with --federation: the identity NAME.pub "
+                        "then the node key NAME-node.pub")  # fmt: skip
+    target = enroll.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, metavar="FILE",
                         help="the enrollment file to write (JSON)")  # fmt: skip
+    target.add_argument("--federation", type=Path, metavar="DIR",
+                        help="the federation directory to enroll one hospital in")  # fmt: skip
     enroll.set_defaults(handler=_keys_enroll)
 
     show = actions.add_parser(
-        "show", help="print the hospital name(s) and fingerprint(s) of a .pub or enrollment file",
+        "show", help="print the name(s) and fingerprint(s) of a .pub, -node.pub or enrollment file",
         description="Print hospital names and key fingerprints, to compare over the phone with "
         "what the other side sees.",
     )  # fmt: skip
-    show.add_argument("path", type=Path, help="a .pub file or an enrollment file")
+    show.add_argument("path", type=Path,
+                      help="a .pub file, a -node.pub file or an enrollment file")  # fmt: skip
     show.set_defaults(handler=_keys_show)
 
 
@@ -255,8 +330,71 @@ def _keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_init_federation(args: argparse.Namespace) -> int:
+    from fedtune.federation_keys import init_federation
+
+    files = init_federation(args.dir, args.hosts, args.valid_days)
+    print(f"Federation created in {args.dir}, valid {args.valid_days} day(s) for: "
+          f"{', '.join(args.hosts)}")  # fmt: skip
+    print(f"  CA certificate:          {files.ca_cert}  (give to every hospital)")
+    print(f"  CA private key:          {files.ca_key}  (SECRET: keep offline)")
+    print(f"  coordinator certificate: {files.coordinator_cert}")
+    print(f"  coordinator private key: {files.coordinator_key}  (SECRET: stays on the SuperLink)")
+    print(
+        f"{files.ca_key.name} and {files.coordinator_key.name} are secret; hospitals get "
+        f"{files.ca_cert.name} to verify the coordinator."
+    )
+    return 0
+
+
+def _keys_new_hospital(args: argparse.Namespace) -> int:
+    from fedtune.federation_keys import fingerprint_node_key, load_node_public_key, new_hospital
+    from fedtune.secagg.identity import fingerprint, load_public_key_file
+
+    files = new_hospital(args.name, args.out)
+    _, identity = load_public_key_file(files.identity_pub)
+    node = load_node_public_key(files.node_pub)
+    print(f"identity private key: {files.identity_key}")
+    print(f"identity public key:  {files.identity_pub}")
+    print(f"node private key:     {files.node_key}")
+    print(f"node public key:      {files.node_pub}")
+    print(f"identity fingerprint: {fingerprint(identity)}")
+    print(f"node fingerprint:     {fingerprint_node_key(node)}")
+    print(
+        f"Send {files.identity_pub.name} and {files.node_pub.name} to the coordinator; "
+        f"{files.identity_key.name} and {files.node_key.name} never leave this machine."
+    )
+    return 0
+
+
 def _keys_enroll(args: argparse.Namespace) -> int:
-    from fedtune.secagg.identity import load_enrollment, write_enrollment
+    from fedtune.secagg.identity import fingerprint, load_enrollment, write_enrollment
+
+    if args.federation is not None:
+        from fedtune.federation_keys import (
+            enroll_hospital,
+            fingerprint_node_key,
+            load_node_public_key,
+        )
+
+        if len(args.pub_files) != 2:
+            print(
+                "fedtune: error: `keys enroll --federation DIR` takes exactly two files, the "
+                "hospital's identity NAME.pub and its node key NAME-node.pub (got "
+                f"{len(args.pub_files)}); enroll one hospital at a time.",
+                file=sys.stderr,
+            )
+            return 2
+        identity_pub, node_pub = args.pub_files
+        name = enroll_hospital(args.federation, identity_pub, node_pub)
+        enrolled = load_enrollment(args.federation / "enrollment.json")
+        node = load_node_public_key(node_pub)
+        print(f"Enrolled hospital {name} in {args.federation} "
+              f"({len(enrolled)} hospital(s) enrolled):")  # fmt: skip
+        print(f"  identity fingerprint: {fingerprint(enrolled[name])}")
+        print(f"  node fingerprint:     {fingerprint_node_key(node)}")
+        print("Compare both fingerprints with the hospital by phone.")
+        return 0
 
     write_enrollment(args.pub_files, args.out)
     enrolled = load_enrollment(args.out)
@@ -270,6 +408,22 @@ def _keys_show(args: argparse.Namespace) -> int:
 
     from fedtune.secagg.identity import load_enrollment, load_public_key_file
 
+    try:
+        head = args.path.read_bytes()[:64].lstrip()
+    except OSError:
+        head = b""  # the loaders below explain what is wrong
+    if head.startswith((b"ecdsa-sha2-", b"ssh-", b"sk-")):  # an OpenSSH public key line
+        from fedtune.federation_keys import (
+            fingerprint_node_key,
+            load_node_public_key,
+            node_public_key_comment,
+        )
+
+        node = load_node_public_key(args.path)
+        comment = node_public_key_comment(args.path) or "(no comment)"
+        print(f"{args.path}: node-authentication public key")
+        print(f"  {comment}  {fingerprint_node_key(node)}")
+        return 0
     # An enrollment file carries a "format" marker; a .pub file does not.
     try:
         is_enrollment = "format" in json.loads(args.path.read_text(encoding="utf-8"))
@@ -327,6 +481,47 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.run_dir} holds no run to resume.")
     launch(plan)
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd, `kill`) ends a long-running command like Ctrl-C does, so its cleanup
+    runs: Flower's processes live in their own sessions and would otherwise be orphaned."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _server(args: argparse.Namespace) -> int:
+    from fedtune.deployment import CoordinatorPlan, serve
+
+    _stop_on_sigterm()
+
+    if (args.run_dir is None) == (args.resume is None):
+        raise ConfigError("give either --run-dir DIR (a new run) or --resume RUN_DIR.")
+    run_dir = args.resume or args.run_dir
+    exists = (run_dir / "run-config.json").exists()
+    if args.resume is None and exists:
+        raise FileExistsError(f"{run_dir} already holds a run; choose a new --run-dir or use "
+                              "--resume.")  # fmt: skip
+    if args.resume is not None and not exists:
+        raise FileNotFoundError(f"{run_dir} holds no run to resume.")
+    plan = CoordinatorPlan(
+        config_path=args.config, run_dir=run_dir, federation_dir=args.federation,
+        host=args.host, port=args.port, insecure=args.insecure, resume=args.resume is not None,
+    )  # fmt: skip
+    serve(plan)
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    from fedtune.deployment import load_node_settings, run_node
+
+    settings = load_node_settings(args.config)
+    _stop_on_sigterm()
+    home = Path(settings.privacy_ledger).parent / f".flower-{settings.hospital}"
+    return run_node(settings, home)
 
 
 def _simulate(args: argparse.Namespace) -> int:

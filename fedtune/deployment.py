@@ -1,0 +1,435 @@
+"""`fedtune server` and `fedtune node`: a real federation on Flower's deployment engine.
+
+The coordinator runs a SuperLink (Flower 1.41: one HTTPS port serves the Fleet, Control and
+Runtime APIs) with TLS and SuperNode authentication on by default, registers every enrolled
+hospital's node key, starts the fedtune ServerApp on it with `flwr run`, follows its log until
+the run ends, and stops what it started. A hospital runs one SuperNode with its own settings
+(data file, privacy budget and ledger, identity key, device) as node configuration: they
+travel to the ClientApp from the hospital's own machine, so the coordinator cannot change them.
+
+Measured Flower 1.41 behaviour this relies on (see the coordinator's guide):
+- a SuperNode whose key is not registered is refused at activation and exits;
+- a SuperNode without the federation's CA certificate cannot verify the SuperLink and exits;
+- the SuperLink's state (registered node keys) is kept in an SQLite file in the federation
+  folder, so a restarted coordinator keeps its hospitals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import ConfigError
+from fedtune.simulation import (
+    SimulationError,
+    _final_status,
+    _pump_output,
+    _terminate,
+    _tool,
+    format_config_value,
+)
+
+CONNECTION = "fedtune-federation"
+SUPERLINK_DB = "superlink.db"
+_STARTUP_TIMEOUT_S = 60.0
+_RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+
+
+class DeploymentError(RuntimeError):
+    """A coordinator or node could not start or its run failed; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class CoordinatorPlan:
+    """What `fedtune server` runs."""
+
+    config_path: Path
+    run_dir: Path
+    federation_dir: Path
+    host: str
+    port: int
+    insecure: bool = False  # local experiments only: no TLS, no node authentication
+    resume: bool = False
+    timeout_s: float | None = None
+
+
+def coordinator_env(home: Path) -> dict[str, str]:
+    """Environment of every Flower process of this coordinator (and its app processes)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_GRPC")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def superlink_command(plan: CoordinatorPlan) -> list[str]:
+    """The SuperLink's command line: TLS and node authentication unless `insecure`."""
+    command = [
+        _tool("flower-superlink"), "--host", plan.host, "--port", str(plan.port),
+        "--database", str((plan.federation_dir / SUPERLINK_DB).resolve()),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if plan.insecure:
+        return [*command, "--insecure"]
+    files = _federation_files(plan.federation_dir)
+    return [
+        *command,
+        "--ssl-ca-certfile", str(files["ca"]),
+        "--ssl-certfile", str(files["cert"]),
+        "--ssl-keyfile", str(files["key"]),
+        "--enable-supernode-auth",
+    ]  # fmt: skip
+
+
+def _federation_files(federation_dir: Path) -> dict[str, Path]:
+    from fedtune.federation_keys import CA_CERT, COORDINATOR_CERT, COORDINATOR_KEY
+
+    files = {
+        "ca": federation_dir / CA_CERT,
+        "cert": federation_dir / COORDINATOR_CERT,
+        "key": federation_dir / COORDINATOR_KEY,
+    }
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{federation_dir} is not a federation folder (missing {', '.join(missing)}); "
+            f"create it with `fedtune keys init-federation {federation_dir} --host <address>`."
+        )
+    return {name: path.resolve() for name, path in files.items()}
+
+
+def serve(plan: CoordinatorPlan, say: Callable[[str], None] = print) -> None:
+    """Start the SuperLink, register enrolled hospitals, run the ServerApp to the end."""
+    from fedtune.config import load_run_config, resolve_paths
+    from fedtune.flower_app import write_app_bundle
+
+    config = resolve_paths(load_run_config(plan.config_path), plan.config_path.parent)
+    if plan.insecure:
+        say("WARNING: --insecure: NO TLS and NO node authentication. Anyone who can reach "
+            f"{plan.host}:{plan.port} can read the traffic and join as a hospital. Use it only "
+            "for local experiments, never with patient data.")  # fmt: skip
+    if config.secure_aggregation.enabled:
+        config.secure_aggregation.require_threshold()
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    work = plan.run_dir.resolve() / ".flower"
+    homes = {name: work / name for name in ("superlink", "cli")}
+    for home in homes.values():
+        home.mkdir(parents=True, exist_ok=True)
+    plan.federation_dir.mkdir(parents=True, exist_ok=True)
+    log_path = work / "superlink.log"
+    processes: list[subprocess.Popen[Any]] = []
+    try:
+        superlink = _start(superlink_command(plan), coordinator_env(homes["superlink"]), log_path)
+        processes.append(superlink)
+        ca = None if plan.insecure else _federation_files(plan.federation_dir)["ca"]
+        _wait_healthy(superlink, plan.host, plan.port, ca, log_path)
+        _write_cli_config(homes["cli"], plan.host, plan.port, ca)
+        cli_env = coordinator_env(homes["cli"])
+        if not plan.insecure:
+            _register_hospitals(plan.federation_dir, cli_env, say)
+        app_dir = write_app_bundle(work / "app")
+        run_config: dict[str, str | bool] = {
+            "config-path": str(plan.config_path.resolve()),
+            "run-dir": str(plan.run_dir.resolve()),
+            "resume": plan.resume,
+        }
+        command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        for key, value in run_config.items():
+            command += ["--run-config", f"{key}={format_config_value(value)}"]
+        cli = subprocess.Popen(
+            command, env={**cli_env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+        )  # fmt: skip
+        processes.append(cli)
+        tail: deque[str] = deque(maxlen=40)
+        deadline = None if plan.timeout_s is None else time.monotonic() + plan.timeout_s
+        try:
+            run_id = _pump_output(cli, lambda line: _show(line, say), tail, deadline,
+                                  plan.timeout_s)  # fmt: skip
+        except SimulationError as exc:
+            raise DeploymentError(str(exc).replace("simulation", "federated run")) from None
+        code = cli.wait()
+        if code != 0 or run_id is None:
+            raise DeploymentError(
+                f"`flwr run` could not start the run (exit code {code}). Its last output:\n"
+                + "\n".join(tail) + f"\nSuperLink log: {log_path}"
+            )
+        status, details = _final_status_deployed(cli_env, run_id)
+        if status != "finished:completed":
+            raise DeploymentError(
+                f"The federated run {run_id} ended as '{status}': {details}\n"
+                f"SuperLink log: {log_path}"
+            )
+    finally:
+        _terminate(processes, homes["superlink"])
+
+
+def _final_status_deployed(env: dict[str, str], run_id: int) -> tuple[str, str]:
+    """`flwr ls` against this coordinator's connection (same parsing as the simulation's)."""
+    from fedtune import simulation
+
+    saved = simulation.CONNECTION_NAME
+    simulation.CONNECTION_NAME = CONNECTION
+    try:
+        return _final_status(env, run_id)
+    finally:
+        simulation.CONNECTION_NAME = saved
+
+
+def _show(line: str, say: Callable[[str], None]) -> None:
+    from fedtune.launch import _show as show_launch_line
+
+    show_launch_line(line, say)
+
+
+def _start(command: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            list(command), env=env, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _wait_healthy(
+    proc: subprocess.Popen[bytes], host: str, port: int, ca: Path | None, log_path: Path
+) -> None:
+    """Wait for `/health` over HTTPS (verified with the federation's CA) or HTTP (insecure)."""
+    scheme = "http" if ca is None else "https"
+    context = None if ca is None else ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeploymentError(
+                f"The SuperLink exited at start-up with code {proc.returncode}. "
+                f"See its log: {log_path}"
+            )
+        try:
+            url = f"{scheme}://{host}:{port}/health"
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
+                if 200 <= int(response.status) < 300:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise DeploymentError(f"The SuperLink did not answer within {_STARTUP_TIMEOUT_S:g} s: "
+                          f"{log_path}")  # fmt: skip
+
+
+def _write_cli_config(home: Path, host: str, port: int, ca: Path | None) -> None:
+    lines = [f'[superlink]\ndefault = "{CONNECTION}"\n', f"[superlink.{CONNECTION}]",
+             f'address = "{host}:{port}"']  # fmt: skip
+    lines.append("insecure = true" if ca is None else f'root-certificates = "{ca}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _register_hospitals(
+    federation_dir: Path, env: dict[str, str], say: Callable[[str], None]
+) -> None:
+    """Register every enrolled node key with the SuperLink (already registered keys are kept)."""
+    from fedtune.federation_keys import enrolled_node_keys
+
+    keys = enrolled_node_keys(federation_dir)
+    if not keys:
+        say(f"No hospital is enrolled in {federation_dir} yet: enroll them with "
+            "`fedtune keys enroll --federation ...`; no node can join until then.")  # fmt: skip
+    for hospital, pub in sorted(keys.items()):
+        done = subprocess.run(
+            [_tool("flwr"), "supernode", "register", str(pub.resolve()), CONNECTION,
+             "--name", hospital, "--format", "json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        answer = done.stdout + done.stderr
+        if "already in use" in answer.lower():
+            continue  # registered by an earlier start of this coordinator
+        if done.returncode != 0 or '"success": true' not in answer.replace("\n", " "):
+            payload = _json_tail(answer)
+            raise DeploymentError(
+                f"Could not register {hospital}'s node key ({pub}) with the SuperLink: "
+                f"{payload or answer.strip()[-500:]}"
+            )
+        say(f"Registered {hospital}'s node key.")
+
+
+def _json_tail(text: str) -> str:
+    with contextlib.suppress(ValueError):
+        return json.dumps(json.loads(text[text.find("{") :]))
+    return ""
+
+
+# ---- the hospital's node -------------------------------------------------------------------
+
+_NODE_KEYS = {
+    "hospital": str, "coordinator": str, "ca_certificate": str, "node_key": str,
+    "identity_key": str, "enrollment": str, "data": str, "privacy_ledger": str,
+    "privacy_epsilon_budget": float, "device": str, "local_port": int,
+    "allow_plain_updates": bool, "allowed_model": str, "insecure": bool,
+}  # fmt: skip
+_NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
+_NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
+               "privacy_ledger")  # fmt: skip
+
+
+# Flower's messages for the two set-up mistakes a hospital admin meets, explained.
+_NODE_HINTS = {
+    "Failed to activate SuperNode": (
+        "the coordinator refused this node: its node key ({s.node_key}) is not enrolled. Send "
+        "{s.hospital}-node.pub to the coordinator (fedtune keys enroll --federation ...) and "
+        "compare fingerprints with `fedtune keys show`."
+    ),
+    "CERTIFICATE_VERIFY_FAILED": (
+        "this node cannot verify the coordinator's TLS certificate with {s.ca_certificate}: use "
+        "the ca.pem of this federation, and the address its certificate was made for."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """A hospital's node, from its `[node]` file; paths are absolute."""
+
+    hospital: str
+    coordinator: str
+    data: str
+    privacy_ledger: str
+    privacy_epsilon_budget: float
+    ca_certificate: str = ""
+    node_key: str = ""
+    identity_key: str = ""
+    enrollment: str = ""
+    device: str = "auto"
+    local_port: int = 9094
+    allow_plain_updates: bool = False
+    allowed_model: str = ""
+    insecure: bool = False
+
+
+def load_node_settings(path: Path) -> NodeSettings:
+    """Read a hospital's node file; every mistake names the key and the allowed ones."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: node configuration file not found.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if set(raw) != {"node"}:
+        raise ConfigError(f"{path}: a node file has exactly one section, [node].")
+    values: dict[str, Any] = {}
+    for key, value in raw["node"].items():
+        if key not in _NODE_KEYS:
+            raise ConfigError(
+                f"{path}: unknown key {key!r} in [node]; allowed: {', '.join(sorted(_NODE_KEYS))}."
+            )
+        kind = _NODE_KEYS[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: [node] {key} must be a {kind.__name__}, got {value!r}.")
+        if key in _NODE_PATHS:
+            value = str((path.parent / str(value)).resolve()) if value else value
+        values[key] = value
+    missing = [key for key in _NODE_REQUIRED if key not in values]
+    if not values.get("insecure"):
+        missing += [k for k in ("ca_certificate", "node_key", "identity_key", "enrollment")
+                    if not values.get(k)]  # fmt: skip
+    if missing:
+        raise ConfigError(
+            f"{path}: [node] needs {', '.join(missing)} (no defaults: they decide who this "
+            "hospital trusts, what it trains on and its privacy)."
+        )
+    if values["privacy_epsilon_budget"] <= 0:
+        raise ConfigError(f"{path}: [node] privacy_epsilon_budget must be > 0.")
+    return NodeSettings(**values)
+
+
+def node_config_string(settings: NodeSettings) -> str:
+    """The SuperNode's --node-config: the hospital's settings, read by its ClientApp."""
+    entries: dict[str, Any] = {
+        "hospital-name": settings.hospital,
+        "data-path": settings.data,
+        "privacy-ledger": settings.privacy_ledger,
+        "privacy-epsilon-budget": settings.privacy_epsilon_budget,
+        "device": settings.device,
+        "allow-plain-updates": settings.allow_plain_updates,
+    }
+    if settings.identity_key:
+        entries["identity-key"] = settings.identity_key
+        entries["enrollment"] = settings.enrollment
+    if settings.allowed_model:
+        entries["allowed-model"] = settings.allowed_model
+    return " ".join(f"{key}={format_config_value(value)}" for key, value in entries.items())
+
+
+def supernode_command(settings: NodeSettings) -> list[str]:
+    """The SuperNode's command line (runtime dependency installation stays off: default)."""
+    command = [
+        _tool("flower-supernode"), "--superlink", settings.coordinator,
+        "--port", str(settings.local_port), "--node-config", node_config_string(settings),
+    ]  # fmt: skip
+    if settings.insecure:
+        return [*command, "--insecure"]
+    from fedtune.federation_keys import check_node_private_key
+
+    check_node_private_key(Path(settings.node_key))
+    if not Path(settings.ca_certificate).is_file():
+        raise ConfigError(f"[node] ca_certificate {settings.ca_certificate} does not exist; "
+                          "the coordinator gives every hospital its ca.pem.")  # fmt: skip
+    return [
+        *command,
+        "--root-certificates", settings.ca_certificate,
+        "--auth-supernode-private-key", settings.node_key,
+    ]
+
+
+def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = print) -> int:
+    """Run the hospital's SuperNode in the foreground until it exits or Ctrl-C."""
+    if settings.insecure:
+        say("WARNING: insecure = true: NO TLS and NO node authentication (local experiments "
+            "only, never with patient data).")  # fmt: skip
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**coordinator_env(home), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        supernode_command(settings), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1, start_new_session=True,
+    )  # fmt: skip
+    hinted: set[str] = set()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            say(line.rstrip("\n"))
+            for marker, hint in _NODE_HINTS.items():
+                if marker in line and marker not in hinted:
+                    hinted.add(marker)
+                    say(f"fedtune: {hint.format(s=settings)}")
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

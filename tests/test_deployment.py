@@ -1,0 +1,267 @@
+"""A real federation on 127.0.0.1: `fedtune server` and `fedtune node` as separate processes.
+
+Flower's deployment engine (SuperLink, SuperNodes, one ClientApp process per message) over
+TLS with SuperNode authentication, keys made by `fedtune keys`, a tiny BERT built from a
+config. Every process a test starts is stopped by the fixture, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from fedtune.federation_keys import enroll_hospital, init_federation, new_hospital
+from fedtune.icd10 import write_hospital_datasets
+
+pytestmark = pytest.mark.slow
+HOSPITALS = ("st-anna", "city-general", "north-clinic")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Processes:
+    """Starts fedtune commands in their own sessions; stops them all, whatever happens."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.root / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log.open("ab") as handle:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtune.cli", *args], stdout=handle,
+                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+        self.started.append((proc, log))
+        return proc, log
+
+    def stop_all(self) -> None:
+        for proc, _log in reversed(self.started):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _log in self.started:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture()
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture()
+def federation(tmp_path: Path, tiny_bert_dir: Path) -> dict[str, Path]:
+    """A federation folder, 3 enrolled hospitals with data and node files, a run config."""
+    fed = tmp_path / "federation"
+    init_federation(fed, ["127.0.0.1", "localhost"], valid_days=2)
+    data = tmp_path / "data"
+    write_hospital_datasets(data, len(HOSPITALS), "classify", examples_per_hospital=40, seed=0)
+    labels = json.loads((data / "labels.json").read_text())
+    paths = {"federation": fed}
+    for k, name in enumerate(HOSPITALS, start=1):
+        home = tmp_path / name
+        files = new_hospital(name, home)
+        enroll_hospital(fed, files.identity_pub, files.node_pub)
+        paths[name] = write_node_file(home, name, files.node_key, files.identity_key, fed,
+                                      data / f"hospital-{k}.jsonl")  # fmt: skip
+    config = {
+        "model": {"source": str(tiny_bert_dir), "task": "classify", "max_length": 32,
+                  "labels": labels},
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
+        "train": {"local_steps": 2, "learning_rate": 5e-3, "batch_size": 8, "seed": 1},
+        "federation": {"rounds": 2, "min_hospitals": 3, "wait_for_hospitals_s": 240,
+                       "round_timeout_s": 300},
+        "privacy": {"enabled": True, "target_epsilon": 8.0, "max_physical_batch_size": 16},
+        "secure_aggregation": {"threshold": 2, "stage_timeout_s": 180},
+        "evaluation": {"max_examples": 8},
+    }  # fmt: skip
+    paths["config"] = tmp_path / "run.toml"
+    with paths["config"].open("wb") as handle:
+        tomli_w.dump(config, handle)
+    return paths
+
+
+def write_node_file(
+    home: Path, name: str, node_key: Path, identity_key: Path, fed: Path, data: Path,
+    ca: Path | None = None, port: int | None = None, coordinator: str = "",
+) -> Path:  # fmt: skip
+    node = {
+        "node": {
+            "hospital": name, "coordinator": coordinator or "PLACEHOLDER",
+            "ca_certificate": str(ca or fed / "ca.pem"), "node_key": str(node_key),
+            "identity_key": str(identity_key), "enrollment": str(fed / "enrollment.json"),
+            "data": str(data), "privacy_ledger": str(home / "ledger.json"),
+            "privacy_epsilon_budget": 8.0, "device": "cpu",
+            "local_port": port or free_port(),
+        }
+    }  # fmt: skip
+    path = home / "node.toml"
+    with path.open("wb") as handle:
+        tomli_w.dump(node, handle)
+    return path
+
+
+def point_nodes_at(paths: dict[str, Path], address: str) -> None:
+    for name in HOSPITALS:
+        text = paths[name].read_text().replace("PLACEHOLDER", address)
+        paths[name].write_text(text)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
+    tmp_path: Path, federation: dict[str, Path], processes: Processes
+) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    point_nodes_at(federation, address)
+    run_dir = tmp_path / "run"
+    server, server_log = processes.start(
+        "server", "server", "--config", str(federation["config"]),
+        "--federation", str(federation["federation"]), "--run-dir", str(run_dir),
+        "--host", "127.0.0.1", "--port", str(port),
+    )  # fmt: skip
+    wait_for(lambda: "Registered north-clinic" in server_log.read_text() or server.poll()
+             is not None, 120, "the coordinator to register the hospitals")  # fmt: skip
+    for name in HOSPITALS:
+        processes.start(name, "node", "--config", str(federation[name]))
+    # A hospital that is not enrolled is refused; one without the federation's CA cannot
+    # even verify the coordinator. Neither can join.
+    intruder = new_hospital("intruder", tmp_path / "intruder")
+    intruder_file = write_node_file(
+        tmp_path / "intruder", "intruder", intruder.node_key, intruder.identity_key,
+        federation["federation"], tmp_path / "data" / "hospital-1.jsonl", coordinator=address,
+    )  # fmt: skip
+    stranger_ca = tmp_path / "other-federation"
+    init_federation(stranger_ca, ["127.0.0.1"], valid_days=2)
+    no_ca = tmp_path / "no-ca"
+    no_ca.mkdir()
+    first = HOSPITALS[0]
+    no_ca_file = write_node_file(
+        no_ca, first, tmp_path / first / f"{first}-node.key", tmp_path / first / f"{first}.key",
+        federation["federation"], tmp_path / "data" / "hospital-1.jsonl",
+        ca=stranger_ca / "ca.pem", coordinator=address,
+    )  # fmt: skip
+    refused, refused_log = processes.start("intruder", "node", "--config", str(intruder_file))
+    untrusting, untrusting_log = processes.start("no-ca", "node", "--config", str(no_ca_file))
+    assert refused.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in refused_log.read_text()
+    assert untrusting.wait(timeout=120) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusting_log.read_text().upper().replace(" ", "_")
+
+    code = server.wait(timeout=900)
+    log = server_log.read_text()
+    assert code == 0, log[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_round"] == 2
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rounds if r.get("event") == "round" and not r.get("aborted")]
+    assert len(trained) == 2
+    for record in trained:
+        assert sorted(record["hospitals_used"]) == sorted(HOSPITALS)
+        assert record["secure_aggregation"], "the round did not use secure aggregation"
+        for name in HOSPITALS:
+            assert 0 < record["privacy_per_hospital"][name]["epsilon"] <= 8.0
+    for name in HOSPITALS:  # each hospital's own ledger, on its own disk
+        ledger = json.loads((tmp_path / name / "ledger.json").read_text())
+        assert len(ledger["entries"]) == 2
+
+
+def kill_coordinator(server: subprocess.Popen[bytes], run_dir: Path) -> None:
+    """A coordinator crash: the command and every Flower process it started, SIGKILLed."""
+    from fedtune.simulation import find_simulation_processes
+
+    homes = [(run_dir / ".flower" / home).resolve() for home in ("superlink", "cli")]
+    flower = [proc for home in homes for proc in find_simulation_processes(home)]
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+    for proc in flower:
+        with contextlib.suppress(Exception):
+            proc.kill()
+
+
+def round_records(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if '"event": "round"' in line]  # fmt: skip
+
+
+def test_a_node_dies_and_rejoins_and_the_coordinator_resumes_after_a_crash(
+    tmp_path: Path, federation: dict[str, Path], processes: Processes
+) -> None:
+    config = federation["config"]
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    point_nodes_at(federation, address)
+    run_dir = tmp_path / "run"
+    server_args = ("--config", str(config), "--federation", str(federation["federation"]),
+                   "--host", "127.0.0.1", "--port", str(port))  # fmt: skip
+    server, server_log = processes.start("server", "server", *server_args,
+                                         "--run-dir", str(run_dir))  # fmt: skip
+    wait_for(lambda: "Registered north-clinic" in server_log.read_text(), 120, "registration")
+    nodes = {name: processes.start(name, "node", "--config", str(federation[name]))[0]
+             for name in HOSPITALS}  # fmt: skip
+
+    # Round 2: one hospital's machine dies. 2 of 3 survive = the threshold: the round completes.
+    wait_for(lambda: len(round_records(run_dir)) >= 1, 600, "round 1")
+    os.killpg(nodes["north-clinic"].pid, signal.SIGKILL)
+    # After round 2 the coordinator crashes (machine lost: no clean-up at all).
+    wait_for(lambda: len(round_records(run_dir)) >= 2, 600, "round 2")
+    kill_coordinator(server, run_dir)
+    records = round_records(run_dir)
+    assert not records[1].get("aborted"), records[1]
+    assert sorted(records[1]["hospitals_used"]) == ["city-general", "st-anna"]
+
+    # The hospital comes back; the coordinator is restarted with --resume.
+    processes.start("north-clinic-again", "node", "--config", str(federation["north-clinic"]))
+    resumed, resumed_log = processes.start("server-resumed", "server", *server_args,
+                                           "--resume", str(run_dir))  # fmt: skip
+    assert resumed.wait(timeout=900) == 0, resumed_log.read_text()[-3000:]
+
+    records = round_records(run_dir)
+    assert [r["round"] for r in records if not r.get("aborted")] == [1, 2, 3]  # none twice
+    assert sorted(records[-1]["hospitals_used"]) == sorted(HOSPITALS)  # rejoined
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_round"] == 3
+    for name in ("st-anna", "city-general"):  # trained every round, charged once per round
+        ledger = json.loads((tmp_path / name / "ledger.json").read_text())
+        assert [e["server_round"] for e in ledger["entries"]] == [1, 2, 3]
+    ledger = json.loads((tmp_path / "north-clinic" / "ledger.json").read_text())
+    charged = [e["server_round"] for e in ledger["entries"]]
+    assert charged[0] == 1 and charged[-1] == 3 and len(charged) == len(set(charged))
