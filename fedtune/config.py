@@ -109,7 +109,9 @@ class FederationSettings:
     """
 
     rounds: int = 3
-    min_hospitals: int = 2  # a round needs at least this many hospitals that answer
+    # A round starts with at least this many hospitals connected; in clear at least this many
+    # must answer, with secure aggregation it completes while `threshold` of them survive.
+    min_hospitals: int = 2
     strategy: str = "fedavg"
     server_learning_rate: float = 1.0  # 1.0 = plain FedAvg; the global step on the mean delta
     proximal_mu: float = 0.01  # fedprox: weight μ of the proximal term at the hospitals

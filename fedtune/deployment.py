@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import ssl
 import subprocess
 import sys
@@ -409,9 +408,11 @@ def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = pr
             "only, never with patient data).")  # fmt: skip
     home.mkdir(parents=True, exist_ok=True)
     env = {**coordinator_env(home), "PYTHONUNBUFFERED": "1"}
+    # Same process group as this command: Ctrl-C, a service manager's stop or a crash of this
+    # process reaches the SuperNode and its ClientApps too (none outlives the node command).
     proc = subprocess.Popen(
         supernode_command(settings), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, bufsize=1, start_new_session=True,
+        text=True, bufsize=1,
     )  # fmt: skip
     hinted: set[str] = set()
     try:
@@ -425,11 +426,9 @@ def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = pr
         return proc.wait()
     finally:
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            proc.terminate()  # graceful: the SuperNode deactivates itself at the SuperLink
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()

@@ -126,7 +126,9 @@ def collect_secure(
     config: RunConfig = job.config
     settings = config.secure_aggregation
     threshold = settings.threshold
-    needed = max(threshold, config.federation.min_hospitals)
+    # min_hospitals decides whether a round starts (that many connected and sampled); once it
+    # has started, hospitals that drop out do not stop it while `threshold` survive each stage.
+    needed = threshold
     out = RoundCollection(details={"secure_aggregation": True})
     stage = _Stage(grid, names, job.server_round, out)
     fast, slow = settings.stage_timeout_s, config.federation.round_timeout_s
