@@ -69,8 +69,10 @@ is better; final round).
 
 {table.replace("## ", "### ", 1)}
 Goal: federated + DP at ε = 8 within 3 points of centralized non-DP, and clearly above
-local-only. Measured: {gap * 100:+.1f} points below centralized, {over_local * 100:+.1f}
-points over local-only.
+local-only. Measured: {gap * 100:.1f} points below centralized
+({"met" if gap <= 0.03 else "NOT met"}); {abs(over_local) * 100:.1f} points
+{"above" if over_local >= 0 else "below"} local-only (non-DP)
+({"met" if over_local > 0.02 else "NOT met"}).
 
 Plots (`runs/bench/simulation/plots/`): `metric_vs_round.png` (test {numbers['sim_metric_name']}
 per round for every arm), `privacy_utility.png` (final metric vs ε for federated + DP and

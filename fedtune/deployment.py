@@ -284,24 +284,26 @@ _NODE_KEYS = {
     "identity_key": str, "enrollment": str, "data": str, "privacy_ledger": str,
     "privacy_epsilon_budget": float, "device": str, "local_port": int,
     "allow_plain_updates": bool, "allowed_model": str, "insecure": bool,
+    "join_timeout_s": float,
 }  # fmt: skip
 _NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
 _NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
                "privacy_ledger")  # fmt: skip
 
 
-# Flower's messages for the two set-up mistakes a hospital admin meets, explained.
+# Flower's messages for the two set-up problems a hospital admin meets, explained.
 _NODE_HINTS = {
-    "Failed to activate SuperNode": (
-        "the coordinator refused this node: its node key ({s.node_key}) is not enrolled. Send "
+    "Failed to activate SuperNode": ("not-enrolled", (
+        "the coordinator refused this node: its node key ({s.node_key}) is not registered "
+        "there (yet). If the coordinator is just starting, this resolves itself; otherwise send "
         "{s.hospital}-node.pub to the coordinator (fedtune keys enroll --federation ...) and "
         "compare fingerprints with `fedtune keys show`."
-    ),
-    "CERTIFICATE_VERIFY_FAILED": (
+    )),
+    "CERTIFICATE_VERIFY_FAILED": ("tls", (
         "this node cannot verify the coordinator's TLS certificate with {s.ca_certificate}: use "
         "the ca.pem of this federation, and the address its certificate was made for."
-    ),
-}
+    )),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,7 @@ class NodeSettings:
     allow_plain_updates: bool = False
     allowed_model: str = ""
     insecure: bool = False
+    join_timeout_s: float = 600.0  # how long a refused node keeps trying to join
 
 
 def load_node_settings(path: Path) -> NodeSettings:
@@ -402,28 +405,55 @@ def supernode_command(settings: NodeSettings) -> list[str]:
 
 
 def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = print) -> int:
-    """Run the hospital's SuperNode in the foreground until it exits or Ctrl-C."""
+    """Run the hospital's SuperNode in the foreground until it exits or Ctrl-C.
+
+    A SuperNode that the coordinator does not (yet) know is refused at activation and Flower
+    gives up. That happens in normal operation too: a node started before the coordinator, or
+    in the seconds between the SuperLink's start and its registration of enrolled keys. So
+    the node tries again every `_JOIN_RETRY_S` for `join_timeout_s`, saying why; a TLS
+    verification failure is a set-up mistake and ends the node at once.
+    """
     if settings.insecure:
         say("WARNING: insecure = true: NO TLS and NO node authentication (local experiments "
             "only, never with patient data).")  # fmt: skip
     home.mkdir(parents=True, exist_ok=True)
     env = {**coordinator_env(home), "PYTHONUNBUFFERED": "1"}
+    deadline = time.monotonic() + settings.join_timeout_s
+    while True:
+        outcome, code = _supernode_once(settings, env, say)
+        if outcome != "not-enrolled":
+            return code
+        if time.monotonic() + _JOIN_RETRY_S > deadline:
+            say(f"fedtune: giving up after {settings.join_timeout_s:g} s: the coordinator does "
+                "not accept this node's key.")  # fmt: skip
+            return 1
+        say(f"fedtune: trying again in {_JOIN_RETRY_S:g} s.")
+        time.sleep(_JOIN_RETRY_S)
+
+
+_JOIN_RETRY_S = 10.0
+
+
+def _supernode_once(
+    settings: NodeSettings, env: dict[str, str], say: Callable[[str], None]
+) -> tuple[str, int]:
+    """One SuperNode process: ("not-enrolled" | "tls" | "exited", exit code)."""
     # Same process group as this command: Ctrl-C, a service manager's stop or a crash of this
     # process reaches the SuperNode and its ClientApps too (none outlives the node command).
     proc = subprocess.Popen(
         supernode_command(settings), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, bufsize=1,
     )  # fmt: skip
-    hinted: set[str] = set()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             say(line.rstrip("\n"))
-            for marker, hint in _NODE_HINTS.items():
-                if marker in line and marker not in hinted:
-                    hinted.add(marker)
+            for marker, (outcome, hint) in _NODE_HINTS.items():
+                if marker in line:
                     say(f"fedtune: {hint.format(s=settings)}")
-        return proc.wait()
+                    # Flower's SuperNode can linger after giving up: end it here.
+                    return outcome, 1
+        return "exited", proc.wait()
     finally:
         if proc.poll() is None:
             proc.terminate()  # graceful: the SuperNode deactivates itself at the SuperLink
