@@ -124,6 +124,7 @@ class FederationSettings:
     hospitals_per_round: int = 0
     fraction_hospitals: float = 1.0
     round_timeout_s: float = 900.0  # how long the coordinator waits for hospitals' replies
+    max_reply_mb: float = 256.0  # a hospital's reply larger than this is refused unread
     wait_for_hospitals_s: float = 120.0  # how long to wait for min_hospitals to connect
 
     def __post_init__(self) -> None:
@@ -131,6 +132,7 @@ class FederationSettings:
         _positive("federation.min_hospitals", self.min_hospitals)
         _positive("federation.server_learning_rate", self.server_learning_rate)
         _positive("federation.round_timeout_s", self.round_timeout_s)
+        _positive("federation.max_reply_mb", self.max_reply_mb)
         _one_of("federation.strategy", self.strategy, STRATEGIES)
         if self.proximal_mu < 0:
             raise ConfigError(f"federation.proximal_mu must be >= 0, got {self.proximal_mu}.")

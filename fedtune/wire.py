@@ -35,6 +35,36 @@ class MalformedReply(ValueError):
     """A hospital's reply does not have the records a reply of that type must have."""
 
 
+def reply_size_bytes(message: Message) -> int:
+    """Bytes a message's records carry (arrays, byte and text values, numbers)."""
+    content = message.content
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(array.data) for array in record.values())
+    for config in content.config_records.values():
+        for value in config.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in items)
+    for metrics in content.metric_records.values():
+        total += 8 * len(metrics)
+    return total
+
+
+def check_reply_size(message: Message, limit_mb: float) -> None:
+    """Refuse a reply larger than the run allows before parsing anything in it.
+
+    Flower 1.41's HTTP transport has no size limit of its own; a hospital's replies have a
+    known size (an adapter delta, shares, metrics), so anything far larger is refused as
+    malformed rather than decoded.
+    """
+    size = reply_size_bytes(message)
+    if size > limit_mb * 1024**2:
+        raise MalformedReply(
+            f"the reply carries {size / 1024**2:.1f} MB, more than federation.max_reply_mb = "
+            f"{limit_mb:g}; it was not read"
+        )
+
+
 @dataclass(frozen=True)
 class Job:
     """What the coordinator asks of a hospital in one message."""

@@ -28,6 +28,7 @@ from fedtune.wire import (
     TRAIN,
     Job,
     MalformedReply,
+    check_reply_size,
     parse_metrics,
     parse_train_reply,
     request_content,
@@ -242,6 +243,7 @@ def _collect_plain(
             )
             continue
         try:
+            check_reply_size(reply, job.config.federation.max_reply_mb)
             delta, reply_metrics = parse_train_reply(reply)
             check_update(delta, reference, hospital)
         except (MalformedReply, UpdateRejected) as exc:
@@ -310,6 +312,7 @@ def _evaluate(
             result.refusals.append(Refusal(hospital, reply.error.reason or "evaluation failed"))
             continue
         try:
+            check_reply_size(reply, config.federation.max_reply_mb)
             result.per_hospital[hospital] = parse_metrics(reply)
         except MalformedReply as exc:
             result.refusals.append(Refusal(hospital, str(exc)))

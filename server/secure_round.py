@@ -49,7 +49,14 @@ from fedtune.secagg_wire import (
     survivors_record,
 )
 from fedtune.update_rules import honest_sum_norm_bound, secure_codec, uploaded
-from fedtune.wire import GLOBAL_ADAPTER, METRICS, Job, MalformedReply, adapter_to_record
+from fedtune.wire import (
+    GLOBAL_ADAPTER,
+    METRICS,
+    Job,
+    MalformedReply,
+    adapter_to_record,
+    check_reply_size,
+)
 from server.collect import HospitalNames, Refusal, RoundCollection
 from server.views import ViewRecorder
 from strategies.aggregate import AggregateUpdate
@@ -58,8 +65,16 @@ from strategies.aggregate import AggregateUpdate
 class _Stage:
     """Sends one stage's messages and sorts the replies into answers and refusals."""
 
-    def __init__(self, grid: Grid, names: HospitalNames, server_round: int, out: RoundCollection):
+    def __init__(
+        self,
+        grid: Grid,
+        names: HospitalNames,
+        server_round: int,
+        out: RoundCollection,
+        max_reply_mb: float,
+    ):
         self.grid, self.names, self.round, self.out = grid, names, server_round, out
+        self.max_reply_mb = max_reply_mb
 
     def exchange(
         self,
@@ -88,6 +103,7 @@ class _Stage:
                 self.out.refusals.append(Refusal(hospital, reason))
                 continue
             try:
+                check_reply_size(reply, self.max_reply_mb)
                 parsed = parse(reply)
             except (MalformedReply, ValueError, KeyError, TypeError) as exc:
                 self.out.refusals.append(
@@ -130,7 +146,7 @@ def collect_secure(
     # has started, hospitals that drop out do not stop it while `threshold` survive each stage.
     needed = threshold
     out = RoundCollection(details={"secure_aggregation": True})
-    stage = _Stage(grid, names, job.server_round, out)
+    stage = _Stage(grid, names, job.server_round, out, config.federation.max_reply_mb)
     fast, slow = settings.stage_timeout_s, config.federation.round_timeout_s
 
     # Stage 1: signed round keys.

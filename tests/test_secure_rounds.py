@@ -576,3 +576,22 @@ def test_local_key_setup_mistakes_are_reported_as_such_at_the_node(
     assert "is not the key enrolled for 'South'" in refused["South"]
     assert "identity-key" in refused["South"]
     assert run_dir.saved_rounds() == [0]  # one hospital left: aborted
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_replies_over_the_size_limit_are_refused_unread(
+    classify_config: RunConfig, tmp_path: Path, secure: bool
+):
+    """A reply larger than federation.max_reply_mb is refused, naming the hospital; with
+    every reply refused the round is aborted and the global adapter stays as it was."""
+    config = _secure(classify_config)
+    config = replace_section(config if secure else in_clear(config), "federation",
+                             max_reply_mb=1e-4)  # ~100 bytes: every reply is larger
+    lines: list[str] = []
+    run_dir = _run(config, InProcessGrid(3), tmp_path / "run", lines)
+    (record,) = _rounds(run_dir)
+    assert record["aborted"] and run_dir.saved_rounds() == [0]
+    assert sorted(record["refused"]) == ["hospital-1", "hospital-2", "hospital-3"]
+    for reason in record["refused"].values():
+        assert "more than federation.max_reply_mb = 0.0001; it was not read" in reason
+    assert any(line.startswith("Round 1 aborted") and "unchanged" in line for line in lines)
