@@ -253,3 +253,30 @@ def test_quick_experiment_as_shipped(tmp_path: Path) -> None:
     check = json.loads((out / "secagg_check.json").read_text())
     assert len(check) == 1 and check[0]["equal_within_fixed_point_error"]
     assert 0 < check[0]["max_abs_difference"] <= check[0]["bound"]
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding(tiny_llama_dir: Path) -> None:
+    """An answer counts as exact iff greedy decoding produces it: build answers from the
+    model's own greedy continuation (exact), then change one token (not exact)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from simulations.baselines import greedy_exact_match
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    features, altered = [], []
+    for prompt in ([101, 2023, 2003, 1037], [101, 7592, 2088], [101, 3231, 2005, 2062, 2146]):
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=4, do_sample=False, pad_token_id=0)  # fmt: skip
+        answer = out[0, len(prompt) :].tolist()
+        full = prompt + answer
+        features.append({"input_ids": full, "attention_mask": [1] * len(full),
+                         "labels": [-100] * len(prompt) + answer})  # fmt: skip
+        wrong = [*answer[:-1], (answer[-1] + 1) % model.config.vocab_size]
+        altered.append({"input_ids": prompt + wrong, "attention_mask": [1] * len(full),
+                        "labels": [-100] * len(prompt) + wrong})  # fmt: skip
+    assert greedy_exact_match(model, features, batch_size=2, pad_token_id=0) == 1.0
+    assert greedy_exact_match(model, altered, batch_size=2, pad_token_id=0) == 0.0
+    mixed = [features[0], altered[1], features[2]]
+    assert greedy_exact_match(model, mixed, batch_size=3, pad_token_id=0) == pytest.approx(2 / 3)
