@@ -160,7 +160,7 @@ def _secure_round(
     for name in names:
         started = time.perf_counter()
         states[name], adverts[name] = protocol.advertise(
-            identities[name], name, RUN_ID, server_round
+            identities[name], name, RUN_ID, server_round, 1
         )
         out.setup_seconds[name] = time.perf_counter() - started
         out.replies[KEYS][name] = named(RecordDict({ADVERT: advert_record(adverts[name])}), name)
@@ -204,7 +204,7 @@ def _secure_round(
         out.replies[UNMASK][name] = named(content, name)
 
     inputs = protocol.UnmaskInputs(
-        context=round_context(RUN_ID, server_round),
+        context=round_context(RUN_ID, server_round, 1),
         threshold=THRESHOLD,
         adverts=adverts,
         mask_set=names,

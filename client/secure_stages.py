@@ -49,6 +49,7 @@ NODE_ENROLLMENT_KEY = "enrollment"  # the coordinator's list of enrolled hospita
 NODE_MIN_THRESHOLD_KEY = "secagg-min-threshold"  # the lowest threshold this hospital accepts
 
 _STATE = "secagg-round"  # context.state record holding this round's secrets
+_USED = "secagg-attempts"  # context.state record: every (run, round, attempt) keyed so far
 # Training metrics that reveal the number of training examples (the masked weight).
 SIZE_REVEALING_METRICS = ("sample-rate", "noise-multiplier", "dp-steps", "train-steps")
 
@@ -62,7 +63,10 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     identity = hospital_identity(context.node_config, job.config.data)
     refuse_recording_outside_simulation(job.config, identity)
     signing_key, _ = hospital_keys(context.node_config, job.config, identity)
-    state, advert = protocol.advertise(signing_key, identity.name, job.run_id, job.server_round)
+    _refuse_reused_attempt(context, job)
+    state, advert = protocol.advertise(
+        signing_key, identity.name, job.run_id, job.server_round, job.attempt
+    )
     _save(context, state, job, time.perf_counter() - started)
     return _reply(msg, identity, {ADVERT: advert_record(advert)})
 
@@ -198,11 +202,30 @@ def _job(msg: Message) -> Job:
     return Job.from_record(msg.content.config_records[JOB])
 
 
+def _refuse_reused_attempt(context: Context, job: Job) -> None:
+    """Key each (run, round, attempt) once: a retried round must come with a new attempt.
+
+    A coordinator that asked again under an attempt this hospital already keyed could pair
+    the new masked input with secrets revealed for the old one (the dropout recovery of an
+    aborted try); refusing the repeat keeps every revealed secret tied to one try only.
+    """
+    label = f"{job.run_id}/{job.server_round}/{job.attempt}"
+    record = context.state.config_records.get(_USED)
+    used = [str(x) for x in record["labels"]] if record is not None else []  # type: ignore[union-attr]
+    if label in used:
+        raise protocol.ProtocolAbort(
+            f"the coordinator asked again for round {job.server_round}, attempt {job.attempt}, "
+            "which this hospital already took part in; a retried round must be a new attempt"
+        )
+    context.state[_USED] = ConfigRecord({"labels": [*used, label]})
+
+
 def _save(context: Context, state: protocol.HospitalRound, job: Job, seconds: float) -> None:
     context.state[_STATE] = ConfigRecord(
         {
             "run-id": job.run_id,
             "round": job.server_round,
+            "attempt": job.attempt,
             "secrets": state.to_bytes(),
             "seconds": seconds,
         }
@@ -216,10 +239,12 @@ def _load(context: Context, job: Job) -> tuple[protocol.HospitalRound, float]:
         record is None
         or record.get("run-id") != job.run_id
         or record.get("round") != job.server_round
+        or record.get("attempt") != job.attempt
     ):
         raise protocol.ProtocolAbort(
-            f"asked for a secure-aggregation stage of round {job.server_round} that this "
-            "hospital has no keys for (it did not take part in the key stage)"
+            f"asked for a secure-aggregation stage of round {job.server_round} (attempt "
+            f"{job.attempt}) that this hospital has no keys for (it did not take part in that "
+            "key stage)"
         )
     secrets = record["secrets"]
     assert isinstance(secrets, bytes)

@@ -7,6 +7,7 @@ is here as pure functions, with no Flower or torch import, so it is tested on sm
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -81,6 +82,20 @@ def adapter_norm(adapter: Mapping[str, np.ndarray]) -> float:
     """L2 norm over all tensors, as one vector."""
     squares = (float(np.sum(np.square(v, dtype=np.float64))) for v in adapter.values())
     return float(np.sqrt(sum(squares)))
+
+
+def adapter_sha256(adapter: Mapping[str, np.ndarray]) -> str:
+    """A fingerprint of an adapter's exact float32 values (names, shapes, bytes, in order).
+
+    Logged with every round attempt, so anyone can check that an aborted round left the
+    global adapter as it was and that its retry started from the same one.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(adapter):
+        value = np.ascontiguousarray(adapter[name], dtype=np.float32)
+        digest.update(f"{name}:{value.shape}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def num_parameters(adapter: Mapping[str, np.ndarray]) -> int:

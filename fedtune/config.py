@@ -126,6 +126,11 @@ class FederationSettings:
     round_timeout_s: float = 900.0  # how long the coordinator waits for hospitals' replies
     max_reply_mb: float = 256.0  # a hospital's reply larger than this is refused unread
     wait_for_hospitals_s: float = 120.0  # how long to wait for min_hospitals to connect
+    # An aborted round (too few hospitals survived it, or its sum was refused) is tried again
+    # this many times, from the same global adapter, before the run moves on: dropouts in
+    # real networks are mostly transient. Each try costs the hospitals that trained in it
+    # privacy budget, as every release must.
+    round_retries: int = 2
 
     def __post_init__(self) -> None:
         _positive("federation.rounds", self.rounds)
@@ -141,6 +146,11 @@ class FederationSettings:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"federation.{name} must be in [0, 1), got {value}.")
         _positive("federation.tau", self.tau)
+        if self.round_retries < 0:
+            raise ConfigError(
+                f"federation.round_retries must be >= 0 (0 = never retry), "
+                f"got {self.round_retries}."
+            )
         if self.hospitals_per_round < 0:
             raise ConfigError("federation.hospitals_per_round must be >= 0 (0 = use the fraction).")
         if not 0.0 < self.fraction_hospitals <= 1.0:

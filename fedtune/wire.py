@@ -73,11 +73,15 @@ class Job:
     config: RunConfig
     run_id: str  # the coordinator's run identity: hospitals' privacy ledgers key on it
     split: str = "validation"  # evaluate only
+    # 1 for a round's first try; an aborted round is tried again with the next number, and
+    # secure aggregation binds its keys to it (a retry never reuses a first try's keys).
+    attempt: int = 1
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
             {
                 "round": self.server_round,
+                "attempt": self.attempt,
                 "run-config": self.config.to_json(),
                 "run-id": self.run_id,
                 "split": self.split,
@@ -94,6 +98,7 @@ class Job:
             config=RunConfig.from_json(str(record["run-config"])),
             run_id=str(record["run-id"]),
             split=split,
+            attempt=int(record["attempt"]),  # type: ignore[arg-type]
         )
 
 

@@ -26,3 +26,17 @@ def restore_run(
     say(f"Resuming {run_dir.path} after round {last}: global adapter and "
         f"{strategy.name} state restored.")  # fmt: skip
     return last + 1, run_dir.load_adapter(last), base
+
+
+def attempts_started(run_dir: RunDirectory) -> dict[int, int]:
+    """Round → the highest attempt a run already started at it (from its round-start events).
+
+    A resumed run tries a round under the next attempt number, so no secure-aggregation
+    keys of a try the crashed coordinator started are ever asked for again.
+    """
+    started: dict[int, int] = {}
+    for record in run_dir.read_metrics():
+        if record.get("event") == "round-start":
+            server_round = int(record["round"])
+            started[server_round] = max(started.get(server_round, 0), int(record["attempt"]))
+    return started

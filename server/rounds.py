@@ -19,7 +19,13 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.adapters import Adapter, UpdateRejected, adapter_norm, check_update
+from fedtune.adapters import (
+    Adapter,
+    UpdateRejected,
+    adapter_norm,
+    adapter_sha256,
+    check_update,
+)
 from fedtune.config import RunConfig
 from fedtune.secagg.encoding import flatten
 from fedtune.update_rules import honest_sum_norm_bound, update_weight, uploaded
@@ -36,13 +42,13 @@ from fedtune.wire import (
 from server.client_privacy import client_level_guarantee
 from server.collect import EvaluationResult, HospitalNames, Refusal, RoundCollection
 from server.report import RoundReport
-from server.resume import restore_run
+from server.resume import attempts_started, restore_run
 from server.run_dir import RunDirectory
 from server.sampling import hospitals_for_round
 from server.secure_round import collect_secure
 from server.views import ViewRecorder
 from strategies.aggregate import weighted_sum
-from strategies.registry import build_strategy
+from strategies.registry import Strategy, build_strategy
 
 
 class NotEnoughHospitals(RuntimeError):
@@ -97,96 +103,31 @@ def run_federation(
         _log_refusals(base.refusals, say)
         run_dir.append_metrics({"event": "evaluate", "round": 0, "split": "test", **_flat(base)})
 
+    federation = _Federation(
+        grid, config, run_dir, strategy, names, views, report, say, guarantees, participation,
+        connected,
+    )  # fmt: skip
+    tried = attempts_started(run_dir) if resume else {}
+    completed = first_round - 1
     for server_round in range(first_round, settings.rounds + 1):
-        started = time.perf_counter()
-        node_ids = _wait_for_hospitals(
-            grid, settings.min_hospitals, settings.wait_for_hospitals_s, say
-        )
-        available = node_ids
-        node_ids = hospitals_for_round(available, settings, config.train.seed, server_round)
-        job = Job(server_round, config, run_dir.run_id)
-        if config.secure_aggregation.enabled:
-            collected = collect_secure(grid, node_ids, global_adapter, job, names, views)
+        # An aborted round is tried again (`federation.round_retries`) from the same global
+        # adapter, once enough hospitals are connected: a hospital that dropped out and came
+        # back takes part. Every try is a new attempt with fresh secure-aggregation keys.
+        for _ in range(settings.round_retries + 1):
+            attempt = tried.get(server_round, 0) + 1
+            tried[server_round] = attempt
+            if attempt > 1:
+                say(f"Round {server_round}: attempt {attempt} (the previous one was aborted).")
+            updated = federation.try_round(server_round, attempt, global_adapter)
+            if updated is not None:
+                global_adapter, completed = updated, server_round
+                break
         else:
-            collected = _collect_plain(grid, node_ids, global_adapter, job, names, views)
-        train_metrics, refusals = collected.train_metrics, collected.refusals
-        train_phase_seconds = time.perf_counter() - started
-        _log_refusals(refusals, say)
-        for hospital, metrics in sorted(train_metrics.items()):
-            if metrics.get("dp", 0.0) > 0:
-                guarantees[hospital] = {
-                    key: metrics[key] for key in ("epsilon", "delta", "epsilon-budget")
-                }
-            if metrics.get("skipped-lines", 0) > 0:
-                say(f"  note: {hospital} skipped {int(metrics['skipped-lines'])} invalid data "
-                    "line(s) (data.skip_bad_lines = true)")  # fmt: skip
-            if metrics.get("delta-clipped", 0) > 0:
-                say(f"  note: {hospital}'s update was longer than secure_aggregation.clip_norm "
-                    f"= {config.secure_aggregation.clip_norm:g} and was clipped to it")  # fmt: skip
-            if metrics.get("weight-capped", 0) > 0:
-                say(f"  note: {hospital}'s weight was capped at secure_aggregation.max_weight "
-                    f"= {config.secure_aggregation.max_weight}")  # fmt: skip
-        record: dict[str, Any] = {
-            "event": "round",
-            "round": server_round,
-            "hospitals_asked": len(node_ids),
-            "hospitals_connected": len(available),
-            "hospitals_sampled": len(node_ids),
-            "sampled_nodes": node_ids,
-            "sampled_hospitals": [names.known(n) for n in node_ids],
-            "hospitals_used": sorted(train_metrics),
-            "refused": {r.hospital: r.reason for r in refusals},
-            "train": train_metrics,
-            "train_phase_seconds": train_phase_seconds,
-            "secure_aggregation": collected.details,
-        }
-        if collected.sum_revealed:
-            # Logged before anything else can fail: a crash after this line and a resumed
-            # run that redoes the round count as two releases, as they are.
-            participation.append(len(node_ids))
-            connected.append(len(available))
-            run_dir.append_metrics({"event": "sum-revealed", "round": server_round,
-                                    "hospitals_sampled": len(node_ids),
-                                    "hospitals_connected": len(available)})  # fmt: skip
-        if collected.update is None:
-            say(f"Round {server_round} aborted: {collected.abort_reason}. "
-                "The global adapter is unchanged.")  # fmt: skip
-            run_dir.append_metrics({**record, "aborted": True, "reason": collected.abort_reason})
-            continue
-        update = collected.update
-        if collected.details.get("dropped"):
-            say(f"  note: {', '.join(collected.details['dropped'])} dropped out after sharing "
-                "keys; their masks were removed with the other hospitals' shares")  # fmt: skip
-        try:
-            global_adapter = strategy.apply(global_adapter, update)
-            record["aggregate_seconds"] = time.perf_counter() - started - train_phase_seconds
-        except UpdateRejected as exc:
-            say(f"Round {server_round} aborted: {exc}. The global adapter is unchanged.")
-            run_dir.append_metrics({**record, "aborted": True, "reason": str(exc)})
-            continue
-        # State first: a saved adapter always has its strategy state (resume trusts it).
-        run_dir.save_strategy_state(server_round, strategy.state_dict())
-        run_dir.save_adapter(server_round, global_adapter)
-        record["privacy_per_hospital"] = {
-            h: guarantees[h] for h in train_metrics if h in guarantees
-        }
-        client_level = client_level_guarantee(config, participation, connected)
-        if client_level:
-            record["client_level_privacy"] = client_level
-        validation = _evaluate(
-            grid, global_adapter, config, run_dir.run_id, server_round, "validation", names
-        )
-        _log_refusals(validation.refusals, say)
-        seconds = time.perf_counter() - started
-        record.update(
-            {
-                "aggregate_norm": adapter_norm(update.mean_delta()),
-                "validation": _flat(validation),
-                "seconds": seconds,
-            }
-        )
-        run_dir.append_metrics(record)
-        report.round(server_round, train_metrics, validation.per_hospital, seconds)
+            say(
+                f"Round {server_round} could not be completed in {settings.round_retries + 1} "
+                f"attempt(s); the global adapter stays that of round {completed} "
+                "(federation.round_retries sets how often an aborted round is tried again)."
+            )
 
     final = _evaluate(grid, global_adapter, config, run_dir.run_id, settings.rounds, "test", names)
     _log_refusals(final.refusals, say)
@@ -210,6 +151,138 @@ def run_federation(
     report.privacy(guarantees, config.privacy.accountant)
     report.client_privacy(client_level_guarantee(config, participation, connected))
     return summary
+
+
+class _Federation:
+    """One run's coordinator state; `try_round` is one attempt at a round, top to bottom."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        config: RunConfig,
+        run_dir: RunDirectory,
+        strategy: Strategy,
+        names: HospitalNames,
+        views: ViewRecorder | None,
+        report: RoundReport,
+        say: Callable[[str], None],
+        guarantees: dict[str, dict[str, float]],
+        participation: list[int],
+        connected: list[int],
+    ) -> None:
+        self.grid, self.config, self.run_dir, self.strategy = grid, config, run_dir, strategy
+        self.names, self.views, self.report, self.say = names, views, report, say
+        self.guarantees, self.participation, self.connected = guarantees, participation, connected
+
+    def try_round(self, server_round: int, attempt: int, global_adapter: Adapter) -> Adapter | None:
+        """Train, aggregate, check, save and validate; None (adapter untouched) if aborted."""
+        config, settings, run_dir, say = self.config, self.config.federation, self.run_dir, self.say
+        started = time.perf_counter()
+        available = _wait_for_hospitals(
+            self.grid, settings.min_hospitals, settings.wait_for_hospitals_s, say
+        )
+        node_ids = hospitals_for_round(available, settings, config.train.seed, server_round)
+        job = Job(server_round, config, run_dir.run_id, attempt=attempt)
+        # Logged before anyone is asked: a resumed run continues the attempt numbering.
+        start_record = {"event": "round-start", "round": server_round, "attempt": attempt,
+                        "global_adapter_sha256": adapter_sha256(global_adapter)}  # fmt: skip
+        run_dir.append_metrics(start_record)
+        if config.secure_aggregation.enabled:
+            collected = collect_secure(
+                self.grid, node_ids, global_adapter, job, self.names, self.views
+            )
+        else:
+            collected = _collect_plain(
+                self.grid, node_ids, global_adapter, job, self.names, self.views
+            )
+        train_metrics, refusals = collected.train_metrics, collected.refusals
+        train_phase_seconds = time.perf_counter() - started
+        _log_refusals(refusals, say)
+        self._note_hospital_reports(train_metrics)
+        record: dict[str, Any] = {
+            "event": "round",
+            "round": server_round,
+            "attempt": attempt,
+            "hospitals_asked": len(node_ids),
+            "hospitals_connected": len(available),
+            "hospitals_sampled": len(node_ids),
+            "sampled_nodes": node_ids,
+            "sampled_hospitals": [self.names.known(n) for n in node_ids],
+            "hospitals_used": sorted(train_metrics),
+            "refused": {r.hospital: r.reason for r in refusals},
+            "train": train_metrics,
+            "train_phase_seconds": train_phase_seconds,
+            "secure_aggregation": collected.details,
+        }
+        if collected.sum_revealed:
+            # Logged before anything else can fail: a crash after this line and a resumed
+            # run that redoes the round count as two releases, as they are.
+            self.participation.append(len(node_ids))
+            self.connected.append(len(available))
+            run_dir.append_metrics({"event": "sum-revealed", "round": server_round,
+                                    "hospitals_sampled": len(node_ids),
+                                    "hospitals_connected": len(available)})  # fmt: skip
+        if collected.update is None:
+            self._abort(record, collected.abort_reason)
+            return None
+        update = collected.update
+        if collected.details.get("dropped"):
+            say(f"  note: {', '.join(collected.details['dropped'])} dropped out after sharing "
+                "keys; their masks were removed with the other hospitals' shares")  # fmt: skip
+        try:
+            global_adapter = self.strategy.apply(global_adapter, update)
+            record["aggregate_seconds"] = time.perf_counter() - started - train_phase_seconds
+        except UpdateRejected as exc:
+            self._abort(record, str(exc))
+            return None
+        # State first: a saved adapter always has its strategy state (resume trusts it).
+        run_dir.save_strategy_state(server_round, self.strategy.state_dict())
+        run_dir.save_adapter(server_round, global_adapter)
+        record["privacy_per_hospital"] = {
+            h: self.guarantees[h] for h in train_metrics if h in self.guarantees
+        }
+        client_level = client_level_guarantee(config, self.participation, self.connected)
+        if client_level:
+            record["client_level_privacy"] = client_level
+        validation = _evaluate(
+            self.grid, global_adapter, config, run_dir.run_id, server_round, "validation",
+            self.names,
+        )  # fmt: skip
+        _log_refusals(validation.refusals, say)
+        seconds = time.perf_counter() - started
+        record.update(
+            {
+                "aggregate_norm": adapter_norm(update.mean_delta()),
+                "global_adapter_sha256": adapter_sha256(global_adapter),
+                "validation": _flat(validation),
+                "seconds": seconds,
+            }
+        )
+        run_dir.append_metrics(record)
+        self.report.round(server_round, train_metrics, validation.per_hospital, seconds)
+        return global_adapter
+
+    def _abort(self, record: dict[str, Any], reason: str) -> None:
+        self.say(f"Round {record['round']} aborted: {reason}. The global adapter is unchanged.")
+        self.run_dir.append_metrics({**record, "aborted": True, "reason": reason})
+
+    def _note_hospital_reports(self, train_metrics: dict[str, dict[str, float]]) -> None:
+        secure = self.config.secure_aggregation
+        clip, cap = secure.clip_norm, secure.max_weight
+        for hospital, metrics in sorted(train_metrics.items()):
+            if metrics.get("dp", 0.0) > 0:
+                self.guarantees[hospital] = {
+                    key: metrics[key] for key in ("epsilon", "delta", "epsilon-budget")
+                }
+            if metrics.get("skipped-lines", 0) > 0:
+                self.say(f"  note: {hospital} skipped {int(metrics['skipped-lines'])} invalid "
+                         "data line(s) (data.skip_bad_lines = true)")  # fmt: skip
+            if metrics.get("delta-clipped", 0) > 0:
+                self.say(f"  note: {hospital}'s update was longer than secure_aggregation."
+                         f"clip_norm = {clip:g} and was clipped to it")  # fmt: skip
+            if metrics.get("weight-capped", 0) > 0:
+                self.say(f"  note: {hospital}'s weight was capped at "
+                         f"secure_aggregation.max_weight = {cap}")  # fmt: skip
 
 
 def _collect_plain(

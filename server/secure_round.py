@@ -235,7 +235,7 @@ def _unmask(
 ) -> np.ndarray:
     return unmask_sum(
         UnmaskInputs(
-            context=round_context(job.run_id, job.server_round),
+            context=round_context(job.run_id, job.server_round, job.attempt),
             threshold=threshold,
             adverts={h: a for h, (_, a, _) in adverts.items()},
             mask_set=mask_set,

@@ -19,6 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from fedtune.secagg_wire import KEYS, MASKED, SHARES, UNMASK
+from fedtune.wire import JOB
 
 Tamper = Callable[[int, Message], Message]
 
@@ -37,6 +38,7 @@ class InProcessGrid(Grid):
         silent: set[int] | None = None,
         drop_after: dict[int, str] | None = None,
         tamper_request: Tamper | None = None,
+        only_in: set[tuple[int, int]] | None = None,
     ) -> None:
         # Messages take their sender from the process identity, as in a real ServerApp.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
@@ -58,6 +60,9 @@ class InProcessGrid(Grid):
         # answers the later stages of that round (it crashed). It still answers evaluate
         # requests (and plain `train`), like a hospital that came back after the round.
         self.drop_after = dict(drop_after or {})
+        # (round, attempt) pairs in which `drop_after` applies (None = every round): a
+        # hospital whose crash is transient and that is back for the round's next attempt.
+        self.only_in = only_in
         for node_id, stage in self.drop_after.items():
             if stage not in SECURE_STAGES:
                 raise ValueError(f"drop_after[{node_id}] = {stage!r}; use one of {SECURE_STAGES}")
@@ -120,4 +125,8 @@ class InProcessGrid(Grid):
         kind = message.metadata.message_type
         if last is None or kind not in SECURE_STAGES:
             return False
+        if self.only_in is not None:
+            job = message.content.config_records[JOB]
+            if (int(job["round"]), int(job["attempt"])) not in self.only_in:  # type: ignore[arg-type]
+                return False
         return SECURE_STAGES.index(kind) > SECURE_STAGES.index(last)

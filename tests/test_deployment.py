@@ -269,3 +269,70 @@ def test_a_node_dies_and_rejoins_and_the_coordinator_resumes_after_a_crash(
     ledger = json.loads((tmp_path / "north-clinic" / "ledger.json").read_text())
     charged = [e["server_round"] for e in ledger["entries"]]
     assert charged[0] == 1 and charged[-1] == 3 and len(charged) == len(set(charged))
+
+
+def round_starts(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if '"event": "round-start"' in line]  # fmt: skip
+
+
+def test_a_round_left_below_the_threshold_is_aborted_and_retried_with_the_adapter_unchanged(
+    tmp_path: Path, federation: dict[str, Path], processes: Processes
+) -> None:
+    """Two of three hospitals die during round 2 (1 left, threshold 2): the attempt is
+    aborted and the global adapter stays that of round 1; the coordinator waits for the
+    hospitals to come back and the retry completes from that same adapter."""
+    from fedtune.adapters import adapter_sha256
+    from server.run_dir import RunDirectory
+
+    config = federation["config"]
+    config.write_text(config.read_text().replace("[federation]\n",
+                                                 "[federation]\nround_retries = 2\n"))  # fmt: skip
+    port = free_port()
+    point_nodes_at(federation, f"127.0.0.1:{port}")
+    run_dir = tmp_path / "run"
+    server, server_log = processes.start(
+        "server", "server", "--config", str(config), "--federation",
+        str(federation["federation"]), "--run-dir", str(run_dir), "--host", "127.0.0.1",
+        "--port", str(port),
+    )  # fmt: skip
+    wait_for(lambda: "Registered north-clinic" in server_log.read_text(), 120, "registration")
+    nodes = {name: processes.start(name, "node", "--config", str(federation[name]))[0]
+             for name in HOSPITALS}  # fmt: skip
+
+    wait_for(lambda: any(r["round"] == 2 for r in round_starts(run_dir)), 600, "round 2")
+    for name in ("city-general", "north-clinic"):
+        os.killpg(nodes[name].pid, signal.SIGKILL)
+    wait_for(lambda: any(r.get("aborted") for r in round_records(run_dir)), 600, "the abort")
+    for name in ("city-general", "north-clinic"):
+        processes.start(f"{name}-again", "node", "--config", str(federation[name]))
+    assert server.wait(timeout=900) == 0, server_log.read_text()[-3000:]
+
+    records = round_records(run_dir)
+    assert [(r["round"], r["attempt"], bool(r.get("aborted"))) for r in records] == [
+        (1, 1, False), (2, 1, True), (2, 2, False)
+    ]  # fmt: skip
+    assert "at least 2" in records[1]["reason"]
+    assert sorted(records[2]["hospitals_used"]) == sorted(HOSPITALS)  # both came back
+    round_one = adapter_sha256(RunDirectory(run_dir).load_adapter(1))
+    starts = [r for r in round_starts(run_dir) if r["round"] == 2]
+    assert [r["attempt"] for r in starts] == [1, 2]
+    assert {r["global_adapter_sha256"] for r in starts} == {round_one}  # unchanged by the abort
+    assert json.loads((run_dir / "summary.json").read_text())["final_round"] == 2
+    log = server_log.read_text()
+    assert "Round 2 aborted" in log and "The global adapter is unchanged" in log
+    # The survivor's ledger holds exactly the trainings the coordinator saw it report (the
+    # aborted attempt's included, if it trained in it); a killed hospital's may also hold one
+    # it finished but could not send before it died: over-counting, never under-counting.
+    for name in HOSPITALS:
+        ledger = json.loads((tmp_path / name / "ledger.json").read_text())
+        charged = [e["server_round"] for e in ledger["entries"]]
+        reported = [r["round"] for r in records if name in r["hospitals_used"]]
+        if name == "st-anna":
+            assert charged == reported
+        else:
+            assert set(charged) <= {1, 2} and all(charged.count(k) >= reported.count(k)
+                                                  for k in (1, 2))  # fmt: skip

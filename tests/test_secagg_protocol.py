@@ -123,7 +123,7 @@ def run_protocol(
     states: dict[str, HospitalRound] = {}
     adverts: dict[str, Advertisement] = {}
     for name in names:  # stage 1
-        states[name], adverts[name] = P.advertise(ids[name], name, RUN_ID, server_round)
+        states[name], adverts[name] = P.advertise(ids[name], name, RUN_ID, server_round, 1)
     outboxes: dict[str, dict[str, bytes]] = {}
     commitments: dict[str, bytes] = {}
     for name in names:  # stage 2: everyone who advertised is relayed to everyone
@@ -432,14 +432,14 @@ def test_keys_and_share_aad_are_bound_to_round_purpose_and_pair() -> None:
     binding is checked alone (each alone stops a replayed or redirected share)."""
     a_secret, a_public = p.new_x25519()
     b_secret, b_public = p.new_x25519()
-    ctx1, ctx2 = p.round_context(RUN_ID, 1), p.round_context(RUN_ID, 2)
+    ctx1, ctx2 = p.round_context(RUN_ID, 1, 1), p.round_context(RUN_ID, 2, 1)
     key = p.agree(a_secret, b_public, P.SHARE_PURPOSE, ctx1, (H1, H2))
     assert key == p.agree(b_secret, a_public, P.SHARE_PURPOSE, ctx1, (H2, H1))
     others = [
         p.agree(a_secret, b_public, P.SHARE_PURPOSE, ctx2, (H1, H2)),
         p.agree(a_secret, b_public, P.MASK_PURPOSE, ctx1, (H1, H2)),
         p.agree(a_secret, b_public, P.SHARE_PURPOSE, ctx1, (H1, H3)),
-        p.agree(a_secret, b_public, P.SHARE_PURPOSE, p.round_context("other-run", 1), (H1, H2)),
+        p.agree(a_secret, b_public, P.SHARE_PURPOSE, p.round_context("other-run", 1, 1), (H1, H2)),
     ]
     assert len({key, *others}) == 5 and len(key) == 32
     aad = P._share_aad(ctx1, H1, H2)
@@ -467,10 +467,12 @@ class SharedRound:
         return enrollment_of(self.identities)
 
 
-def advertised(identities: Mapping[str, Ed25519PrivateKey], server_round: int = 1) -> SharedRound:
+def advertised(
+    identities: Mapping[str, Ed25519PrivateKey], server_round: int = 1, attempt: int = 1
+) -> SharedRound:
     states, adverts = {}, {}
     for name, key in identities.items():
-        states[name], adverts[name] = P.advertise(key, name, RUN_ID, server_round)
+        states[name], adverts[name] = P.advertise(key, name, RUN_ID, server_round, attempt)
     return SharedRound(dict(identities), states, adverts, {})
 
 
@@ -525,7 +527,7 @@ def test_a_share_replayed_from_another_round_is_rejected() -> None:
     assert_no_masked_input(round2.states[H2])
 
     reused = advertised(identities, server_round=2)
-    context2 = p.round_context(RUN_ID, 2)
+    context2 = p.round_context(RUN_ID, 2, 1)
     for name in (H1, H2):
         reused.states[name], reused.adverts[name] = signed_advert(
             identities[name], name, context2, round1.states[name].c_secret,
@@ -583,7 +585,7 @@ def test_an_unenrolled_or_duplicated_hospital_aborts() -> None:
     """Keys of a hospital missing from the enrollment list (even correctly self-signed) are
     refused, and so is a hospital listed twice."""
     round_ = advertised(new_identities(NAMES3))
-    _, intruder = P.advertise(Ed25519PrivateKey.generate(), "intruder", RUN_ID, 1)
+    _, intruder = P.advertise(Ed25519PrivateKey.generate(), "intruder", RUN_ID, 1, 1)
     with pytest.raises(ProtocolAbort, match="intruder is not in this hospital's enrollment"):
         P.make_shares(
             round_.states[H1],
@@ -599,6 +601,25 @@ def test_an_unenrolled_or_duplicated_hospital_aborts() -> None:
     assert_no_masked_input(round_.states[H1])
 
 
+def test_round_keys_of_an_aborted_attempt_are_refused_in_its_retry() -> None:
+    """A retried round is a new attempt: a peer's validly signed keys from the first try
+    (whose secrets that try's dropout recovery may have revealed) do not verify in the
+    second, and shares of the first try do not decrypt in the second."""
+    identities = new_identities(NAMES3)
+    first = shared(advertised(identities, server_round=2, attempt=1))
+    retry = advertised(identities, server_round=2, attempt=2)
+    assert first.states[H1].context != retry.states[H1].context
+    replayed = [a if a.hospital != H2 else first.adverts[H2] for a in retry.adverts.values()]
+    with pytest.raises(p.BadSignature, match=H2):
+        P.make_shares(retry.states[H1], replayed, retry.enrollment, 2, minimum_threshold=2)
+    assert_no_masked_input(retry.states[H1])
+    retry = shared(retry)
+    inbox = {**inbox_for(retry.outboxes, NAMES3, H3), H1: first.outboxes[H1][H3]}
+    with pytest.raises(p.ShareRejected, match=H1):
+        P.accept_shares(retry.states[H3], NAMES3, inbox)
+    assert_no_masked_input(retry.states[H3])
+
+
 def test_the_recipients_own_keys_must_be_relayed_unchanged() -> None:
     """Omitting hospital-1's own keys, or relaying a stale but validly signed set (it
     advertised twice this round), aborts; altering them breaks its own signature."""
@@ -609,7 +630,7 @@ def test_the_recipients_own_keys_must_be_relayed_unchanged() -> None:
         P.make_shares(round_.states[H1], others, round_.enrollment, 2, minimum_threshold=2)
     assert_no_masked_input(round_.states[H1])
 
-    _, stale = P.advertise(identities[H1], H1, RUN_ID, 1)
+    _, stale = P.advertise(identities[H1], H1, RUN_ID, 1, 1)
     with pytest.raises(ProtocolAbort, match="own round keys"):
         P.make_shares(
             round_.states[H1], [*others, stale], round_.enrollment, 2, minimum_threshold=2
@@ -960,7 +981,7 @@ def test_hospital_round_survives_to_bytes_between_every_stage(names: list[str]) 
 
     states, adverts = {}, {}
     for name in names:
-        state, adverts[name] = P.advertise(identities[name], name, RUN_ID, 3)
+        state, adverts[name] = P.advertise(identities[name], name, RUN_ID, 3, 1)
         states[name] = reload(state)
     outboxes, commitments = {}, {}
     for name in names:
@@ -1001,7 +1022,7 @@ def test_a_hospital_refuses_a_threshold_below_its_own_floor() -> None:
     victim, colluder = names[0], names[1]
     states, adverts = {}, {}
     for name in (victim, colluder):
-        states[name], adverts[name] = P.advertise(identities[name], name, "run-floor", 1)
+        states[name], adverts[name] = P.advertise(identities[name], name, "run-floor", 1, 1)
     with pytest.raises(P.ProtocolAbort, match="below this hospital's minimum of 4"):
         P.make_shares(states[victim], list(adverts.values()), enrollment, 2,
                       minimum_threshold=len(enrollment) // 2 + 1)  # fmt: skip

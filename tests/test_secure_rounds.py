@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message
 from tiny import deployed_nodes, in_clear, replace_section
 
 from client.session import data_for, hospital_identity, model_for
-from fedtune.adapters import Adapter
+from fedtune.adapters import Adapter, adapter_sha256
 from fedtune.config import RunConfig
 from fedtune.secagg.encoding import flatten, layout_size
 from fedtune.secagg.fixed_point import FixedPointCodec
@@ -585,8 +585,9 @@ def test_replies_over_the_size_limit_are_refused_unread(
     """A reply larger than federation.max_reply_mb is refused, naming the hospital; with
     every reply refused the round is aborted and the global adapter stays as it was."""
     config = _secure(classify_config)
-    config = replace_section(config if secure else in_clear(config), "federation",
-                             max_reply_mb=1e-4)  # ~100 bytes: every reply is larger
+    config = replace_section(
+        config if secure else in_clear(config), "federation", max_reply_mb=1e-4
+    )  # ~100 bytes: every reply is larger
     lines: list[str] = []
     run_dir = _run(config, InProcessGrid(3), tmp_path / "run", lines)
     (record,) = _rounds(run_dir)
@@ -595,3 +596,91 @@ def test_replies_over_the_size_limit_are_refused_unread(
     for reason in record["refused"].values():
         assert "more than federation.max_reply_mb = 0.0001; it was not read" in reason
     assert any(line.startswith("Round 1 aborted") and "unchanged" in line for line in lines)
+
+
+def _attempts(run_dir: RunDirectory) -> list[tuple[int, int, bool]]:
+    """(round, attempt, aborted) of every round record, in order."""
+    return [(r["round"], r["attempt"], bool(r.get("aborted"))) for r in _rounds(run_dir)]
+
+
+def test_a_round_aborted_below_the_threshold_is_retried_from_the_same_adapter(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """Two of three hospitals crash after sharing keys in round 1's first attempt (1 left,
+    threshold 2): that attempt is aborted, the adapter is untouched, and the retry, with
+    everyone back, completes from the same adapter under new keys."""
+    config = replace_section(_secure(classify_config, threshold=2), "federation", round_retries=1)
+    grid = InProcessGrid(3, drop_after={H2: SHARES, H3: SHARES}, only_in={(1, 1)})
+    lines: list[str] = []
+    run_dir = _run(config, grid, tmp_path / "run", lines)
+    assert _attempts(run_dir) == [(1, 1, True), (1, 2, False)]
+    assert run_dir.saved_rounds() == [0, 1]
+    starts = [r for r in run_dir.read_metrics() if r["event"] == "round-start"]
+    assert [(r["round"], r["attempt"]) for r in starts] == [(1, 1), (1, 2)]
+    initial = adapter_sha256(run_dir.load_adapter(0))
+    assert {r["global_adapter_sha256"] for r in starts} == {initial}
+    assert _rounds(run_dir)[1]["global_adapter_sha256"] == adapter_sha256(run_dir.load_adapter(1))
+    assert sorted(_rounds(run_dir)[1]["hospitals_used"]) == [
+        "hospital-1",
+        "hospital-2",
+        "hospital-3",
+    ]
+    assert any(line.startswith("Round 1 aborted") and "unchanged" in line for line in lines)
+    assert any(line.startswith("Round 1: attempt 2") for line in lines)
+    keys = [m for m in grid.sent if m.metadata.message_type == KEYS]
+    assert {int(m.content.config_records[JOB]["attempt"]) for m in keys} == {1, 2}
+
+
+def test_a_round_that_keeps_failing_is_tried_round_retries_plus_one_times(
+    classify_config: RunConfig, tmp_path: Path
+):
+    config = replace_section(
+        _secure(classify_config, rounds=2, threshold=2), "federation", round_retries=2
+    )
+    grid = InProcessGrid(3, drop_after={H2: SHARES, H3: SHARES}, only_in={(1, 1), (1, 2), (1, 3)})
+    lines: list[str] = []
+    run_dir = _run(config, grid, tmp_path / "run", lines)
+    assert _attempts(run_dir) == [(1, 1, True), (1, 2, True), (1, 3, True), (2, 1, False)]
+    assert any("Round 1 could not be completed in 3 attempt(s)" in line for line in lines)
+    assert run_dir.saved_rounds() == [0, 2]  # round 2 trained from the initial adapter
+    (start,) = [r for r in run_dir.read_metrics() if r["event"] == "round-start"
+                and r["round"] == 2]  # fmt: skip
+    assert start["global_adapter_sha256"] == adapter_sha256(run_dir.load_adapter(0))
+
+
+def test_a_hospital_refuses_to_key_the_same_attempt_twice(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """A coordinator that asks again under an attempt a hospital already took part in is
+    refused by every hospital, so no revealed secret can be paired with a new input."""
+
+    def reuse_attempt_one(node_id: int, message: Message) -> Message:
+        job = message.content.config_records[JOB]
+        if int(job["attempt"]) == 2:
+            job["attempt"] = 1
+        return message
+
+    config = replace_section(_secure(classify_config, threshold=2), "federation", round_retries=1)
+    grid = InProcessGrid(
+        3, drop_after={H2: SHARES, H3: SHARES}, only_in={(1, 1)}, tamper_request=reuse_attempt_one
+    )
+    run_dir = _run(config, grid, tmp_path / "run")
+    first, retry = _rounds(run_dir)
+    assert first["aborted"] and retry["aborted"] and run_dir.saved_rounds() == [0]
+    assert sorted(retry["refused"]) == ["hospital-1", "hospital-2", "hospital-3"]
+    assert all("already took part in" in reason for reason in retry["refused"].values())
+
+
+def test_a_resumed_run_tries_an_aborted_round_under_a_new_attempt(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """The coordinator stopped after an aborted attempt; restarted with resume, it asks
+    the same hospitals (who remember attempt 1) for attempt 2, and the round completes."""
+    config = _secure(classify_config, threshold=2)
+    grid = InProcessGrid(3, drop_after={H2: SHARES, H3: SHARES}, only_in={(1, 1)})
+    run_dir = _run(config, grid, tmp_path / "run")
+    assert _attempts(run_dir) == [(1, 1, True)]
+    run_federation(grid, config, run_dir, initial_global_adapter(config), say=lambda _: None,
+                   resume=True)  # fmt: skip
+    assert _attempts(run_dir) == [(1, 1, True), (1, 2, False)]
+    assert run_dir.saved_rounds() == [0, 1]

@@ -30,7 +30,8 @@ def tiny_run_config(
                   "labels": list(labels)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"local_steps": 3, "learning_rate": 5e-3, "batch_size": 8, "seed": 1},
-        "federation": {"rounds": 2, "min_hospitals": 2},
+        # Tests see each attempt of a round alone; retries are tested where they are set.
+        "federation": {"rounds": 2, "min_hospitals": 2, "round_retries": 0},
         "secure_aggregation": {"threshold": 2},
         "data": {"simulation_root": str(data_root)},
         "evaluation": {"max_examples": 16, "generation_examples": 2, "max_new_tokens": 3},

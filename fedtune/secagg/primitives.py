@@ -39,9 +39,16 @@ def frame(*parts: bytes) -> bytes:
     return b"".join(struct.pack(">I", len(part)) + part for part in parts)
 
 
-def round_context(run_id: str, server_round: int) -> bytes:
-    """What binds every key, share and mask to one round of one run."""
-    return frame(b"fedtune-secagg-v1", run_id.encode(), str(server_round).encode())
+def round_context(run_id: str, server_round: int, attempt: int) -> bytes:
+    """What binds every key, share and mask to one attempt at one round of one run.
+
+    The attempt is part of it because an aborted round is tried again: without it, signed
+    round keys of the first attempt would verify in the second, and a coordinator could
+    replay a peer's old keys whose secrets the first attempt's dropout recovery revealed.
+    """
+    return frame(
+        b"fedtune-secagg-v1", run_id.encode(), str(server_round).encode(), str(attempt).encode()
+    )
 
 
 def new_x25519() -> tuple[bytes, bytes]:

@@ -134,10 +134,10 @@ def positions(names: Sequence[str]) -> dict[str, int]:
 
 
 def advertise(
-    identity: Ed25519PrivateKey, hospital: str, run_id: str, server_round: int
+    identity: Ed25519PrivateKey, hospital: str, run_id: str, server_round: int, attempt: int
 ) -> tuple[HospitalRound, Advertisement]:
-    """Stage 1: fresh round keys, signed."""
-    context = p.round_context(run_id, server_round)
+    """Stage 1: fresh round keys, signed (bound to this attempt at the round)."""
+    context = p.round_context(run_id, server_round, attempt)
     c_secret, c_public = p.new_x25519()
     s_secret, s_public = p.new_x25519()
     payload = p.advertisement_payload(context, hospital, c_public, s_public)
