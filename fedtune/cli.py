@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.secagg.identity import IdentityError
     from fedtune.simulation import SimulationError
 
+    _stop_on_sigterm()  # every command: `kill` stops what it started, as Ctrl-C does
     try:
         result: int = args.handler(args)
         return result
@@ -119,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the stopped run in --run-dir after its last saved round "
                           "(same --config)")  # fmt: skip
+    run.add_argument("--from-round", type=int, default=None, metavar="K",
+                     help="with --resume: roll back to round K first (later rounds are moved "
+                          "to rolled-back/, never deleted) and continue from there")  # fmt: skip
     run.set_defaults(handler=_run)
 
     server = commands.add_parser(
@@ -135,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="output folder for checkpoints and metrics (new)")  # fmt: skip
     server.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue the stopped run in RUN_DIR after its last saved round")
+    server.add_argument("--from-round", type=int, default=None, metavar="K",
+                        help="with --resume: roll back to round K first (later rounds are "
+                             "moved to rolled-back/, never deleted) and continue from there")
     server.add_argument("--host", required=True,
                         help="address to listen on, e.g. 0.0.0.0 or the coordinator's IP")
     server.add_argument("--port", type=int, required=True, help="port to listen on")
@@ -194,12 +201,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, help="the run directory of a finished run")
     export.add_argument("--out", type=Path, required=True, help="output folder")
     export.add_argument(
-        "--round", default="final",
-        help="'final' (default), 'best' (best validation metric) or a round number",
+        "--round", default="best",
+        help="'best' (default: best weighted validation metric), 'final' or a round number",
     )  # fmt: skip
     export.add_argument("--merged", action="store_true",
                         help="also write the merged model (LoRA folded into the base)")  # fmt: skip
     export.set_defaults(handler=_export)
+
+    versions = commands.add_parser(
+        "versions", help="list a run's saved global adapters with their validation metrics",
+        description="Every saved round's global adapter, its weighted validation metrics, "
+        "when it was saved and its SHA-256; the best round is marked (what export takes).",
+    )  # fmt: skip
+    versions.add_argument("run_dir", type=Path, help="a run directory")
+    versions.set_defaults(handler=_versions)
 
     ledger = commands.add_parser(
         "ledger", help="show a hospital's privacy ledger (ε spent, per round)",
@@ -479,8 +494,25 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.resume and not exists:
         raise FileNotFoundError(f"{args.run_dir} holds no run to resume.")
+    _roll_back_if_asked(args.run_dir, args.from_round, resuming=args.resume)
     launch(plan)
     return 0
+
+
+def _roll_back_if_asked(run_dir: Path, from_round: int | None, resuming: bool) -> None:
+    if from_round is None:
+        return
+    if not resuming:
+        raise ConfigError("--from-round K rolls a stopped run back: use it with --resume.")
+    from server.run_dir import RunDirectory
+    from server.versions import VersionError, roll_back
+
+    try:
+        moved = roll_back(RunDirectory(run_dir), from_round)
+    except VersionError as exc:
+        raise ConfigError(str(exc)) from None
+    where = f"; rounds {', '.join(map(str, moved))} moved to rolled-back/" if moved else ""
+    print(f"Rolled {run_dir} back to round {from_round}{where}.")
 
 
 def _stop_on_sigterm() -> None:
@@ -496,8 +528,6 @@ def _stop_on_sigterm() -> None:
 def _server(args: argparse.Namespace) -> int:
     from fedtune.deployment import CoordinatorPlan, serve
 
-    _stop_on_sigterm()
-
     if (args.run_dir is None) == (args.resume is None):
         raise ConfigError("give either --run-dir DIR (a new run) or --resume RUN_DIR.")
     run_dir = args.resume or args.run_dir
@@ -507,6 +537,7 @@ def _server(args: argparse.Namespace) -> int:
                               "--resume.")  # fmt: skip
     if args.resume is not None and not exists:
         raise FileNotFoundError(f"{run_dir} holds no run to resume.")
+    _roll_back_if_asked(run_dir, args.from_round, resuming=args.resume is not None)
     plan = CoordinatorPlan(
         config_path=args.config, run_dir=run_dir, federation_dir=args.federation,
         host=args.host, port=args.port, insecure=args.insecure, resume=args.resume is not None,
@@ -519,7 +550,6 @@ def _node(args: argparse.Namespace) -> int:
     from fedtune.deployment import load_node_settings, run_node
 
     settings = load_node_settings(args.config)
-    _stop_on_sigterm()
     home = Path(settings.privacy_ledger).parent / f".flower-{settings.hospital}"
     return run_node(settings, home)
 
@@ -568,6 +598,16 @@ def _export(args: argparse.Namespace) -> int:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     print(f"Exported the global adapter of round {exported} to {args.out}")
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from server.run_dir import RunDirectory
+    from server.versions import format_versions
+
+    if not (args.run_dir / "run-config.json").is_file():
+        raise FileNotFoundError(f"{args.run_dir} is not a fedtune run directory")
+    print(format_versions(RunDirectory(args.run_dir)))
     return 0
 
 

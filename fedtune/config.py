@@ -131,6 +131,12 @@ class FederationSettings:
     # real networks are mostly transient. Each try costs the hospitals that trained in it
     # privacy budget, as every release must.
     round_retries: int = 2
+    # Stop when the weighted validation metric has not improved for this many rounds
+    # (0 = run every planned round). The best round is what `fedtune export` takes.
+    early_stopping_patience: int = 0
+    # Retention of global adapters: 0 = every round; N = the initial one, the last N and
+    # the best (their SHA-256 stays in metrics.jsonl either way).
+    keep_adapters: int = 0
 
     def __post_init__(self) -> None:
         _positive("federation.rounds", self.rounds)
@@ -146,6 +152,10 @@ class FederationSettings:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"federation.{name} must be in [0, 1), got {value}.")
         _positive("federation.tau", self.tau)
+        for name in ("early_stopping_patience", "keep_adapters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"federation.{name} must be >= 0 (0 = off), "
+                                  f"got {getattr(self, name)}.")  # fmt: skip
         if self.round_retries < 0:
             raise ConfigError(
                 f"federation.round_retries must be >= 0 (0 = never retry), "

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from client.model import attach_lora, load_base_model, resolve_model_source, set_adapter
-from server.report import headline_metric
 from server.run_dir import RunDirectory
+from server.versions import best_round
 
 
 class ExportError(ValueError):
@@ -30,15 +30,13 @@ def choose_round(run_dir: RunDirectory, which: str) -> int:
     if which == "final":
         return saved[-1]
     if which == "best":
-        metric = headline_metric(run_dir.config().model.task)
-        scored = [
-            (record["validation"]["weighted"].get(metric, float("-inf")), record["round"])
-            for record in run_dir.read_metrics()
-            if record.get("event") == "round" and "validation" in record
-        ]
-        if not scored:
-            raise ExportError(f"{run_dir.path} has no validated rounds to choose from")
-        return max(scored)[1]
+        best = best_round(run_dir)
+        if best is None:
+            raise ExportError(
+                f"{run_dir.path} has no validated rounds to choose the best from; "
+                "use --round final or a round number"
+            )
+        return best
     try:
         number = int(which)
     except ValueError:

@@ -41,11 +41,12 @@ from fedtune.wire import (
 )
 from server.client_privacy import client_level_guarantee
 from server.collect import EvaluationResult, HospitalNames, Refusal, RoundCollection
-from server.report import RoundReport
+from server.report import RoundReport, headline_metric
 from server.resume import attempts_started, restore_run
 from server.run_dir import RunDirectory
 from server.sampling import hospitals_for_round
 from server.secure_round import collect_secure
+from server.versions import best_round, prune_versions
 from server.views import ViewRecorder
 from strategies.aggregate import weighted_sum
 from strategies.registry import Strategy, build_strategy
@@ -128,6 +129,17 @@ def run_federation(
                 f"attempt(s); the global adapter stays that of round {completed} "
                 "(federation.round_retries sets how often an aborted round is tried again)."
             )
+            continue
+        best = best_round(run_dir)
+        prune_versions(run_dir, settings.keep_adapters, {best} if best is not None else set())
+        patience = settings.early_stopping_patience
+        if patience and best is not None and server_round - best >= patience:
+            say(f"Early stopping after round {server_round}: the validation "
+                f"{headline_metric(config.model.task)} has not improved for {patience} "
+                f"round(s); the best is round {best} (what `fedtune export` takes).")
+            run_dir.append_metrics({"event": "early-stop", "round": server_round,
+                                    "best_round": best})  # fmt: skip
+            break
 
     final = _evaluate(grid, global_adapter, config, run_dir.run_id, settings.rounds, "test", names)
     _log_refusals(final.refusals, say)
@@ -138,6 +150,7 @@ def run_federation(
         "task": config.model.task,
         "rounds": settings.rounds,
         "final_round": max(run_dir.saved_rounds()),
+        "best_round": best_round(run_dir),
         "base_test": _flat(base),
         "final_test": _flat(final),
         "privacy": {

@@ -102,3 +102,53 @@ def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(tmp_path: Pa
         assert ledger.epsilon_spent() == values["epsilon"]
         assert [entry.server_round for entry in ledger.entries] == [1, 2]
     assert any("hospital-2: (ε = " in line for line in lines)
+
+
+def test_kill_stops_a_simulated_run_and_everything_it_started(
+    tiny_bert_dir: Path, classify_data: tuple[Path, tuple[str, ...]], tmp_path: Path
+):
+    """`kill` (SIGTERM: systemd, a batch scheduler, a researcher's `kill`) ends `fedtune run`
+    like Ctrl-C: the SuperLink, the ServerApp and every Ray worker are stopped too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data_root, labels = classify_data
+    config = tiny_run_config(tiny_bert_dir, "classify", data_root, labels,
+                             federation={"rounds": 20})  # fmt: skip
+    config_path = tmp_path / "run.toml"
+    with config_path.open("wb") as handle:
+        tomli_w.dump(config.to_dict(), handle)
+    run_dir = tmp_path / "run"
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedtune.cli", "run", "--config", str(config_path),
+             "--hospitals", "2", "--run-dir", str(run_dir)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "adapters" / "round-0001.safetensors").exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 1 did not finish in 300 s"
+            time.sleep(0.5)
+        homes = {Path(p.environ()["FLWR_HOME"]) for p in psutil.process_iter()
+                 if _flwr_home_under(p, run_dir)}  # fmt: skip
+        assert homes, "no Flower process of this run was found while it ran"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "every process it started has been stopped" in log.read_text()
+    assert [p for home in homes for p in find_simulation_processes(home)] == []
+
+
+def _flwr_home_under(proc: psutil.Process, root: Path) -> bool:
+    try:
+        return proc.environ().get("FLWR_HOME", "").startswith(str(root))
+    except psutil.Error:
+        return False
