@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from client.approval import model_sha256
 from client.data import DataValidationError
 from client.dp_train import train_privately
 from client.evaluate import evaluate_classification, evaluate_generation
 from client.federated_objectives import SharedInitMismatch, check_shared_lora_a, local_objective
-from client.model import get_adapter, set_adapter
+from client.model import get_adapter, model_cache_root, resolve_model_source, set_adapter
 from client.outgoing import prepare_update
 from client.privacy import ledger_lock, plan_round
 from client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
@@ -38,18 +41,28 @@ from client.session import (
 )
 from client.train import train_locally
 from fedtune.adapters import Adapter, adapter_delta
-from fedtune.config import ConfigError
+from fedtune.config import ConfigError, RunConfig
+from fedtune.lineage import DataFingerprint
 from fedtune.secagg.fixed_point import FixedPointOverflow
 from fedtune.secagg.identity import IdentityError
 from fedtune.secagg.primitives import BadSignature, ShareRejected
 from fedtune.secagg.protocol import ProtocolAbort
 from fedtune.update_rules import uploaded
-from fedtune.wire import Job, evaluate_reply_content, parse_request, train_reply_content
+from fedtune.wire import (
+    LINEAGE,
+    Job,
+    evaluate_reply_content,
+    lineage_record,
+    parse_request,
+    train_reply_content,
+)
 
 log = logging.getLogger("fedtune.hospital")
 
 # A deployed hospital's admin must opt in before its node ever sends a delta in clear.
 NODE_ALLOW_PLAIN_KEY = "allow-plain-updates"
+# The admin agrees to share the training data's example count and label histogram.
+NODE_SHARE_SUMMARY_KEY = "share-data-summary"
 
 
 class PlainUpdateRefused(PermissionError):
@@ -116,6 +129,7 @@ class LocalUpdate:
     delta: Adapter
     num_examples: int
     metrics: dict[str, float]
+    lineage: dict[str, str | int]  # fingerprints that travel with the update (no data)
 
 
 def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> LocalUpdate:
@@ -183,7 +197,26 @@ def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> L
         uploaded(delta, config),
         uploaded(global_adapter, config),
     )
-    return LocalUpdate(identity, delta, len(features), metrics)
+    return LocalUpdate(identity, delta, len(features), metrics,
+                       lineage_of(config, identity, data.lineage, context.node_config))  # fmt: skip
+
+
+def lineage_of(
+    config: RunConfig, identity: HospitalIdentity, data: DataFingerprint,
+    node_config: Mapping[str, Any],
+) -> dict[str, str | int]:  # fmt: skip
+    """The fingerprints this hospital sends: always the data and model hashes; its example
+    count and label histogram only where its admin shares them (they reveal the data's size,
+    which secure aggregation otherwise hides), or for simulated hospitals."""
+    model_dir = resolve_model_source(config.model)[0]
+    out: dict[str, str | int] = {
+        "data_sha256": data.sha256,
+        "model_sha256": model_sha256(model_dir, model_cache_root()),
+    }
+    if identity.simulated or bool(node_config.get(NODE_SHARE_SUMMARY_KEY, False)):
+        out["data_examples"] = data.examples
+        out["data_labels"] = json.dumps(data.labels, sort_keys=True)
+    return out
 
 
 @app.train()
@@ -207,7 +240,9 @@ def train(msg: Message, context: Context) -> Message:
     prepared = prepare_update(update.delta, global_adapter, job.config, weight=1)
     metrics = {"num-examples": float(update.num_examples), **update.metrics, **prepared.metrics}
     delta = prepared.as_adapter()
-    return Message(train_reply_content(delta, metrics, update.hospital.name), reply_to=msg)
+    content = train_reply_content(delta, metrics, update.hospital.name)
+    content[LINEAGE] = lineage_record(update.lineage)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

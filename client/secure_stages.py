@@ -20,7 +20,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.outgoing import prepare_update
 from client.secure_views import refuse_recording_outside_simulation
-from client.session import NODE_NAME_KEY, HospitalIdentity, hospital_identity
+from client.session import (
+    NODE_NAME_KEY,
+    HospitalIdentity,
+    apply_node_settings,
+    hospital_identity,
+)
 from fedtune.config import ConfigError, RunConfig
 from fedtune.secagg import protocol
 from fedtune.secagg.encoding import encode_values
@@ -41,7 +46,7 @@ from fedtune.secagg_wire import (
     revealed_record,
 )
 from fedtune.update_rules import secure_codec, update_weight
-from fedtune.wire import JOB, METRICS, Job, parse_request
+from fedtune.wire import JOB, LINEAGE, METRICS, Job, lineage_record, parse_request
 
 # Node configuration keys of a deployed hospital (paths on the hospital's machine).
 NODE_IDENTITY_KEY = "identity-key"  # its Ed25519 private key (`fedtune keys generate`)
@@ -60,6 +65,7 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     """Stage 1: fresh round keys, signed with this hospital's identity key."""
     started = time.perf_counter()
     job = _job(msg)
+    apply_node_settings(job.config, context.node_config)  # refused before any key is made
     identity = hospital_identity(context.node_config, job.config.data)
     refuse_recording_outside_simulation(job.config, identity)
     signing_key, _ = hospital_keys(context.node_config, job.config, identity)
@@ -123,7 +129,8 @@ def masked_input(msg: Message, context: Context) -> Message:
         "secagg-seconds": spent,
     }
     return _reply(
-        msg, identity, {MASKED_INPUT: masked_record(masked), METRICS: MetricRecord(metrics)}
+        msg, identity, {MASKED_INPUT: masked_record(masked), METRICS: MetricRecord(metrics),
+                        LINEAGE: lineage_record(update.lineage)}
     )
 
 

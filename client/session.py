@@ -17,10 +17,25 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from client.data import HospitalDataset, Splits, load_hospital_data, split_examples
+from client.approval import NODE_ALLOWED_MODEL_SHA_KEY, RunNotApproved, check_run_approved
+from client.data import (
+    Example,
+    HospitalDataset,
+    LabeledText,
+    Splits,
+    load_hospital_data,
+    split_examples,
+)
 from client.encoding import encode_classification, encode_generation
-from client.model import attach_lora, load_base_model, select_device
+from client.model import (
+    attach_lora,
+    load_base_model,
+    model_cache_root,
+    resolve_model_source,
+    select_device,
+)
 from fedtune.config import ConfigError, DataSettings, RunConfig
+from fedtune.lineage import DataFingerprint, data_fingerprint
 
 # Node configuration keys a hospital admin sets on its node (deployment).
 NODE_NAME_KEY = "hospital-name"
@@ -41,11 +56,15 @@ def apply_node_settings(config: RunConfig, node_config: Mapping[str, Any]) -> Ru
     """
     allowed = str(node_config.get(NODE_ALLOWED_MODEL_KEY, ""))
     if allowed and config.model.source != allowed:
-        raise ConfigError(
+        raise RunNotApproved(
             f"the coordinator asked to train base model {config.model.source!r}, but this "
             f"hospital only allows {allowed!r} (node setting '{NODE_ALLOWED_MODEL_KEY}'); "
             "nothing was trained."
         )
+    model_dir = None
+    if node_config.get(NODE_ALLOWED_MODEL_SHA_KEY):
+        model_dir = resolve_model_source(config.model)[0]
+    check_run_approved(config, node_config, model_dir, model_cache_root())
     device = str(node_config.get(NODE_DEVICE_KEY, ""))
     if device and device != config.model.device:
         return config.with_overrides(model={"device": device})
@@ -90,6 +109,7 @@ class EncodedSplits:
     dataset: HospitalDataset
     splits: Splits
     features: dict[str, list[Any]]  # split name -> encoded examples
+    lineage: DataFingerprint  # of the training split: what the adapter learned from
 
 
 @dataclass
@@ -161,4 +181,13 @@ def _encode(config: RunConfig, path: Path, handle: ModelHandle) -> EncodedSplits
         else:
             encoded = list(encode_generation(examples, handle.tokenizer, config.model.max_length))
         features[split_name] = encoded
-    return EncodedSplits(dataset=dataset, splits=splits, features=features)
+    lineage = data_fingerprint(example_record(e) for e in splits.train)
+    return EncodedSplits(dataset=dataset, splits=splits, features=features, lineage=lineage)
+
+
+def example_record(example: Example) -> dict[str, Any]:
+    """An example as the fields it was read from (its line number is not part of it)."""
+    if isinstance(example, LabeledText):
+        return {"text": example.text, "label": example.label}
+    turns = [[t.role, t.content] for t in example.messages] if example.messages else None
+    return {"messages": turns, "prompt": example.prompt, "response": example.response}

@@ -206,6 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     export.add_argument("--merged", action="store_true",
                         help="also write the merged model (LoRA folded into the base)")  # fmt: skip
+    export.add_argument("--pseudonymize", action="store_true",
+                        help="name hospitals on the model card by per-run pseudonyms")
     export.set_defaults(handler=_export)
 
     versions = commands.add_parser(
@@ -226,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     ledger.set_defaults(handler=_ledger)
 
     _add_keys_commands(commands)
+    _add_governance_commands(commands)
 
     bench = commands.add_parser(
         "bench",
@@ -323,6 +326,69 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     show.add_argument("path", type=Path,
                       help="a .pub file, a -node.pub file or an enrollment file")  # fmt: skip
     show.set_defaults(handler=_keys_show)
+
+
+def _add_governance_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    audit = commands.add_parser(
+        "audit", help="audit logs: check that a run's hash-chained record was not altered",
+        description="A fedtune audit log is a JSON-lines file in which every record carries "
+        "the hash of the one before it, so an edited, removed, inserted or reordered record "
+        "is found. Records removed from the end are only found with --expected-head.",
+    )  # fmt: skip
+    audit.set_defaults(handler=lambda _args: _print_help_and_fail(audit))
+    actions = audit.add_subparsers(title="audit commands", metavar="ACTION")
+    verify = actions.add_parser(
+        "verify", help="verify an audit log's hash chain and name the first bad record",
+        description="Exit 0 and print the record count and head hash when the chain is "
+        "intact; otherwise print the first bad line and why, and exit 1.",
+    )  # fmt: skip
+    verify.add_argument("path", type=Path, metavar="FILE", help="the audit log (JSONL)")
+    verify.add_argument("--expected-head", type=_record_hash_argument, default=None,
+                        metavar="HASH", help="a head hash recorded earlier (e.g. printed by "
+                        "a previous verify): fail unless that record is still in the chain, "
+                        "which catches records removed from the end")  # fmt: skip
+    verify.set_defaults(handler=_audit_verify)
+
+    pii = commands.add_parser(
+        "check-pii", help="look for e-mails, phone numbers, SSNs, MRNs, DOBs in a data file",
+        description="Scan a hospital's JSONL or CSV data file for likely direct identifiers "
+        "and print path:line for each (never the identifiers themselves). Exit 0 when none "
+        "are found, 1 when some are.",
+    )  # fmt: skip
+    pii.add_argument("path", type=Path, metavar="FILE", help="the hospital's data file")
+    pii.add_argument("--examples", type=int, default=5, metavar="N",
+                     help="locations shown per kind of identifier (5)")  # fmt: skip
+    pii.set_defaults(handler=_check_pii)
+
+
+def _record_hash_argument(text: str) -> str:
+    value = text.strip().lower()
+    if len(value) != 64 or any(char not in "0123456789abcdef" for char in value):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a record hash (64 hexadecimal digits, as `fedtune audit verify` "
+            "prints it)"
+        )
+    return value
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from fedtune.audit import verify_audit_log
+
+    report = verify_audit_log(args.path, expected_head=args.expected_head)
+    print(report.summary())
+    return 0 if report.intact else 1
+
+
+def _check_pii(args: argparse.Namespace) -> int:
+    from client.pii_guard import scan_for_identifiers
+
+    if args.examples < 0:
+        raise ConfigError(f"--examples must be 0 or more, got {args.examples}")
+    report = scan_for_identifiers(args.path, max_examples=args.examples)
+    print(report.summary())
+    return 1 if report.found else 0
 
 
 def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
@@ -593,7 +659,9 @@ def _export(args: argparse.Namespace) -> int:
     from server.run_dir import RunDirectory
 
     try:
-        exported = export_adapter(RunDirectory(args.run_dir), args.out, args.round, args.merged)
+        exported = export_adapter(
+            RunDirectory(args.run_dir), args.out, args.round, args.merged, args.pseudonymize
+        )
     except ExportError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2

@@ -284,11 +284,13 @@ _NODE_KEYS = {
     "identity_key": str, "enrollment": str, "data": str, "privacy_ledger": str,
     "privacy_epsilon_budget": float, "device": str, "local_port": int,
     "allow_plain_updates": bool, "allowed_model": str, "insecure": bool,
-    "join_timeout_s": float,
+    "join_timeout_s": float, "allowed_model_sha256": str, "allowed_strategies": str,
+    "max_epsilon": float, "allowed_app_sha256": str, "pii_acknowledged": bool,
+    "audit_log": str,
 }  # fmt: skip
 _NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
 _NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
-               "privacy_ledger")  # fmt: skip
+               "privacy_ledger", "audit_log")  # fmt: skip
 
 
 # Flower's messages for the two set-up problems a hospital admin meets, explained.
@@ -325,6 +327,16 @@ class NodeSettings:
     allowed_model: str = ""
     insecure: bool = False
     join_timeout_s: float = 600.0  # how long a refused node keeps trying to join
+    # What this hospital agrees to run (client.approval); empty / 0 = not pinned.
+    allowed_model_sha256: str = ""
+    allowed_strategies: str = ""
+    max_epsilon: float = 0.0
+    allowed_app_sha256: str = ""
+    # The admin read the identifier check's findings on this data and accepts them.
+    pii_acknowledged: bool = False
+    # The hospital's own log of what it sent and refused (hashes only); default: beside the
+    # privacy ledger.
+    audit_log: str = ""
 
 
 def load_node_settings(path: Path) -> NodeSettings:
@@ -380,6 +392,16 @@ def node_config_string(settings: NodeSettings) -> str:
         entries["enrollment"] = settings.enrollment
     if settings.allowed_model:
         entries["allowed-model"] = settings.allowed_model
+    pins = {"allowed-model-sha256": settings.allowed_model_sha256,
+            "allowed-strategies": settings.allowed_strategies,
+            "allowed-app-sha256": settings.allowed_app_sha256}  # fmt: skip
+    entries.update({key: value for key, value in pins.items() if value})
+    if settings.max_epsilon > 0:
+        entries["max-epsilon"] = settings.max_epsilon
+    entries["pii-acknowledged"] = settings.pii_acknowledged
+    entries["audit-log"] = settings.audit_log or str(
+        Path(settings.privacy_ledger).with_name(f"{settings.hospital}-audit.jsonl")
+    )
     return " ".join(f"{key}={format_config_value(value)}" for key, value in entries.items())
 
 

@@ -25,6 +25,7 @@ GLOBAL_ADAPTER = "global-adapter"  # server -> hospital: the current global adap
 JOB = "job"  # server -> hospital: round number, run configuration, evaluation split
 DELTA = "delta"  # hospital -> server: local adapter - global adapter
 METRICS = "metrics"  # hospital -> server: counts, losses, timings (never data)
+LINEAGE = "lineage"  # hospital -> server: fingerprints of its training data and base model
 HOSPITAL = "hospital"  # hospital -> server: the hospital's name, as its admin configured it
 
 # Evaluation splits a hospital holds locally.
@@ -171,3 +172,33 @@ def parse_metrics(message: Message) -> dict[str, float]:
     if METRICS not in content.metric_records:
         raise MalformedReply(f"the reply has no '{METRICS}' record")
     return {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]
+
+
+def lineage_record(lineage: dict[str, str | int]) -> ConfigRecord:
+    """A hospital's fingerprints (hashes, and counts only where its admin shares them)."""
+    return ConfigRecord(dict(lineage))
+
+
+def parse_lineage(message: Message) -> dict[str, str | int]:
+    """The fingerprints a train reply carries; {} for a reply without them. Only hex hashes,
+    counts and a JSON label histogram are accepted: nothing else may travel in this record."""
+    record = message.content.config_records.get(LINEAGE)
+    if record is None:
+        return {}
+    allowed = {"data_sha256", "model_sha256", "data_examples", "data_labels"}
+    out: dict[str, str | int] = {}
+    for key, value in record.items():
+        if key not in allowed:
+            raise MalformedReply(f"the lineage record holds an unexpected field {key!r}")
+        if key.endswith("sha256"):
+            text = str(value)
+            if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+                raise MalformedReply(f"lineage {key} is not a SHA-256 hex digest")
+            out[key] = text
+        elif key == "data_examples":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise MalformedReply("lineage data_examples is not a count")
+            out[key] = value
+        else:
+            out[key] = str(value)
+    return out

@@ -54,6 +54,8 @@ class RoundCollection:
     # as a release for client-level privacy accounting.
     sum_revealed: bool = False
     details: dict[str, Any] = field(default_factory=dict)  # e.g. secure-aggregation timings
+    # Per hospital: fingerprints of its training data and base model (fedtune.lineage).
+    lineage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
-from client.model import attach_lora, load_base_model, resolve_model_source, set_adapter
+from client.approval import model_sha256
+from client.model import (
+    attach_lora,
+    load_base_model,
+    model_cache_root,
+    resolve_model_source,
+    set_adapter,
+)
+from server.model_card import model_card, write_model_card
 from server.run_dir import RunDirectory
 from server.versions import best_round
 
@@ -46,8 +54,11 @@ def choose_round(run_dir: RunDirectory, which: str) -> int:
     return number
 
 
-def export_adapter(run_dir: RunDirectory, out_dir: Path, which: str, merged: bool) -> int:
-    """Write the chosen round's adapter (and tokenizer) to `out_dir`; return the round."""
+def export_adapter(
+    run_dir: RunDirectory, out_dir: Path, which: str, merged: bool, pseudonymize: bool = False
+) -> int:
+    """Write the chosen round's adapter (and tokenizer) and its model card to `out_dir`;
+    return the round. `pseudonymize` shows hospitals as per-run pseudonyms on the card."""
     config = run_dir.config()
     server_round = choose_round(run_dir, which)
     settings = dataclasses.replace(config.model, device="cpu", load_in_4bit=False)
@@ -72,6 +83,8 @@ def export_adapter(run_dir: RunDirectory, out_dir: Path, which: str, merged: boo
             indent=2,
         )
     )
+    base_sha = model_sha256(source_dir, model_cache_root())
+    write_model_card(out_dir, model_card(run_dir, server_round, base_sha, pseudonymize))
     if merged:
         merged_model = model.merge_and_unload()
         merged_model.save_pretrained(str(out_dir / "merged"))

@@ -35,6 +35,7 @@ from fedtune.wire import (
     Job,
     MalformedReply,
     check_reply_size,
+    parse_lineage,
     parse_metrics,
     parse_train_reply,
     request_content,
@@ -108,6 +109,10 @@ def run_federation(
         grid, config, run_dir, strategy, names, views, report, say, guarantees, participation,
         connected,
     )  # fmt: skip
+    if resume:
+        for past in run_dir.read_metrics():
+            if past.get("event") == "round" and not past.get("aborted"):
+                federation.lineage.update(past.get("lineage", {}))
     tried = attempts_started(run_dir) if resume else {}
     completed = first_round - 1
     for server_round in range(first_round, settings.rounds + 1):
@@ -151,6 +156,7 @@ def run_federation(
         "rounds": settings.rounds,
         "final_round": max(run_dir.saved_rounds()),
         "best_round": best_round(run_dir),
+        "lineage": federation.lineage,
         "base_test": _flat(base),
         "final_test": _flat(final),
         "privacy": {
@@ -186,6 +192,8 @@ class _Federation:
         self.grid, self.config, self.run_dir, self.strategy = grid, config, run_dir, strategy
         self.names, self.views, self.report, self.say = names, views, report, say
         self.guarantees, self.participation, self.connected = guarantees, participation, connected
+        # Latest fingerprints of each hospital's training data and base model.
+        self.lineage: dict[str, dict[str, Any]] = {}
 
     def try_round(self, server_round: int, attempt: int, global_adapter: Adapter) -> Adapter | None:
         """Train, aggregate, check, save and validate; None (adapter untouched) if aborted."""
@@ -226,7 +234,9 @@ class _Federation:
             "train": train_metrics,
             "train_phase_seconds": train_phase_seconds,
             "secure_aggregation": collected.details,
+            "lineage": collected.lineage,
         }
+        self.lineage.update(collected.lineage)
         if collected.sum_revealed:
             # Logged before anything else can fail: a crash after this line and a resumed
             # run that redoes the round count as two releases, as they are.
@@ -331,6 +341,7 @@ def _collect_plain(
         try:
             check_reply_size(reply, job.config.federation.max_reply_mb)
             delta, reply_metrics = parse_train_reply(reply)
+            lineage = parse_lineage(reply)
             check_update(delta, reference, hospital)
         except (MalformedReply, UpdateRejected) as exc:
             reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
@@ -346,6 +357,7 @@ def _collect_plain(
         deltas.append(delta)
         weights.append(update_weight(job.config, int(reply_metrics["num-examples"])))
         out.train_metrics[hospital] = reply_metrics
+        out.lineage[hospital] = lineage
     needed = job.config.federation.min_hospitals
     if len(deltas) < needed:
         out.abort_reason = f"{len(deltas)} usable update(s), at least {needed} needed"

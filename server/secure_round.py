@@ -56,6 +56,7 @@ from fedtune.wire import (
     MalformedReply,
     adapter_to_record,
     check_reply_size,
+    parse_lineage,
 )
 from server.collect import HospitalNames, Refusal, RoundCollection
 from server.views import ViewRecorder
@@ -185,9 +186,12 @@ def collect_secure(
         content = job_content(job, **{INBOX: inbox_record(mask_set, inbox)})
         content[GLOBAL_ADAPTER] = adapter_to_record(global_adapter)
         requests[node_of[hospital]] = content
-    masked = stage.exchange(requests, MASKED, slow, lambda m: parse_masked(m, length))
+    masked = stage.exchange(
+        requests, MASKED, slow, lambda m: (parse_lineage(m), parse_masked(m, length))[1]
+    )
     for hospital, (_, _, reply) in masked.items():
         out.train_metrics[hospital] = _metrics(reply)
+        out.lineage[hospital] = parse_lineage(reply)
         if views is not None:
             views.received(job.server_round, hospital, masked_payload_bytes(reply), "uint32")
     survivors = sorted(masked)
