@@ -27,6 +27,7 @@ from client.data import DataValidationError
 from client.dp_train import train_privately
 from client.evaluate import evaluate_classification, evaluate_generation
 from client.federated_objectives import SharedInitMismatch, check_shared_lora_a, local_objective
+from client.hospital_log import IdentifiersInData, check_identifiers, record_hospital_event
 from client.model import get_adapter, model_cache_root, resolve_model_source, set_adapter
 from client.outgoing import prepare_update
 from client.privacy import ledger_lock, plan_round
@@ -40,7 +41,7 @@ from client.session import (
     model_for,
 )
 from client.train import train_locally
-from fedtune.adapters import Adapter, adapter_delta
+from fedtune.adapters import Adapter, adapter_delta, adapter_sha256
 from fedtune.config import ConfigError, RunConfig
 from fedtune.lineage import DataFingerprint
 from fedtune.secagg.fixed_point import FixedPointOverflow
@@ -49,6 +50,7 @@ from fedtune.secagg.primitives import BadSignature, ShareRejected
 from fedtune.secagg.protocol import ProtocolAbort
 from fedtune.update_rules import uploaded
 from fedtune.wire import (
+    JOB,
     LINEAGE,
     Job,
     evaluate_reply_content,
@@ -82,6 +84,7 @@ HOSPITAL_UNEXPECTED_ERROR = 4099
 _REFUSAL_CODES: dict[type[Exception], int] = {
     ConfigError: HOSPITAL_CONFIG_ERROR,
     DataValidationError: HOSPITAL_DATA_ERROR,
+    IdentifiersInData: HOSPITAL_DATA_ERROR,
     PrivacyBudgetExhausted: HOSPITAL_PRIVACY_BUDGET_EXHAUSTED,
     LedgerError: HOSPITAL_LEDGER_ERROR,
     IdentityError: HOSPITAL_CONFIG_ERROR,
@@ -141,6 +144,8 @@ def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> L
     config = apply_node_settings(job.config, context.node_config)
     identity = hospital_identity(context.node_config, config.data)
     refuse_recording_outside_simulation(config, identity)
+    if not identity.simulated:  # a deployed hospital's real file; simulations are generated
+        check_identifiers(identity.data_path, context.node_config)
     handle = model_for(config)
     data = data_for(config, identity, handle)
     features = data.features["train"]
@@ -242,6 +247,10 @@ def train(msg: Message, context: Context) -> Message:
     delta = prepared.as_adapter()
     content = train_reply_content(delta, metrics, update.hospital.name)
     content[LINEAGE] = lineage_record(update.lineage)
+    record_hospital_event(context.node_config, "sent-update", {
+        "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
+        "delta_sha256": adapter_sha256(delta), "mode": "in clear", "lineage": update.lineage,
+    })  # fmt: skip
     return Message(content, reply_to=msg)
 
 
@@ -276,6 +285,10 @@ def evaluate(msg: Message, context: Context) -> Message:
             config.evaluation.generation_examples,
             config.evaluation.max_new_tokens,
         )
+    record_hospital_event(context.node_config, "sent-metrics", {
+        "round": job.server_round, "split": job.split, "run_id": job.run_id,
+        "global_adapter_sha256": adapter_sha256(global_adapter), "metrics": metrics,
+    })  # fmt: skip
     return Message(evaluate_reply_content(metrics, identity.name), reply_to=msg)
 
 
@@ -289,6 +302,14 @@ def _refuse(msg: Message, code: int, context: Context, reason: str) -> Message:
     if "partition-id" in context.node_config:
         name = f"hospital-{int(context.node_config['partition-id']) + 1}"
     log.error("%s refused the request: %s", name, reason)
+    try:  # the hospital's own record of what it refused and why
+        job = msg.content.config_records.get(JOB)
+        record_hospital_event(context.node_config, "refused", {
+            "request": msg.metadata.message_type, "reason": reason,
+            "round": int(job["round"]) if job is not None else None,  # type: ignore[arg-type]
+        })  # fmt: skip
+    except Exception:  # a log that cannot be written must not hide the refusal itself
+        log.exception("%s could not write its audit log", name)
     return Message(Error(code=code, reason=f"{name}: {reason}"), reply_to=msg)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.hospital_log import bytes_sha256, record_hospital_event
 from client.outgoing import prepare_update
 from client.secure_views import refuse_recording_outside_simulation
 from client.session import (
@@ -128,6 +129,11 @@ def masked_input(msg: Message, context: Context) -> Message:
         **prepared.metrics,
         "secagg-seconds": spent,
     }
+    record_hospital_event(context.node_config, "sent-update", {
+        "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
+        "masked_input_sha256": bytes_sha256(masked.tobytes()), "mode": "masked",
+        "lineage": update.lineage,
+    })  # fmt: skip
     return _reply(
         msg, identity, {MASKED_INPUT: masked_record(masked), METRICS: MetricRecord(metrics),
                         LINEAGE: lineage_record(update.lineage)}

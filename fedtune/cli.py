@@ -218,6 +218,22 @@ def _parser() -> argparse.ArgumentParser:
     versions.add_argument("run_dir", type=Path, help="a run directory")
     versions.set_defaults(handler=_versions)
 
+    app_hash = commands.add_parser(
+        "app-hash", help="the SHA-256 of the fedtune code this machine runs",
+        description="Print the SHA-256 of this installation's fedtune code (client, fedtune, "
+        "server, strategies): a hospital pins it as allowed_app_sha256 in its node file.",
+    )  # fmt: skip
+    app_hash.set_defaults(handler=_app_hash)
+
+    fingerprint = commands.add_parser(
+        "fingerprint-model", help="the SHA-256 of a base model's files (to pin it at a node)",
+        description="Print the SHA-256 over a model directory's files, as a node checks it "
+        "for allowed_model_sha256 and the model card records it.",
+    )  # fmt: skip
+    fingerprint.add_argument("model_dir", type=Path, help="a local model directory, or "
+                             "embedded:minilm / embedded:smollm2")  # fmt: skip
+    fingerprint.set_defaults(handler=_fingerprint_model)
+
     ledger = commands.add_parser(
         "ledger", help="show a hospital's privacy ledger (ε spent, per round)",
         description="Print a hospital's privacy ledger in plain words, or with --json its full "
@@ -666,6 +682,24 @@ def _export(args: argparse.Namespace) -> int:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     print(f"Exported the global adapter of round {exported} to {args.out}")
+    return 0
+
+
+def _app_hash(_args: argparse.Namespace) -> int:
+    from client.approval import app_code_sha256
+
+    print(app_code_sha256())
+    return 0
+
+
+def _fingerprint_model(args: argparse.Namespace) -> int:
+    from client.model import resolve_model_source
+    from fedtune.config import ModelSettings
+    from fedtune.lineage import model_fingerprint
+
+    directory, _ = resolve_model_source(ModelSettings(source=str(args.model_dir)))
+    found = model_fingerprint(directory)
+    print(f"{found.sha256}  {directory} ({found.files} files, {found.bytes:,} bytes)")
     return 0
 
 

@@ -292,6 +292,15 @@ class EvaluationSettings:
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """Optional experiment tracking at the coordinator (off by default; see server.tracking)."""
+
+    tensorboard_dir: str = ""  # write TensorBoard scalars under <dir>/<run id>
+    mlflow_tracking_uri: str = ""  # e.g. "file:///srv/mlruns" or a tracking server URL
+    mlflow_experiment: str = "fedtune"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run: one value per section."""
 
@@ -303,6 +312,7 @@ class RunConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
 
     def __post_init__(self) -> None:
         if self.privacy.client_level and not self.secure_aggregation.enabled:

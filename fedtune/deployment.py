@@ -286,7 +286,7 @@ _NODE_KEYS = {
     "allow_plain_updates": bool, "allowed_model": str, "insecure": bool,
     "join_timeout_s": float, "allowed_model_sha256": str, "allowed_strategies": str,
     "max_epsilon": float, "allowed_app_sha256": str, "pii_acknowledged": bool,
-    "audit_log": str,
+    "audit_log": str, "share_data_summary": bool,
 }  # fmt: skip
 _NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
 _NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
@@ -334,6 +334,9 @@ class NodeSettings:
     allowed_app_sha256: str = ""
     # The admin read the identifier check's findings on this data and accepts them.
     pii_acknowledged: bool = False
+    # Send the training data's example count and label histogram with its fingerprint (they
+    # reveal the data's size, which secure aggregation otherwise hides).
+    share_data_summary: bool = False
     # The hospital's own log of what it sent and refused (hashes only); default: beside the
     # privacy ledger.
     audit_log: str = ""
@@ -399,6 +402,7 @@ def node_config_string(settings: NodeSettings) -> str:
     if settings.max_epsilon > 0:
         entries["max-epsilon"] = settings.max_epsilon
     entries["pii-acknowledged"] = settings.pii_acknowledged
+    entries["share-data-summary"] = settings.share_data_summary
     entries["audit-log"] = settings.audit_log or str(
         Path(settings.privacy_ledger).with_name(f"{settings.hospital}-audit.jsonl")
     )

@@ -21,6 +21,8 @@ from client.model import (
     resolve_model_source,
     set_adapter,
 )
+from fedtune.adapters import adapter_sha256
+from server.audit_trail import CoordinatorAudit
 from server.model_card import model_card, write_model_card
 from server.run_dir import RunDirectory
 from server.versions import best_round
@@ -85,6 +87,11 @@ def export_adapter(
     )
     base_sha = model_sha256(source_dir, model_cache_root())
     write_model_card(out_dir, model_card(run_dir, server_round, base_sha, pseudonymize))
+    CoordinatorAudit(run_dir).event("export", {
+        "round": server_round, "out_dir": str(out_dir.resolve()), "merged": merged,
+        "adapter_sha256": adapter_sha256(run_dir.load_adapter(server_round)),
+        "base_model_sha256": base_sha, "pseudonymized": pseudonymize,
+    })  # fmt: skip
     if merged:
         merged_model = model.merge_and_unload()
         merged_model.save_pretrained(str(out_dir / "merged"))

@@ -40,6 +40,7 @@ from fedtune.wire import (
     parse_train_reply,
     request_content,
 )
+from server.audit_trail import CoordinatorAudit
 from server.client_privacy import client_level_guarantee
 from server.collect import EvaluationResult, HospitalNames, Refusal, RoundCollection
 from server.report import RoundReport, headline_metric
@@ -47,6 +48,7 @@ from server.resume import attempts_started, restore_run
 from server.run_dir import RunDirectory
 from server.sampling import hospitals_for_round
 from server.secure_round import collect_secure
+from server.tracking import ExperimentTracker
 from server.versions import best_round, prune_versions
 from server.views import ViewRecorder
 from strategies.aggregate import weighted_sum
@@ -113,6 +115,7 @@ def run_federation(
         for past in run_dir.read_metrics():
             if past.get("event") == "round" and not past.get("aborted"):
                 federation.lineage.update(past.get("lineage", {}))
+    federation.audit.run_start(config, run_dir.run_id, resume)
     tried = attempts_started(run_dir) if resume else {}
     completed = first_round - 1
     for server_round in range(first_round, settings.rounds + 1):
@@ -144,6 +147,7 @@ def run_federation(
                 f"round(s); the best is round {best} (what `fedtune export` takes).")
             run_dir.append_metrics({"event": "early-stop", "round": server_round,
                                     "best_round": best})  # fmt: skip
+            federation.audit.event("early-stop", {"round": server_round, "best_round": best})
             break
 
     final = _evaluate(grid, global_adapter, config, run_dir.run_id, settings.rounds, "test", names)
@@ -165,6 +169,12 @@ def run_federation(
             "client_level": client_level_guarantee(config, participation, connected),
         },
     }
+    federation.audit.event("run-end", {"final_round": summary["final_round"],
+                                       "best_round": summary["best_round"],
+                                       "final_test": final.weighted})  # fmt: skip
+    # The head pins the whole chain: a log cut after this record no longer verifies with it.
+    summary["audit_head"] = federation.audit.head
+    federation.tracker.close()
     run_dir.save_summary(summary)
     report.summary(base.per_hospital, final.per_hospital)
     report.privacy(guarantees, config.privacy.accountant)
@@ -194,6 +204,8 @@ class _Federation:
         self.guarantees, self.participation, self.connected = guarantees, participation, connected
         # Latest fingerprints of each hospital's training data and base model.
         self.lineage: dict[str, dict[str, Any]] = {}
+        self.audit = CoordinatorAudit(run_dir)
+        self.tracker = ExperimentTracker(config.tracking, run_dir.run_id, config.to_dict())
 
     def try_round(self, server_round: int, attempt: int, global_adapter: Adapter) -> Adapter | None:
         """Train, aggregate, check, save and validate; None (adapter untouched) if aborted."""
@@ -208,6 +220,8 @@ class _Federation:
         start_record = {"event": "round-start", "round": server_round, "attempt": attempt,
                         "global_adapter_sha256": adapter_sha256(global_adapter)}  # fmt: skip
         run_dir.append_metrics(start_record)
+        self.audit.round_start(server_round, attempt, global_adapter,
+                               [self.names.known(n) for n in node_ids])  # fmt: skip
         if config.secure_aggregation.enabled:
             collected = collect_secure(
                 self.grid, node_ids, global_adapter, job, self.names, self.views
@@ -237,6 +251,7 @@ class _Federation:
             "lineage": collected.lineage,
         }
         self.lineage.update(collected.lineage)
+        self.audit.participants(record)
         if collected.sum_revealed:
             # Logged before anything else can fail: a crash after this line and a resumed
             # run that redoes the round count as two releases, as they are.
@@ -258,15 +273,18 @@ class _Federation:
         except UpdateRejected as exc:
             self._abort(record, str(exc))
             return None
+        self.audit.aggregate(server_round, update.mean_delta(), update.num_hospitals)
         # State first: a saved adapter always has its strategy state (resume trusts it).
         run_dir.save_strategy_state(server_round, self.strategy.state_dict())
         run_dir.save_adapter(server_round, global_adapter)
+        self.audit.checkpoint(server_round, global_adapter)
         record["privacy_per_hospital"] = {
             h: self.guarantees[h] for h in train_metrics if h in self.guarantees
         }
         client_level = client_level_guarantee(config, self.participation, self.connected)
         if client_level:
             record["client_level_privacy"] = client_level
+        self.audit.privacy(server_round, record["privacy_per_hospital"], client_level)
         validation = _evaluate(
             self.grid, global_adapter, config, run_dir.run_id, server_round, "validation",
             self.names,
@@ -282,12 +300,20 @@ class _Federation:
             }
         )
         run_dir.append_metrics(record)
+        self.audit.validation(server_round, dict(validation.weighted))
+        epsilons = [g["epsilon"] for g in record["privacy_per_hospital"].values()]
+        self.tracker.log_round(server_round, {
+            **{f"validation/{k}": float(v) for k, v in validation.weighted.items()},
+            "round/seconds": seconds, "round/hospitals": float(len(train_metrics)),
+            **({"privacy/max_epsilon": max(epsilons)} if epsilons else {}),
+        })  # fmt: skip
         self.report.round(server_round, train_metrics, validation.per_hospital, seconds)
         return global_adapter
 
     def _abort(self, record: dict[str, Any], reason: str) -> None:
         self.say(f"Round {record['round']} aborted: {reason}. The global adapter is unchanged.")
         self.run_dir.append_metrics({**record, "aborted": True, "reason": reason})
+        self.audit.aborted(record, reason)
 
     def _note_hospital_reports(self, train_metrics: dict[str, dict[str, float]]) -> None:
         secure = self.config.secure_aggregation

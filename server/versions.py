@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.adapters import adapter_sha256
+from server.audit_trail import CoordinatorAudit
 from server.report import headline_metric
 from server.run_dir import RunDirectory
 
@@ -137,6 +138,7 @@ def roll_back(run_dir: RunDirectory, to_round: int) -> list[int]:
         "adapter_sha256": adapter_sha256(run_dir.load_adapter(to_round)),
     }
     run_dir.append_metrics(record)
+    CoordinatorAudit(run_dir).event("rollback", {k: v for k, v in record.items() if k != "event"})
     return later
 
 

@@ -132,3 +132,142 @@ def test_lineage_travels_and_the_model_card_holds_the_ledgers_true_epsilon_and_h
     export_adapter(run_dir, hidden, "best", merged=False, pseudonymize=True)
     text = (hidden / "README.md").read_text()
     assert "hospital-1" not in text and pseudonym("hospital-1", run_dir.run_id) in text
+
+
+def test_the_coordinators_audit_trail_is_chained_and_pinned_by_the_summary(
+    classify_config: RunConfig, tmp_path: Path
+):
+    from fedtune.audit import verify_audit_log
+
+    config = replace_section(classify_config, "federation", rounds=2)
+    run_dir = _run(config, InProcessGrid(2), tmp_path / "run")
+    audit = run_dir.path / "audit.jsonl"
+    head = run_dir.summary()["audit_head"]
+    report = verify_audit_log(audit, expected_head=head)
+    assert report.intact and report.head == head
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    events = [r["event"] for r in records]
+    assert events[0] == "run-start" and events[-1] == "run-end"
+    assert events.count("round-start") == 2 and events.count("checkpoint") == 2
+    assert records[0]["data"]["code"]["app_code_sha256"] == app_code_sha256()
+    checkpoints = [r["data"] for r in records if r["event"] == "checkpoint"]
+    assert [c["adapter_sha256"] for c in checkpoints] == [
+        adapter_sha256(run_dir.load_adapter(k)) for k in (1, 2)
+    ]
+    privacy = [r["data"] for r in records if r["event"] == "participants"]
+    assert all(sorted(p["used"]) == ["hospital-1", "hospital-2"] for p in privacy)
+    # Cutting the last record leaves a chain that is intact on its own, but not with the head.
+    audit.write_text("".join(audit.read_text().splitlines(keepends=True)[:-1]))
+    assert not verify_audit_log(audit, expected_head=head).intact
+
+
+def test_a_hospital_logs_what_it_sent_and_refused_and_guards_against_identifiers(
+    classify_config: RunConfig, tmp_path: Path
+):
+    from fedtune.audit import verify_audit_log
+
+    config = replace_section(classify_config, "federation", rounds=1)
+    nodes = _nodes(tmp_path, config)
+    logs = {k: tmp_path / f"node-{k}-audit.jsonl" for k in nodes}
+    for k in nodes:
+        nodes[k]["audit-log"] = str(logs[k])
+    # St-Anna's export still holds a patient's e-mail and phone number on line 3.
+    data = Path(str(nodes[0]["data-path"]))
+    lines = data.read_text().splitlines()
+    row = json.loads(lines[2])
+    row["text"] += " contact jane.doe@example.org or (555) 123-4567"
+    lines[2] = json.dumps(row)
+    leaky = tmp_path / "st-anna.jsonl"
+    leaky.write_text("\n".join(lines) + "\n")
+    nodes[0]["data-path"] = str(leaky)
+
+    run_dir = _run(config, InProcessGrid(2, node_configs=nodes), tmp_path / "run")
+    (record,) = [r for r in run_dir.read_metrics() if r["event"] == "round"]
+    (refusal,) = [v for v in record["refused"].values() if v.startswith("St-Anna")]
+    assert f"{leaky}:3: e-mail address" in refusal and "pii_acknowledged = true" in refusal
+    assert "jane.doe" not in refusal  # the identifier itself is never repeated
+    anna = [json.loads(line) for line in logs[0].read_text().splitlines()]
+    assert verify_audit_log(logs[0]).intact
+    check = next(r for r in anna if r["event"] == "identifier-check")
+    assert check["data"]["counts"]["email"] == 1
+    assert any(r["event"] == "refused" and "e-mail" in r["data"]["reason"] for r in anna)
+
+    nodes[0]["pii-acknowledged"] = True
+    run_dir = _run(config, InProcessGrid(2, node_configs=nodes), tmp_path / "run-acknowledged")
+    (record,) = [r for r in run_dir.read_metrics() if r["event"] == "round"]
+    assert sorted(record["hospitals_used"]) == ["Riverside", "St-Anna"]
+    anna = [json.loads(line) for line in logs[0].read_text().splitlines()]
+    sent = [r["data"] for r in anna if r["event"] == "sent-update"]
+    assert len(sent) == 1 and sent[0]["mode"] == "masked"
+    assert sent[0]["lineage"] == record["lineage"]["St-Anna"]  # both sides agree
+    assert len(sent[0]["masked_input_sha256"]) == 64
+    assert "data_examples" not in sent[0]["lineage"]  # a deployed node's size stays home
+    assert any(r["event"] == "sent-metrics" for r in anna)
+
+
+def test_a_node_file_carries_the_hospitals_pins_to_its_clientapp(tmp_path: Path):
+    from fedtune.config import ConfigError
+    from fedtune.deployment import load_node_settings, node_config_string
+
+    node = tmp_path / "node.toml"
+    node.write_text(
+        '[node]\nhospital = "st-anna"\ncoordinator = "127.0.0.1:9443"\ninsecure = true\n'
+        'data = "ward.jsonl"\nprivacy_ledger = "ledger.json"\nprivacy_epsilon_budget = 8\n'
+        f'allowed_model_sha256 = "{"a" * 64}"\nallowed_strategies = "fedavg,fedprox"\n'
+        'max_epsilon = 4.0\npii_acknowledged = true\n'
+    )
+    text = node_config_string(load_node_settings(node))
+    for expected in (f'allowed-model-sha256="{"a" * 64}"', 'allowed-strategies="fedavg,fedprox"',
+                     "max-epsilon=4.0", "pii-acknowledged=true", "share-data-summary=false",
+                     f'audit-log="{tmp_path / "st-anna-audit.jsonl"}"'):  # fmt: skip
+        assert expected in text, text
+    node.write_text(node.read_text() + "allowed_models = 'x'\n")
+    with pytest.raises(ConfigError, match="unknown key 'allowed_models'.*allowed_strategies"):
+        load_node_settings(node)
+
+
+def test_tensorboard_and_mlflow_receive_each_rounds_validation(
+    classify_config: RunConfig, tmp_path: Path
+):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = replace_section(classify_config, "federation", rounds=2)
+    config = replace_section(config, "tracking", tensorboard_dir=str(tmp_path / "tb"),
+                             mlflow_tracking_uri=uri, mlflow_experiment="ward-study")  # fmt: skip
+    run_dir = _run(config, InProcessGrid(2), tmp_path / "run")
+    validated = [r["validation"]["weighted"]["accuracy"] for r in run_dir.read_metrics()
+                 if r["event"] == "round"]  # fmt: skip
+
+    (events,) = list((tmp_path / "tb" / run_dir.run_id).iterdir())
+    board = EventAccumulator(str(events.parent))
+    board.Reload()
+    scalars = board.Scalars("validation/accuracy")
+    assert [s.step for s in scalars] == [1, 2]
+    assert [s.value for s in scalars] == pytest.approx(validated)
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("ward-study")
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "validation_accuracy")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(validated)
+    assert run.data.params["federation.strategy"] == "fedavg"
+
+
+def test_tracking_without_its_package_is_a_clear_configuration_error(monkeypatch):
+    import builtins
+
+    from fedtune.config import ConfigError, TrackingSettings
+    from server.tracking import ExperimentTracker
+
+    real_import = builtins.__import__
+
+    def without_tensorboard(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "torch.utils.tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_tensorboard)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        ExperimentTracker(TrackingSettings(tensorboard_dir="/tmp/tb"), "run", {})
