@@ -158,6 +158,18 @@ class HospitalDataset:
         return narrowed
 
 
+def require_data_file(path: Path | str) -> Path:
+    """The hospital's data file, or an error that says where the admin pointed the node."""
+    path = Path(path)
+    if not path.is_file():
+        where = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"Hospital data file {path} {where} (resolved: {path.resolve()}); "
+            "check the data path in the hospital's config."
+        )
+    return path
+
+
 class _LineProblem(Exception):
     """A reason why one line is invalid; collected, never shown to the user on its own."""
 
@@ -177,13 +189,7 @@ def load_hospital_data(
     ``labels`` (classification only) restricts the allowed labels; a label outside the model's
     label set would otherwise crash training or silently shift class ids.
     """
-    path = Path(path)
-    if not path.is_file():
-        where = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"Hospital data file {path} {where} (resolved: {path.resolve()}); "
-            "check the data path in the hospital's config."
-        )
+    path = require_data_file(path)
     if fmt != "auto" and fmt not in set(DataFormat):
         allowed = ", ".join(["auto", *DataFormat])
         raise ValueError(f"Unknown data format {fmt!r}; allowed: {allowed}")

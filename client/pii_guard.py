@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.data import require_data_file
+
 KINDS: dict[str, str] = {
     "email": "e-mail address",
     "phone": "phone number",
@@ -243,13 +245,7 @@ def scan_for_identifiers(path: Path | str, max_examples: int = MAX_EXAMPLES_PER_
     hold identifiers too. Bytes that are not UTF-8 are replaced, not fatal: `fedtune
     check-data` reports encoding problems, this check only looks for identifiers.
     """
-    path = Path(path)
-    if not path.is_file():
-        where = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"Hospital data file {path} {where} (resolved: {path.resolve()}); "
-            "check the data path in the hospital's config."
-        )
+    path = require_data_file(path)
     if max_examples < 0:
         raise ValueError(f"max_examples must be >= 0, got {max_examples}")
     is_csv = path.suffix.lower() == ".csv"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -84,16 +85,15 @@ class ModelFingerprint:
 def model_fingerprint(directory: Path) -> ModelFingerprint:
     """Every regular file under `directory` counts (weights, config, tokenizer), in path
     order, streamed in 1 MiB chunks; a renamed, added or changed file changes the hash.
-    Python caches (`__pycache__`) are skipped: they are rewritten by imports, not models."""
+    Linked folders are followed (a Hugging Face cache snapshot is links); Python caches
+    (`__pycache__`) are skipped: imports rewrite them, so they are not part of a model."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     digest = hashlib.sha256(b"fedtune-model-v1\n")
     count = total = 0
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in _model_files(directory):
         relative = path.relative_to(directory).as_posix()
-        if "__pycache__" in relative.split("/"):
-            continue
         size = path.stat().st_size
         digest.update(f"{relative}\n{size}\n".encode())
         with path.open("rb") as handle:
@@ -101,3 +101,11 @@ def model_fingerprint(directory: Path) -> ModelFingerprint:
                 digest.update(chunk)
         count, total = count + 1, total + size
     return ModelFingerprint(digest.hexdigest(), count, total)
+
+
+def _model_files(directory: Path) -> list[Path]:
+    found = []
+    for root, folders, files in os.walk(directory, followlinks=True):
+        folders[:] = [f for f in folders if f != "__pycache__"]
+        found += [Path(root) / name for name in files if (Path(root) / name).is_file()]
+    return sorted(found, key=lambda p: p.relative_to(directory).as_posix())

@@ -179,3 +179,21 @@ def test_a_hugging_face_cache_snapshot_fingerprints_like_a_plain_copy(
 def test_a_missing_model_directory_is_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         model_fingerprint(tmp_path / "no-model")
+
+
+def test_model_fingerprint_follows_a_linked_folder(tmp_path: Path) -> None:
+    """A model folder whose weights sit in a linked sub-folder (as in Hugging Face caches)
+    counts those weights: changing them changes the fingerprint."""
+    from fedtune.lineage import model_fingerprint
+
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "model.safetensors").write_bytes(b"weights-1")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "weights").symlink_to(blobs, target_is_directory=True)
+    before = model_fingerprint(model)
+    assert before.files == 2
+    (blobs / "model.safetensors").write_bytes(b"weights-2")
+    assert model_fingerprint(model).sha256 != before.sha256
