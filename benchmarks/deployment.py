@@ -94,6 +94,14 @@ Per message on a node, in a fresh interpreter (best of 3): process start and imp
 `node_process_start_seconds` = {process_start:.2f} s; base model load with LoRA
 `node_model_load_seconds` = **{model_load:.2f} s** (goal ≤ 2; the embedded MiniLM loads from
 safetensors; a GGUF model loads from fedtune's dequantized cache).
+
+Goal "dominated by training": **not met** at this size. Each round a node answers 5
+messages (4 secure-aggregation stages and one evaluation), each in a new process that spends
+{process_start:.1f} s importing torch, transformers, peft and Opacus before it works: about
+{5 * process_start:.0f} s of start-up per node per round, on 2 cores shared by 3 nodes, against
+8 DP steps of 32 examples of training. Flower 1.41's `flwr-clientapp` serves one message per
+process, so the way down is lighter imports for the stages that do not train (key exchange,
+shares, unmasking need no torch), not a cache.
 """
     return BenchResult(numbers=numbers, markdown=markdown)
 

@@ -186,9 +186,11 @@ def collect_secure(
         content = job_content(job, **{INBOX: inbox_record(mask_set, inbox)})
         content[GLOBAL_ADAPTER] = adapter_to_record(global_adapter)
         requests[node_of[hospital]] = content
-    masked = stage.exchange(
-        requests, MASKED, slow, lambda m: (parse_lineage(m), parse_masked(m, length))[1]
-    )
+    def masked_input(reply: Message) -> np.ndarray:
+        parse_lineage(reply)  # a malformed fingerprint record refuses the reply too
+        return parse_masked(reply, length)
+
+    masked = stage.exchange(requests, MASKED, slow, masked_input)
     for hospital, (_, _, reply) in masked.items():
         out.train_metrics[hospital] = _metrics(reply)
         out.lineage[hospital] = parse_lineage(reply)

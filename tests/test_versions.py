@@ -142,3 +142,29 @@ def test_negative_patience_or_retention_is_refused(classify_config: RunConfig):
     for key in ("early_stopping_patience", "keep_adapters", "round_retries"):
         with pytest.raises(ConfigError, match=f"federation.{key} must be >= 0"):
             replace_section(classify_config, "federation", **{key: -1})
+
+
+def test_after_a_rollback_export_of_round_k_is_exactly_the_adapter_saved_at_round_k(
+    classify_config: RunConfig, tmp_path: Path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from client.model import get_adapter
+    from server.export import export_adapter
+
+    config = replace_section(in_clear(classify_config), "federation", rounds=3)
+    _run(config, InProcessGrid(2), tmp_path / "run")
+    run_dir = RunDirectory(tmp_path / "run")
+    saved = {r: run_dir.load_adapter(r) for r in (1, 2)}
+    roll_back(run_dir, 1)
+    out = tmp_path / "export"
+    assert export_adapter(run_dir, out, "final", merged=False) == 1  # the latest is round 1 now
+    base = AutoModelForSequenceClassification.from_pretrained(
+        config.model.source, num_labels=len(config.model.labels)
+    )
+    exported = get_adapter(PeftModel.from_pretrained(base, str(out)))
+    assert set(exported) == set(saved[1])
+    assert all(np.array_equal(exported[k], saved[1][k]) for k in saved[1])
+    assert not all(np.array_equal(exported[k], saved[2][k]) for k in saved[2])
+    assert adapter_sha256(saved[1]) in (out / "README.md").read_text()
