@@ -37,12 +37,17 @@ class AdapterVersion:
     saved_at: str
 
 
-def list_versions(run_dir: RunDirectory) -> list[AdapterVersion]:
-    """Every saved global adapter, in round order, with its validation metrics (if any)."""
+def _validation_by_round(run_dir: RunDirectory) -> dict[int, dict[str, float]]:
     validation: dict[int, dict[str, float]] = {}
     for record in run_dir.read_metrics():
         if record.get("event") == "round" and "validation" in record:
             validation[int(record["round"])] = dict(record["validation"].get("weighted", {}))
+    return validation
+
+
+def list_versions(run_dir: RunDirectory) -> list[AdapterVersion]:
+    """Every saved global adapter, in round order, with its validation metrics (if any)."""
+    validation = _validation_by_round(run_dir)
     versions = []
     for server_round in run_dir.saved_rounds():
         path = run_dir.adapters_dir / f"round-{server_round:04d}.safetensors"
@@ -70,11 +75,12 @@ def validation_score(task: str, weighted: dict[str, float]) -> tuple[float, floa
 def best_round(run_dir: RunDirectory) -> int | None:
     """The saved round with the best weighted validation (ties: the earliest)."""
     task = run_dir.config().model.task
+    validation = _validation_by_round(run_dir)
     scored = []
-    for v in list_versions(run_dir):
-        score = validation_score(task, v.validation)
+    for server_round in run_dir.saved_rounds():  # no hashing: this runs after every round
+        score = validation_score(task, validation.get(server_round, {}))
         if score is not None:
-            scored.append((score, -v.server_round))
+            scored.append((score, -server_round))
     return -max(scored)[1] if scored else None
 
 
