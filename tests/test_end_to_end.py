@@ -117,7 +117,8 @@ def test_kill_stops_a_simulated_run_and_everything_it_started(
 
     data_root, labels = classify_data
     config = tiny_run_config(tiny_bert_dir, "classify", data_root, labels,
-                             federation={"rounds": 20})  # fmt: skip
+                             federation={"rounds": 20},
+                             secure_aggregation={"simulation_keys_dir": "keys"})  # fmt: skip
     config_path = tmp_path / "run.toml"
     with config_path.open("wb") as handle:
         tomli_w.dump(config.to_dict(), handle)

@@ -99,11 +99,11 @@ def test_lineage_travels_and_the_model_card_holds_the_ledgers_true_epsilon_and_h
     config = replace_section(classify_config, "federation", rounds=2)
     config = replace_section(config, "privacy", enabled=True, target_epsilon=6.0,
                              ledger_dir=str(tmp_path / "ledgers"))  # fmt: skip
-    run_dir = _run(config, InProcessGrid(2), tmp_path / "run")
+    run_dir = _run(config, InProcessGrid(3), tmp_path / "run")
     lineage = run_dir.summary()["lineage"]
-    assert sorted(lineage) == ["hospital-1", "hospital-2"]
+    assert sorted(lineage) == ["hospital-1", "hospital-2", "hospital-3"]
     model_sha = model_fingerprint(Path(config.model.source)).sha256
-    for k, hospital in enumerate(("hospital-1", "hospital-2"), start=1):
+    for k, hospital in enumerate(("hospital-1", "hospital-2", "hospital-3"), start=1):
         data = load_hospital_data(Path(config.data.simulation_root) / f"hospital-{k}.jsonl",
                                   labels=config.model.labels)  # fmt: skip
         train = split_examples(data.examples, seed=config.data.split_seed,
@@ -120,7 +120,7 @@ def test_lineage_travels_and_the_model_card_holds_the_ledgers_true_epsilon_and_h
     assert exported == 2 and card.startswith("---\nlibrary_name: peft\n")
     assert model_sha in card
     assert adapter_sha256(run_dir.load_adapter(2)) in card
-    for hospital in ("hospital-1", "hospital-2"):
+    for hospital in ("hospital-1", "hospital-2", "hospital-3"):
         ledger = read_ledger_file(tmp_path / "ledgers" / f"{hospital}.json")
         row = next(line for line in card.splitlines() if line.startswith(f"| {hospital} |"))
         assert f"| {ledger.epsilon_spent():.3f} |" in row
@@ -140,7 +140,7 @@ def test_the_coordinators_audit_trail_is_chained_and_pinned_by_the_summary(
     from fedtune.audit import verify_audit_log
 
     config = replace_section(classify_config, "federation", rounds=2)
-    run_dir = _run(config, InProcessGrid(2), tmp_path / "run")
+    run_dir = _run(config, InProcessGrid(3), tmp_path / "run")
     audit = run_dir.path / "audit.jsonl"
     head = run_dir.summary()["audit_head"]
     report = verify_audit_log(audit, expected_head=head)
@@ -155,7 +155,7 @@ def test_the_coordinators_audit_trail_is_chained_and_pinned_by_the_summary(
         adapter_sha256(run_dir.load_adapter(k)) for k in (1, 2)
     ]
     privacy = [r["data"] for r in records if r["event"] == "participants"]
-    assert all(sorted(p["used"]) == ["hospital-1", "hospital-2"] for p in privacy)
+    assert all(sorted(p["used"]) == ["hospital-1", "hospital-2", "hospital-3"] for p in privacy)
     # Cutting the last record leaves a chain that is intact on its own, but not with the head.
     audit.write_text("".join(audit.read_text().splitlines(keepends=True)[:-1]))
     assert not verify_audit_log(audit, expected_head=head).intact
@@ -236,7 +236,7 @@ def test_tensorboard_and_mlflow_receive_each_rounds_validation(
     config = replace_section(classify_config, "federation", rounds=2)
     config = replace_section(config, "tracking", tensorboard_dir=str(tmp_path / "tb"),
                              mlflow_tracking_uri=uri, mlflow_experiment="ward-study")  # fmt: skip
-    run_dir = _run(config, InProcessGrid(2), tmp_path / "run")
+    run_dir = _run(config, InProcessGrid(3), tmp_path / "run")
     validated = [r["validation"]["weighted"]["accuracy"] for r in run_dir.read_metrics()
                  if r["event"] == "round"]  # fmt: skip
 
