@@ -34,6 +34,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from client.pooling import use_mean_pooling
 from fedtune.adapters import Adapter
 from fedtune.config import ConfigError, LoraSettings, ModelSettings
 
@@ -215,6 +216,9 @@ def load_base_model(
     if not settings.load_in_4bit:
         model.to(device)
     fresh_modules = sorted({key.rsplit(".", 1)[0] for key in _untied_missing(model, info)})
+    if settings.task == "classify" and settings.pooling == "mean":
+        use_mean_pooling(model)  # weight-free: a missing pooler need not travel either
+        fresh_modules = [name for name in fresh_modules if not name.endswith("pooler.dense")]
     return model, tokenizer, fresh_modules
 
 

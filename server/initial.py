@@ -2,7 +2,9 @@
 
 LoRA's A matrices are random and B is zero, so the initial adapter leaves the base model's
 outputs unchanged; freshly initialized heads (e.g. a classifier on an encoder) travel in the
-adapter too. Seeding before building makes the initial adapter reproducible for a seed.
+adapter too, and with ``model.head_init = "label-names"`` the head starts as a cosine
+classifier on the label names (`client.pooling`). Seeding before building makes the initial
+adapter reproducible for a seed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import torch
 
 from client.model import attach_lora, get_adapter, load_base_model
+from client.pooling import init_head_from_label_names
 from fedtune.adapters import Adapter
 from fedtune.config import RunConfig
 
@@ -20,6 +23,10 @@ def initial_global_adapter(config: RunConfig) -> Adapter:
     """Build the base model on the CPU once and return its freshly initialized adapter."""
     torch.manual_seed(config.train.seed)
     cpu_settings = dataclasses.replace(config.model, device="cpu", load_in_4bit=False)
-    base, _, fresh = load_base_model(cpu_settings, config.model.labels, torch.device("cpu"))
+    base, tokenizer, fresh = load_base_model(
+        cpu_settings, config.model.labels, torch.device("cpu")
+    )
+    if config.model.head_init == "label-names":
+        init_head_from_label_names(base, tokenizer, config.model.labels, config.model.max_length)
     model = attach_lora(base, config.lora, config.model.task, fresh)
     return get_adapter(model)
