@@ -81,6 +81,7 @@ def export_adapter(
                 "base_model_dir": str(source_dir),
                 "gguf_file": gguf_file,
                 "labels": list(config.model.labels),
+                "pooling": config.model.pooling,  # "mean": the base's pooler is not used
             },
             indent=2,
         )

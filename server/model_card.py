@@ -70,6 +70,15 @@ def model_card(
         f"| LoRA | r = {config.lora.r}, α = {config.lora.alpha:g}, dropout = "
         f"{config.lora.dropout:g}, target modules = "
         f"{', '.join(config.lora.target_modules) or 'the architecture default'} |",
+        *(
+            [
+                "| pooling | mean of the token states under the attention mask, L2-normalized "
+                "(load with fedtune's `client.model.load_base_model`, or apply the same "
+                "pooling: the base model's own pooler gives other predictions) |"
+            ]
+            if config.model.task == "classify" and config.model.pooling == "mean"
+            else []
+        ),
         f"| strategy | {config.federation.strategy} (server learning rate "
         f"{config.federation.server_learning_rate:g}) |",
         f"| rounds | {len(trained)} completed up to round {server_round}, "
