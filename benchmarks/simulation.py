@@ -63,7 +63,8 @@ def _markdown(
 
 `fedtune simulate simulations/{name}.toml` ({minutes:.1f} min on this machine, {failed}
 failed run(s)): 3 virtual hospitals, ICD-10-CM description → chapter (21 classes), Dirichlet
-α = 1 label skew, MiniLM + LoRA r = 4, 3 rounds × 24 steps of 32 examples per hospital. Every
+α = 1 label skew, MiniLM (mean pooling, head started from the chapter titles) + LoRA r = 4 on
+the last layer, 3 rounds × 8 steps of 128 examples per hospital. Every
 arm is scored on the same 420-example held-out test set ({numbers['sim_metric_name']}, higher
 is better; final round).
 
