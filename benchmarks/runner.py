@@ -34,6 +34,7 @@ def _registry() -> dict[str, Benchmark]:
     from benchmarks.demo_utility import bench_demo
     from benchmarks.deployment import bench_deployment
     from benchmarks.dp_overhead import bench_dp
+    from benchmarks.pooling import bench_pooling
     from benchmarks.round_overhead import bench_round
     from benchmarks.secagg import bench_secagg
     from benchmarks.simulation import bench_simulation
@@ -45,6 +46,7 @@ def _registry() -> dict[str, Benchmark]:
         "demo": bench_demo,
         "secagg": bench_secagg,
         "strategies": bench_strategies,
+        "pooling": bench_pooling,
         "simulation": bench_simulation,
         "deployment": bench_deployment,
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.runner import BenchResult
-from simulations.experiment import load_experiment
+from simulations.experiment import Experiment, load_experiment
 from simulations.results import ArmResult
 from simulations.sweep import run_experiment
 
@@ -49,13 +49,31 @@ def bench_simulation(work_dir: Path) -> BenchResult:
     top = max(experiment.epsilons())
     numbers[f"sim_federated_dp{top:g}_secagg_metric"] = final("federated-dp-secagg", top)
     table = (work_dir / "results.md").read_text(encoding="utf-8")
-    markdown = _markdown(experiment.name, results, numbers, table, minutes)
+    markdown = _markdown(experiment, results, numbers, table, minutes)
     return BenchResult(numbers=numbers, markdown=markdown)
 
 
+def _setup(experiment: Experiment) -> str:
+    """The model and training plan, read from the experiment (never restated by hand)."""
+    base = experiment.base
+    pooling = "mean pooling" if base.model.pooling == "mean" else "CLS pooler"
+    head = ", head started from the label names" if base.model.head_init == "label-names" else ""
+    targets = ", ".join(base.lora.target_modules) or "the default modules"
+    return (
+        f"MiniLM ({pooling}{head}) + LoRA r = {base.lora.r} on {targets}, "
+        f"{base.federation.rounds} rounds × {base.train.local_steps} steps of "
+        f"{base.train.batch_size} examples per hospital"
+    )
+
+
 def _markdown(
-    name: str, results: list[ArmResult], numbers: dict[str, Any], table: str, minutes: float
+    experiment: Experiment,
+    results: list[ArmResult],
+    numbers: dict[str, Any],
+    table: str,
+    minutes: float,
 ) -> str:
+    name = experiment.name
     gap = numbers["sim_centralized_metric"] - numbers.get("sim_federated_dp8_metric", 0.0)
     over_local = numbers.get("sim_federated_dp8_metric", 0.0) - numbers["sim_local_only_metric"]
     failed = sum(r.status != "ok" for r in results)
@@ -63,8 +81,7 @@ def _markdown(
 
 `fedtune simulate simulations/{name}.toml` ({minutes:.1f} min on this machine, {failed}
 failed run(s)): 3 virtual hospitals, ICD-10-CM description → chapter (21 classes), Dirichlet
-α = 1 label skew, MiniLM (mean pooling, head started from the chapter titles) + LoRA r = 4 on
-the last layer, 3 rounds × 8 steps of 128 examples per hospital. Every
+α = 1 label skew, {_setup(experiment)}. Every
 arm is scored on the same 420-example held-out test set ({numbers['sim_metric_name']}, higher
 is better; final round).
 

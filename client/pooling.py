@@ -4,11 +4,11 @@ Why: the embedded MiniLM is a sentence-embedding model, trained so that the *mea
 token states (L2-normalized) places texts of similar meaning close together. Hugging Face's
 sequence classifier instead reads the first token through a dense + tanh pooler that this
 model never trained for that purpose. Measured on ICD-10-CM chapters (21 classes, frozen
-encoder, linear head): 0.87 on mean-pooled features vs 0.77 on CLS-pooled ones.
+encoder, linear head): see `fedtune bench pooling` in benchmarks/RESULTS.md.
 
 Mean-pooled, normalized features also give a head that needs no training data to start: a
-cosine classifier whose rows are the label names' own embeddings (0.44 on the same task
-before any training, against 1/21 for a fresh head). Label names are part of the run's
+cosine classifier whose rows are the label names' own embeddings (well above the 1/21 of a
+fresh head before any training; measured by the same benchmark). Label names are part of the run's
 configuration, not patient data, so this start costs no privacy budget; under DP, where
 every step is noisy, a better start is worth many steps.
 
@@ -29,8 +29,8 @@ from transformers import PreTrainedModel
 from fedtune.config import ConfigError
 
 # logits = scale · cos(text, label): with cosines in [-1, 1] a scale of 20 gives a softmax
-# peaked enough to learn from (measured at ε = 8, federated: 10 → 0.645, 20 → 0.648,
-# 40 → 0.612 accuracy on a frozen-feature simulation of the classification experiment).
+# peaked enough to learn from; 10 did about as well and 40 worse in exploratory DP runs on
+# frozen features (not a recorded benchmark). `fedtune bench pooling` measures this start.
 LABEL_HEAD_SCALE = 20.0
 
 
@@ -43,8 +43,15 @@ class MaskedMeanPooler(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self.attention_mask
-        if mask is None or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+        if mask is None:  # called without a mask: every token is real, as in the encoder
             mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+        elif tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+            # Never average over a mask of another batch: that would be a silent wrong answer.
+            raise RuntimeError(
+                f"mean pooling got an attention mask of shape {tuple(mask.shape)} for token "
+                f"states of shape {tuple(hidden_states.shape[:2])}; the encoder was called "
+                "in a way fedtune does not support"
+            )
         weights = mask.unsqueeze(-1).to(hidden_states.dtype)
         summed = (hidden_states * weights).sum(dim=1)
         pooled = summed / weights.sum(dim=1).clamp(min=1.0)

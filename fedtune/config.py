@@ -51,12 +51,11 @@ class ModelSettings:
     # classify: how token states become one vector. "cls" = the architecture's own pooler
     # (BERT: first token, dense + tanh); "mean" = the mean of the token states under the
     # attention mask, L2-normalized, with no weights: what sentence-embedding models such as
-    # the embedded MiniLM were trained for (measured on ICD-10-CM chapters: a frozen linear
-    # probe scores 0.87 on mean-pooled vs 0.77 on CLS-pooled features).
+    # the embedded MiniLM were trained for (`fedtune bench pooling` compares the two).
     pooling: str = "cls"
     # classify: "label-names" starts the head as a cosine classifier on the label names' own
-    # embeddings (public text, costs no privacy: 0.44 on ICD-10-CM chapters before any
-    # training); needs pooling = "mean". "random" is the usual fresh head.
+    # embeddings (public text from the run's config, so it costs no privacy budget); needs
+    # pooling = "mean". "random" is the usual fresh head.
     head_init: str = "random"
 
     def __post_init__(self) -> None:

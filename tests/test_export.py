@@ -78,6 +78,7 @@ def test_exported_classifier_loads_with_plain_peft(
     info = json.loads((out / "fedtune-export.json").read_text())
     assert info["round"] == 2 and info["task"] == "classify"
     assert info["labels"] == list(classify_config.model.labels)
+    assert info["pooling"] == classify_config.model.pooling == "cls"
     assert info["run_dir"] == str((tmp_path / "run").resolve())
 
     labels = classify_config.model.labels

@@ -9,6 +9,7 @@ import torch
 from tiny import minilm_dir, tiny_run_config
 
 from client.model import attach_lora, load_base_model, set_adapter
+from client.pooling import MaskedMeanPooler
 from fedtune.config import ConfigError, ModelSettings
 from server.initial import initial_global_adapter
 
@@ -75,3 +76,10 @@ def test_pooling_and_head_settings_are_checked() -> None:
         _settings(head_init="label-names")
     with pytest.raises(ConfigError, match="classify' only"):
         ModelSettings(task="instruct", pooling="mean")
+
+
+def test_a_mask_from_another_batch_is_refused() -> None:
+    pooler = MaskedMeanPooler()
+    pooler.attention_mask = torch.ones(2, 5)
+    with pytest.raises(RuntimeError, match="attention mask of shape"):
+        pooler(torch.zeros(3, 5, 4))
