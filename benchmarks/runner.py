@@ -34,6 +34,7 @@ def _registry() -> dict[str, Benchmark]:
     from benchmarks.demo_utility import bench_demo
     from benchmarks.deployment import bench_deployment
     from benchmarks.dp_overhead import bench_dp
+    from benchmarks.frozen_cache import bench_frozen_cache
     from benchmarks.pooling import bench_pooling
     from benchmarks.round_overhead import bench_round
     from benchmarks.secagg import bench_secagg
@@ -47,6 +48,7 @@ def _registry() -> dict[str, Benchmark]:
         "secagg": bench_secagg,
         "strategies": bench_strategies,
         "pooling": bench_pooling,
+        "frozen-cache": bench_frozen_cache,
         "simulation": bench_simulation,
         "deployment": bench_deployment,
     }

@@ -13,10 +13,11 @@ hospital's privacy ledger over every round it ever trained, so nothing resets pe
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +27,10 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
-from client.encoding import collate
 from client.federated_objectives import LocalObjective, objective_in_effect
+from client.frozen_prefix import EXAMPLE_INDEX, FrozenPrefix, collate_indexed, indexed
 from client.losses import PerExampleLoss, model_inputs
-from client.train import TrainResult, adapter_optimizer, autocast_for
+from client.train import TrainResult, adapter_optimizer, autocast_for, frozen_prefix_in_use
 from fedtune.config import TrainSettings
 
 
@@ -49,6 +50,28 @@ def poisson_sample_rate(batch_size: int, num_examples: int) -> float:
     """q as Opacus derives it from a loader: 1 / number of batches per epoch."""
     batches = -(-num_examples // batch_size)  # ceil
     return 1.0 / batches
+
+
+class LengthSortedPoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson sampler, each drawn batch listed from shortest to longest example.
+
+    Why: Opacus cuts a logical batch into physical batches in the order the sampler lists it,
+    and each physical batch is padded to its longest example. ICD-10 descriptions average 14
+    tokens but a batch of 256 almost always holds one of 32, so in random order most of every
+    pass is padding. Listing the batch by length gives each physical batch a width close to
+    its own examples' lengths. Which examples are in the batch (all the privacy analysis
+    depends on) is unchanged, and so is the noisy sum of their clipped gradients.
+    """
+
+    def __init__(
+        self, *, lengths: Sequence[int], sample_rate: float, generator: torch.Generator
+    ) -> None:
+        super().__init__(num_samples=len(lengths), sample_rate=sample_rate, generator=generator)
+        self.lengths = list(lengths)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in super().__iter__():
+            yield sorted(indices, key=self.lengths.__getitem__)
 
 
 def train_privately(
@@ -74,7 +97,8 @@ def train_privately(
     with objective_in_effect(
         model, objective, lambda: adapter_optimizer(model, settings)
     ) as optimizer:
-        return _train_privately(model, features, plan, pad_token_id, task, optimizer)
+        prefix = frozen_prefix_in_use(model, features, settings, pad_token_id)
+        return _train_privately(model, features, plan, pad_token_id, task, optimizer, prefix)
 
 
 def _train_privately(
@@ -84,6 +108,7 @@ def _train_privately(
     pad_token_id: int,
     task: str,
     optimizer: torch.optim.Optimizer,
+    prefix: FrozenPrefix | None,
 ) -> TrainResult:
     device = next(model.parameters()).device
     # The noise and the Poisson draws must be unpredictable to the coordinator: it knows
@@ -94,9 +119,11 @@ def _train_privately(
     # Poisson sampling by our own loader (Opacus' sampler, our collate): each example joins a
     # batch with probability q, exactly the q the ledger records; an empty draw is handled.
     loader: DataLoader[Any] = DataLoader(
-        list(features),  # type: ignore[arg-type]
-        batch_sampler=UniformWithReplacementSampler(
-            num_samples=len(features), sample_rate=plan.sample_rate, generator=sampling_generator
+        indexed(features),  # type: ignore[arg-type]
+        batch_sampler=LengthSortedPoissonSampler(
+            lengths=[len(feature["input_ids"]) for feature in features],
+            sample_rate=plan.sample_rate,
+            generator=sampling_generator,
         ),
         collate_fn=lambda items: _collate_or_empty(items, pad_token_id),
     )
@@ -129,43 +156,11 @@ def _train_privately(
     examples_seen = 0
     try:
         private_model.train()
-        while steps_taken < plan.steps:
-            with (
-                warnings.catch_warnings(),
-                BatchMemoryManager(
-                    data_loader=private_loader,
-                    max_physical_batch_size=plan.max_physical_batch_size,
-                    optimizer=private_optimizer,
-                ) as physical_batches,
-            ):
-                # Frozen embeddings: no module input needs a gradient, PyTorch says so per step.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                step_loss, step_examples = 0.0, 0
-                for batch in physical_batches:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    count = int(batch["input_ids"].shape[0])
-                    if count == 0:
-                        # An empty Poisson draw (probability e^-(q·n)): no update is made but
-                        # the step is counted, as the accountant assumes — conservative.
-                        steps_taken += 1
-                        if steps_taken == plan.steps:
-                            break
-                        continue
-                    with autocast_for(device):
-                        logits = private_model(**model_inputs(batch)).logits
-                        loss = dp_criterion(logits, batch["labels"])
-                    loss.backward()
-                    step_loss += float(loss.detach()) * count
-                    step_examples += count
-                    private_optimizer.step()
-                    private_optimizer.zero_grad(set_to_none=True)
-                    if not private_optimizer._is_last_step_skipped:
-                        steps_taken += 1
-                        losses.append(step_loss / step_examples)
-                        examples_seen += step_examples
-                        step_loss, step_examples = 0.0, 0
-                        if steps_taken == plan.steps:
-                            break
+        with prefix.in_effect() if prefix else contextlib.nullcontext():
+            steps_taken, examples_seen = _dp_steps(
+                private_model, private_loader, private_optimizer, dp_criterion, plan, device,
+                prefix, losses,
+            )  # fmt: skip
     finally:
         _detach_opacus(private_model)
     model.eval()
@@ -178,12 +173,71 @@ def _train_privately(
     )
 
 
+def _dp_steps(
+    private_model: Any,
+    private_loader: DataLoader[Any],
+    private_optimizer: Any,
+    dp_criterion: Any,
+    plan: DPPlan,
+    device: torch.device,
+    prefix: FrozenPrefix | None,
+    losses: list[float],
+) -> tuple[int, int]:
+    """The DP-SGD steps themselves; returns (steps taken, examples seen)."""
+    steps_taken = 0
+    examples_seen = 0
+    while steps_taken < plan.steps:
+        with (
+            warnings.catch_warnings(),
+            BatchMemoryManager(
+                data_loader=private_loader,
+                max_physical_batch_size=plan.max_physical_batch_size,
+                optimizer=private_optimizer,
+            ) as physical_batches,
+        ):
+            # Frozen embeddings: no module input needs a gradient, PyTorch says so per step.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            step_loss, step_examples = 0.0, 0
+            for batch in physical_batches:
+                rows = batch.pop(EXAMPLE_INDEX)
+                count = int(batch["input_ids"].shape[0])
+                if prefix and count:
+                    prefix.feed(rows, int(batch["input_ids"].shape[1]))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                if count == 0:
+                    # An empty Poisson draw (probability e^-(q·n)): no update is made but
+                    # the step is counted, as the accountant assumes — conservative.
+                    steps_taken += 1
+                    if steps_taken == plan.steps:
+                        break
+                    continue
+                with autocast_for(device):
+                    logits = private_model(**model_inputs(batch)).logits
+                    loss = dp_criterion(logits, batch["labels"])
+                loss.backward()
+                step_loss += float(loss.detach()) * count
+                step_examples += count
+                private_optimizer.step()
+                private_optimizer.zero_grad(set_to_none=True)
+                if not private_optimizer._is_last_step_skipped:
+                    steps_taken += 1
+                    losses.append(step_loss / step_examples)
+                    examples_seen += step_examples
+                    step_loss, step_examples = 0.0, 0
+                    if steps_taken == plan.steps:
+                        break
+    return steps_taken, examples_seen
+
+
 def _collate_or_empty(items: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad a Poisson batch; an empty draw becomes zero-row tensors the loop recognises."""
     if not items:
         empty = torch.zeros((0, 1), dtype=torch.long)
-        return {"input_ids": empty, "attention_mask": empty, "labels": empty}
-    return collate(items, pad_token_id)
+        return {
+            "input_ids": empty, "attention_mask": empty, "labels": empty,
+            EXAMPLE_INDEX: torch.zeros((0,), dtype=torch.long),
+        }  # fmt: skip
+    return collate_indexed(items, pad_token_id)
 
 
 def _detach_opacus(private_model: Any) -> None:

@@ -19,10 +19,22 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from client.encoding import collate
 from client.federated_objectives import LocalObjective, objective_in_effect
+from client.frozen_prefix import (
+    EXAMPLE_INDEX,
+    FrozenPrefix,
+    collate_indexed,
+    frozen_prefix_for,
+    indexed,
+)
 from client.losses import PerExampleLoss, model_inputs
 from fedtune.config import TrainSettings
+
+ROWS_PER_PASS = 256
+"""A step's batch goes through the model in passes of at most this many examples, sorted by
+length so that each pass is padded only to its own longest example (short clinical texts in
+random order are mostly padding otherwise). The gradient is the same: each pass's mean loss
+is weighted by its share of the batch."""
 
 
 @dataclass(frozen=True)
@@ -84,24 +96,33 @@ def _train(
     steps = planned_steps(settings, len(features))
     criterion = PerExampleLoss(task)
     batches = _endless_batches(features, settings.batch_size, pad_token_id, seed)
+    prefix = frozen_prefix_in_use(model, features, settings, pad_token_id)
     model.train()
     started = time.perf_counter()
     losses: list[float] = []
     examples_seen = 0
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(settings.grad_accumulation):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            with autocast_for(device):
-                logits = model(**model_inputs(batch)).logits
-                loss = criterion(logits, batch["labels"]) / settings.grad_accumulation
-            loss.backward()
-            step_loss += float(loss.detach())
-            examples_seen += int(batch["input_ids"].shape[0])
-        optimizer.step()
-        schedule.step()
-        losses.append(step_loss)
+    with prefix.in_effect() if prefix else contextlib.nullcontext():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(settings.grad_accumulation):
+                batch = next(batches)
+                total = int(batch["input_ids"].shape[0])
+                for part in length_sorted_passes(batch, ROWS_PER_PASS):
+                    rows = part.pop(EXAMPLE_INDEX)
+                    if prefix:
+                        prefix.feed(rows, int(part["input_ids"].shape[1]))
+                    part = {k: v.to(device) for k, v in part.items()}
+                    share = part["input_ids"].shape[0] / total / settings.grad_accumulation
+                    with autocast_for(device):
+                        logits = model(**model_inputs(part)).logits
+                        loss = criterion(logits, part["labels"]) * share
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                examples_seen += total
+            optimizer.step()
+            schedule.step()
+            losses.append(step_loss)
     model.eval()
     return TrainResult(
         steps=steps,
@@ -110,6 +131,33 @@ def _train(
         last_loss=losses[-1],
         seconds=time.perf_counter() - started,
     )
+
+
+def length_sorted_passes(
+    batch: dict[str, torch.Tensor], rows_per_pass: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The batch in passes of at most `rows_per_pass` rows, shortest examples first, each
+    pass cut to its own longest example (right padding: real tokens come first)."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    passes = math.ceil(len(order) / rows_per_pass)
+    for rows in torch.tensor_split(order, passes):
+        width = max(1, int(lengths[rows].max()))
+        part = {}
+        for key, value in batch.items():
+            value = value[rows]
+            part[key] = value[:, :width] if value.dim() == 2 else value
+        yield part
+
+
+def frozen_prefix_in_use(
+    model: torch.nn.Module, features: Sequence[Any], settings: TrainSettings, pad_token_id: int
+) -> FrozenPrefix | None:
+    """The frozen-layer cache when `train.cache_frozen_layers` asks for it and it can help."""
+    if not settings.cache_frozen_layers:
+        return None
+    prefix = frozen_prefix_for(model, features, pad_token_id)
+    return prefix if prefix.useful else None
 
 
 def adapter_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
@@ -123,14 +171,14 @@ def adapter_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.
 def _endless_batches(
     features: Sequence[Any], batch_size: int, pad_token_id: int, seed: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Reshuffled passes over the data, as many as the step budget needs."""
+    """Reshuffled passes over the data, as many as the step budget needs (rows indexed)."""
     generator = torch.Generator().manual_seed(seed)
     loader: DataLoader[Any] = DataLoader(
-        list(features),  # type: ignore[arg-type]
+        indexed(features),  # type: ignore[arg-type]
         batch_size=min(batch_size, len(features)),
         shuffle=True,
         generator=generator,
-        collate_fn=lambda items: collate(items, pad_token_id),
+        collate_fn=lambda items: collate_indexed(items, pad_token_id),
     )
     while True:
         yield from loader

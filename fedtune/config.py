@@ -107,6 +107,10 @@ class TrainSettings:
     grad_accumulation: int = 1
     weight_decay: float = 0.0
     seed: int = 42
+    # classify, BERT-style encoders: compute the outputs of the layers below the first LoRA
+    # layer once per example and reuse them (those layers then run without dropout); see
+    # client/frozen_prefix.py. Worth it when LoRA sits on the top layers only.
+    cache_frozen_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or self.local_epochs < 0:
@@ -337,6 +341,11 @@ class RunConfig:
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
 
     def __post_init__(self) -> None:
+        if self.train.cache_frozen_layers and self.model.task != "classify":
+            raise ConfigError(
+                "train.cache_frozen_layers = true is supported for model.task = 'classify' "
+                f"only (this run has model.task = {self.model.task!r}). Set it to false."
+            )
         if self.privacy.client_level and not self.secure_aggregation.enabled:
             raise ConfigError(
                 "privacy.client_level needs secure aggregation: without it the coordinator "

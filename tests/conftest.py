@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import CHAT_TEMPLATE, minilm_dir, replace_section, tiny_run_config
-from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from tiny import CHAT_TEMPLATE, minilm_dir, replace_section, save_tiny_bert, tiny_run_config
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from fedtune.config import RunConfig
 from fedtune.icd10 import write_hospital_datasets
@@ -35,16 +35,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT encoder without a classification head (like MiniLM)."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,26 @@ def minilm_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def save_tiny_bert(path: Path, layers: int = 2, dropout: float = 0.1) -> Path:
+    """Save a tiny BERT encoder (random weights, seed 0) with the MiniLM tokenizer to `path`.
+
+    `dropout` = 0 for tests that compare two training paths number for number.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_run_config(
     model_dir: Path, task: str, data_root: Path, labels: tuple[str, ...] = (), **sections: dict
 ) -> RunConfig:
