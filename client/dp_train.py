@@ -205,8 +205,13 @@ def _dp_steps(
                     prefix.feed(rows, int(batch["input_ids"].shape[1]))
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if count == 0:
-                    # An empty Poisson draw (probability e^-(q·n)): no update is made but
-                    # the step is counted, as the accountant assumes — conservative.
+                    # An empty Poisson draw (probability e^-(q·n)): the sampled Gaussian
+                    # mechanism the accountant analyses still releases noise, so the step is
+                    # a noise-only update. Stepping also takes this batch's end-of-batch
+                    # signal off Opacus' queue; left there, it would end the next split
+                    # batch after its first physical piece and merge the rest into the step
+                    # after it, where one patient could count twice.
+                    _noise_only_step(private_optimizer)
                     steps_taken += 1
                     if steps_taken == plan.steps:
                         break
@@ -227,6 +232,18 @@ def _dp_steps(
                     if steps_taken == plan.steps:
                         break
     return steps_taken, examples_seen
+
+
+def _noise_only_step(private_optimizer: Any) -> None:
+    """One DP-SGD step on an empty batch: zero clipped sum + N(0, σ²C²), then the optimizer.
+
+    Zero per-example gradients (hooks, functorch) and a zero gradient (ghost clipping, which
+    reads ``p.grad``): each Opacus optimizer then adds its noise to a zero sum."""
+    for parameter in private_optimizer.params:
+        parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+        parameter.grad = torch.zeros_like(parameter)
+    private_optimizer.step()
+    private_optimizer.zero_grad(set_to_none=True)
 
 
 def _collate_or_empty(items: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:

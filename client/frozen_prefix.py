@@ -7,19 +7,21 @@ layers below it forward, and on a CPU that forward is most of a step's time
 for one example never change: the base is frozen and no adapter weight sits below the first
 adapted layer. So they are computed the first time an example is drawn and reused every
 later time it is drawn, in this round and in later rounds run by the same process (the
-simulation engine's workers, the in-process baselines). An example is never computed twice,
-so training with the cache never costs more than without it.
+simulation engine's workers, the in-process baselines). While the cache holds an example's
+states it is not computed again, so a round with the cache never runs the frozen layers on
+more examples than a round without it (the embeddings still run, and are discarded).
 
 What changes, and why that is acceptable: the frozen layers then run in eval mode (no
 dropout), because a reused output must be the same every time. Dropout in layers that
 cannot adapt only perturbs their features; the adapted layers keep their dropout. Privacy is
 untouched: each example's gradient is the same function of that example alone (so
 per-example clipping still bounds it), batches are still drawn by the same Poisson sampler,
-and the cached states never leave the process. Memory: one float32 vector per token of every
-example drawn, ≈ examples × tokens × hidden size × 4 bytes (2,000 ICD-10 descriptions on
-MiniLM: about 60 MB).
+and the cached states never leave the process. Memory (host RAM, also for a model on a GPU):
+one float32 vector per token of every example drawn, ≈ examples × tokens × hidden size × 4
+bytes (2,000 ICD-10 descriptions on MiniLM: about 60 MB).
 
-Supported: BERT-style encoders (``embeddings`` + ``encoder.layer``), the classification task.
+Supported: the classification task on encoders whose forward is embeddings → layers → pooler
+and nothing else in between (SUPPORTED_MODEL_TYPES); others are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from client.encoding import collate
 from fedtune.config import ConfigError
 
 EXAMPLE_INDEX = "example_index"  # batch key: which training examples the rows are
+# Encoders known to run embeddings → encoder.layer[0..n] → pooler with nothing in between
+# (DeBERTa-v2, say, applies a convolution after its first layer: skipping layers would be
+# silently wrong there).
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _LAYER_INDEX = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
 _MAX_CACHED_SPLITS = 8  # local-only baselines hold one per hospital; a node holds one
 
@@ -83,10 +89,10 @@ class FrozenPrefix:
             raise _PrefixDone(output[0] if isinstance(output, tuple) else output)
 
         modes = [(module, module.training) for module in self._frozen_modules()]
-        for module, _ in modes:
-            module.eval()
         handle = last_frozen.register_forward_hook(stop)
         try:
+            for module, _ in modes:
+                module.eval()
             self.encoder(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
@@ -101,7 +107,7 @@ class FrozenPrefix:
                 module.train(training)
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         for row, index in enumerate(indices):
-            self.states[index] = states[row, : int(lengths[row])].clone()
+            self.states[index] = states[row, : int(lengths[row])].to("cpu", copy=True)
 
     def _frozen_modules(self) -> list[nn.Module]:
         return [self.encoder.embeddings, *self.layers[: self.start]]
@@ -147,12 +153,12 @@ class FrozenPrefix:
                     "the frozen-layer cache was not fed the batch the model is running on"
                 )
             states, self._current = self._current, None
-            return states.to(output.dtype)
+            return states.to(device=output.device, dtype=output.dtype)
 
         handle = self.encoder.embeddings.register_forward_hook(replace)
-        self.encoder.encoder.layer = nn.ModuleList(list(original)[self.start :])
-        self._active = True
         try:
+            self.encoder.encoder.layer = nn.ModuleList(list(original)[self.start :])
+            self._active = True
             yield self
         finally:
             self._active = False
@@ -167,11 +173,16 @@ def encoder_of(model: nn.Module) -> Any:
     base = get_base() if callable(get_base) else model
     encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
     layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if encoder is None or getattr(encoder, "embeddings", None) is None or layers is None:
-        model_type = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
+    model_type = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
+    if (
+        model_type not in SUPPORTED_MODEL_TYPES
+        or encoder is None
+        or getattr(encoder, "embeddings", None) is None
+        or layers is None
+    ):
         raise ConfigError(
-            "train.cache_frozen_layers = true is supported for BERT-style encoders "
-            f"(embeddings + encoder.layer); {model_type!r} is not one. "
+            "train.cache_frozen_layers = true is supported for encoders of type "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}; this model is {model_type!r}. "
             "Set train.cache_frozen_layers = false."
         )
     return encoder
@@ -204,8 +215,6 @@ def frozen_prefix_for(model: nn.Module, features: Sequence[Any], pad_token_id: i
     The same list object (``client.session.data_for`` keeps one per hospital file) gets the
     same cache in every round; a new model or a re-read file gets a new one.
     """
-    for stale in [k for k, (model_ref, _) in _cache.items() if model_ref() is None]:
-        del _cache[stale]  # the model was replaced (a new run): free its states now
     key = (id(model), id(features))
     entry = _cache.get(key)
     if entry is not None:
@@ -214,6 +223,10 @@ def frozen_prefix_for(model: nn.Module, features: Sequence[Any], pad_token_id: i
             _cache.move_to_end(key)
             return prefix
     prefix = FrozenPrefix(model, features, pad_token_id)
+    if not prefix.useful:
+        return prefix  # nothing to reuse: hold nothing
+    # The entry holds the encoder; drop it as soon as the model itself is gone (a new run).
+    weakref.finalize(model, _cache.pop, key, None)
     _cache[key] = (weakref.ref(model), prefix)
     while len(_cache) > _MAX_CACHED_SPLITS:
         _cache.popitem(last=False)

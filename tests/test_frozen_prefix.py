@@ -167,3 +167,80 @@ def test_cache_setting_is_checked(tiny_llama_dir: Path, instruct_data: Path) -> 
     with pytest.raises(ConfigError, match="cache_frozen_layers = true is supported for model.task"):
         tiny_run_config(tiny_llama_dir, "instruct", instruct_data,
                         train={"cache_frozen_layers": True})  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_an_empty_draw_is_a_noise_only_step_and_the_next_batch_stays_whole(
+    bert3_dir: Path, classify_data: Any, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Poisson draws forced to: empty, then every example (split into 3 physical batches).
+
+    The empty draw must still add noise (the mechanism the accountant analyses), and the
+    next logical batch must be one update over all its examples, not its first piece."""
+    from client.dp_train import LengthSortedPoissonSampler
+
+    config = _config(bert3_dir, classify_data, cache=False)
+    model, features, pad = _fresh(config)
+    draws = [[], list(range(len(features)))]
+    monkeypatch.setattr(LengthSortedPoissonSampler, "__iter__", lambda _self: iter(draws))
+    noise_only = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1,
+                        grad_sample_mode=mode, max_physical_batch_size=4)  # fmt: skip
+    before = get_adapter(model)
+    result = train_privately(model, features, config.train, noise_only, pad, 5, "classify")
+    assert result.steps == 1 and result.examples_seen == 0
+    assert any(not np.array_equal(before[n], get_adapter(model)[n]) for n in before)
+    plan = DPPlan(
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=0.5,
+        steps=2,
+        grad_sample_mode="hooks",
+        max_physical_batch_size=len(features) // 3 + 1,
+    )
+    result = train_privately(model, features, config.train, plan, pad, 6, "classify")
+    assert result.steps == 2
+    assert result.examples_seen == len(features)  # one update over the whole second batch
+
+
+def test_passes_and_accumulation_give_the_same_training(
+    bert3_dir: Path, classify_data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unequal passes (3 + 3 + 2 rows) inside accumulated micro-batches train like one pass."""
+    import client.train as train_module
+
+    config = replace_section(
+        _config(bert3_dir, classify_data, cache=False), "train", grad_accumulation=2
+    )
+    one_pass, features, pad = _fresh(config)
+    passes, _, _ = _fresh(config)
+    set_adapter(passes, get_adapter(one_pass))
+    first = train_locally(one_pass, features, config.train, pad, 5, "classify")
+    monkeypatch.setattr(train_module, "ROWS_PER_PASS", 3)
+    second = train_locally(passes, features, config.train, pad, 5, "classify")
+    assert second.mean_loss == pytest.approx(first.mean_loss, rel=1e-5)
+    assert second.examples_seen == first.examples_seen == 6 * 2 * 8
+    after_one, after_passes = get_adapter(one_pass), get_adapter(passes)
+    for name in after_one:
+        torch.testing.assert_close(after_passes[name], after_one[name], atol=1e-5, rtol=1e-4)
+
+
+def test_unsupported_encoders_are_refused_and_a_dropped_model_frees_its_cache(
+    bert3_dir: Path, classify_data: Any
+) -> None:
+    import gc
+
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from client import frozen_prefix
+
+    distil = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=3))  # fmt: skip
+    with pytest.raises(ConfigError, match="encoders of type bert, roberta.*'distilbert'"):
+        frozen_prefix_for(distil, [], 0)
+    model, features, pad = _fresh(_config(bert3_dir, classify_data, cache=True))
+    frozen_prefix_for(model, features, pad)
+    key = (id(model), id(features))
+    assert key in frozen_prefix._cache
+    del model
+    gc.collect()
+    assert key not in frozen_prefix._cache
