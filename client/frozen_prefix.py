@@ -69,11 +69,6 @@ class FrozenPrefix:
         self._current: torch.Tensor | None = None
         self._active = False  # True while `in_effect`: the embeddings' output is replaced
 
-    @property
-    def useful(self) -> bool:
-        """False when an adapter weight sits in (or before) the first layer: nothing to reuse."""
-        return self.start > 0
-
     def computed(self) -> int:
         """How many examples' states are held (for tests and logs)."""
         return sum(state is not None for state in self.states)
@@ -209,8 +204,11 @@ def first_adapted_layer(model: nn.Module, num_layers: int) -> int:
 _cache: OrderedDict[tuple[int, int], tuple[weakref.ref[nn.Module], FrozenPrefix]] = OrderedDict()
 
 
-def frozen_prefix_for(model: nn.Module, features: Sequence[Any], pad_token_id: int) -> FrozenPrefix:
-    """The process's cache for this model and this list of training examples.
+def frozen_prefix_for(
+    model: nn.Module, features: Sequence[Any], pad_token_id: int
+) -> FrozenPrefix | None:
+    """The process's cache for this model and this list of training examples, or None when
+    an adapter weight sits in the first layer (nothing to reuse, nothing held).
 
     The same list object (``client.session.data_for`` keeps one per hospital file) gets the
     same cache in every round; a new model or a re-read file gets a new one.
@@ -223,8 +221,8 @@ def frozen_prefix_for(model: nn.Module, features: Sequence[Any], pad_token_id: i
             _cache.move_to_end(key)
             return prefix
     prefix = FrozenPrefix(model, features, pad_token_id)
-    if not prefix.useful:
-        return prefix  # nothing to reuse: hold nothing
+    if prefix.start == 0:
+        return None
     # The entry holds the encoder; drop it as soon as the model itself is gone (a new run).
     weakref.finalize(model, _cache.pop, key, None)
     _cache[key] = (weakref.ref(model), prefix)

@@ -156,8 +156,7 @@ def frozen_prefix_in_use(
     """The frozen-layer cache when `train.cache_frozen_layers` asks for it and it can help."""
     if not settings.cache_frozen_layers:
         return None
-    prefix = frozen_prefix_for(model, features, pad_token_id)
-    return prefix if prefix.useful else None
+    return frozen_prefix_for(model, features, pad_token_id)
 
 
 def adapter_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:

@@ -74,7 +74,7 @@ def test_cached_forward_equals_the_full_forward(bert3_dir: Path, classify_data: 
     with torch.no_grad():
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         prefix = frozen_prefix_for(model, features, pad)
-        assert prefix.start == 2 and prefix.useful
+        assert prefix is not None and prefix.start == 2
         with prefix.in_effect():
             assert len(model.get_base_model().bert.encoder.layer) == 1
             prefix.feed(rows, int(batch["input_ids"].shape[1]))
@@ -111,6 +111,7 @@ def test_training_with_the_cache_equals_training_without(
     steps = 2 * cached_config.train.local_steps
     assert sum(plain_rows) == steps * cached_config.train.batch_size
     prefix = frozen_prefix_for(cached, features, pad)
+    assert prefix is not None
     assert sum(cached_rows) == prefix.computed() <= len(features)
     assert prefix.computed() < sum(plain_rows)
 
@@ -148,10 +149,13 @@ def test_dp_training_with_the_cache_equals_training_without(
 def test_no_cache_where_an_adapter_sits_in_the_first_layer(
     bert3_dir: Path, classify_data: Any
 ) -> None:
+    from client import frozen_prefix
+
     config = _config(bert3_dir, classify_data, cache=True, target_modules=["query", "value"])
     model, features, pad = _fresh(config)
     assert first_adapted_layer(model, 3) == 0
     assert frozen_prefix_in_use(model, features, config.train, pad) is None
+    assert not any(ref() is model for ref, _ in frozen_prefix._cache.values())  # nothing held
     # FFA-LoRA freezes A, which still changes the layer's output: it counts as adapted.
     last_layer_config = _config(bert3_dir, classify_data, cache=True)
     last, _, _ = _fresh(last_layer_config)
