@@ -24,15 +24,19 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/fedtune demo
 
+# mypy and import-linter read the package tree as installed (tools/package_tree.py): the
+# repository's top-level folders are subpackages of fedtune only through package-dir.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/python tools/package_tree.py build/typecheck
 	$(BIN)/mypy
+	cd build/typecheck && PYTHONPATH=. ../../$(BIN)/lint-imports ../../pyproject.toml
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: setup
 	$(BIN)/fedtune bench
 
 clean:
-	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf runs build .pytest_cache .mypy_cache .ruff_cache

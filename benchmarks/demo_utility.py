@@ -9,8 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from benchmarks.runner import BenchResult
-from fedtune.demo import DemoOptions, run_demo
+from fedtune.benchmarks.runner import BenchResult
+from fedtune.ops.demo import DemoOptions, run_demo
 
 
 def bench_demo(work_dir: Path) -> BenchResult:

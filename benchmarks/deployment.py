@@ -28,17 +28,17 @@ from pathlib import Path
 
 import tomli_w
 
-from benchmarks.runner import BenchResult
-from fedtune.federation_keys import enroll_hospital, init_federation, new_hospital
-from fedtune.icd10 import write_hospital_datasets
-from fedtune.launch import LaunchPlan, launch
+from fedtune.benchmarks.runner import BenchResult
+from fedtune.ops.federation_keys import enroll_hospital, init_federation, new_hospital
+from fedtune.ops.icd10 import write_hospital_datasets
+from fedtune.ops.launch import LaunchPlan, launch
 
 HOSPITALS = ("st-anna", "city-general", "north-clinic")
 _LOAD_PROBE = """
 import time
 started = time.perf_counter()
-from client.session import model_for
-from fedtune.config import parse_run_config
+from fedtune.client.session import model_for
+from fedtune.core.config import parse_run_config
 imported = time.perf_counter()
 config = parse_run_config({"model": {"source": "embedded:minilm", "task": "classify",
                                      "labels": ["a", "b"]}}, "bench")
@@ -155,7 +155,7 @@ def _deploy(work_dir: Path, config_path: Path, data: Path) -> None:
         with path.open("wb") as handle:
             tomli_w.dump(node, handle)
         node_files.append(path)
-    fedtune = [sys.executable, "-m", "fedtune.cli"]
+    fedtune = [sys.executable, "-m", "fedtune.ops.cli"]
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with (work_dir / "server.log").open("wb") as log:

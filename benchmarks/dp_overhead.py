@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.runner import BenchResult
+from fedtune.benchmarks.runner import BenchResult
 
 MODES = ("hooks", "functorch", "ghost")
 DEFAULT_MODE = "hooks"
@@ -116,7 +116,7 @@ and **{fastest["smollm2"]}** for SmolLM2
 def _run_worker(model: str, mode: str, work_dir: Path) -> dict[str, float]:
     """One configuration in a fresh interpreter: its peak RSS is its own."""
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.dp_overhead", model, mode, str(work_dir)],
+        [sys.executable, "-m", "fedtune.benchmarks.dp_overhead", model, mode, str(work_dir)],
         capture_output=True,
         text=True,
         check=False,
@@ -133,9 +133,9 @@ def _run_worker(model: str, mode: str, work_dir: Path) -> dict[str, float]:
 
 def _fixed_batch(model_name: str, tokenizer: Any, work_dir: Path) -> tuple[list[Any], Any]:
     """The first `batch` training examples of hospital 1, encoded as training encodes them."""
-    from client.data import load_hospital_data
-    from client.encoding import collate, encode_classification, encode_generation
-    from fedtune.icd10 import CHAPTERS, write_hospital_datasets
+    from fedtune.client.data import load_hospital_data
+    from fedtune.client.encoding import collate, encode_classification, encode_generation
+    from fedtune.ops.icd10 import CHAPTERS, write_hospital_datasets
 
     spec = MODELS[model_name]
     data_dir = work_dir / f"data-{spec['task']}"
@@ -162,10 +162,10 @@ def _worker(model_name: str, mode: str, work_dir: Path) -> dict[str, float]:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
 
-    from client.losses import PerExampleLoss, model_inputs
-    from client.model import attach_lora, load_base_model
-    from fedtune.config import LoraSettings, ModelSettings
-    from fedtune.icd10 import CHAPTERS
+    from fedtune.client.losses import PerExampleLoss, model_inputs
+    from fedtune.core.config import LoraSettings, ModelSettings
+    from fedtune.core.model import attach_lora, load_base_model
+    from fedtune.ops.icd10 import CHAPTERS
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message=".*[Ss]ecure.*RNG.*")

@@ -14,14 +14,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.runner import BenchResult
-from client.dp_train import DPPlan, poisson_sample_rate, train_privately
-from client.frozen_prefix import frozen_prefix_for
-from client.model import get_adapter, set_adapter
-from client.session import HospitalIdentity, data_for, model_for
-from fedtune.config import TrainSettings
-from simulations.experiment import load_experiment
-from simulations.sweep import _prepare_data, plan_runs, run_config_for
+from fedtune.benchmarks.runner import BenchResult
+from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
+from fedtune.client.frozen_prefix import frozen_prefix_for
+from fedtune.client.session import HospitalIdentity, data_for, model_for
+from fedtune.core.config import TrainSettings
+from fedtune.core.model import get_adapter, set_adapter
+from fedtune.simulations.experiment import load_experiment
+from fedtune.simulations.sweep import _prepare_data, plan_runs, run_config_for
 
 EXPERIMENT = Path("simulations/medical_classification.toml")
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.runner import BenchResult
-from client.model import load_base_model
-from client.pooling import init_head_from_label_names
-from fedtune.config import ModelSettings
-from simulations.datasets import build_dataset
+from fedtune.benchmarks.runner import BenchResult
+from fedtune.core.config import ModelSettings
+from fedtune.core.model import load_base_model
+from fedtune.core.pooling import init_head_from_label_names
+from fedtune.simulations.datasets import build_dataset
 
 POOL, TEST, MAX_LENGTH, PROBE_STEPS = 6000, 420, 32, 300
 

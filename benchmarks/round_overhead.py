@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from statistics import mean
 
-from benchmarks.runner import BenchResult
-from fedtune.demo import DemoOptions, run_demo
-from server.run_dir import RunDirectory
+from fedtune.benchmarks.runner import BenchResult
+from fedtune.ops.demo import DemoOptions, run_demo
+from fedtune.server.run_dir import RunDirectory
 
 
 def bench_round(work_dir: Path) -> BenchResult:

@@ -31,15 +31,15 @@ Benchmark = Callable[[Path], BenchResult]
 
 
 def _registry() -> dict[str, Benchmark]:
-    from benchmarks.demo_utility import bench_demo
-    from benchmarks.deployment import bench_deployment
-    from benchmarks.dp_overhead import bench_dp
-    from benchmarks.frozen_cache import bench_frozen_cache
-    from benchmarks.pooling import bench_pooling
-    from benchmarks.round_overhead import bench_round
-    from benchmarks.secagg import bench_secagg
-    from benchmarks.simulation import bench_simulation
-    from benchmarks.strategies import bench_strategies
+    from fedtune.benchmarks.demo_utility import bench_demo
+    from fedtune.benchmarks.deployment import bench_deployment
+    from fedtune.benchmarks.dp_overhead import bench_dp
+    from fedtune.benchmarks.frozen_cache import bench_frozen_cache
+    from fedtune.benchmarks.pooling import bench_pooling
+    from fedtune.benchmarks.round_overhead import bench_round
+    from fedtune.benchmarks.secagg import bench_secagg
+    from fedtune.benchmarks.simulation import bench_simulation
+    from fedtune.benchmarks.strategies import bench_strategies
 
     return {
         "round": bench_round,

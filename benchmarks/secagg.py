@@ -42,14 +42,13 @@ from flwr.app.message.message import make_message
 from flwr.common.serde import recorddict_to_proto
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from benchmarks.runner import BenchResult
-from fedtune.adapters import Adapter
-from fedtune.demo import DemoOptions, run_demo
-from fedtune.secagg import protocol
-from fedtune.secagg.encoding import decode_aggregate, encode_input, flatten
-from fedtune.secagg.fixed_point import FixedPointCodec, clip_to_norm
-from fedtune.secagg.primitives import round_context
-from fedtune.secagg_wire import (
+from fedtune.benchmarks.runner import BenchResult
+from fedtune.core.adapters import Adapter
+from fedtune.core.secagg import protocol
+from fedtune.core.secagg.encoding import decode_aggregate, encode_input, flatten
+from fedtune.core.secagg.fixed_point import FixedPointCodec, clip_to_norm
+from fedtune.core.secagg.primitives import round_context
+from fedtune.core.secagg.wire import (
     ADVERT,
     KEYS,
     MASKED,
@@ -64,8 +63,9 @@ from fedtune.secagg_wire import (
     outbox_record,
     revealed_record,
 )
-from fedtune.wire import METRICS, TRAIN, train_reply_content
-from server.run_dir import RunDirectory
+from fedtune.core.wire import METRICS, TRAIN, train_reply_content
+from fedtune.ops.demo import DemoOptions, run_demo
+from fedtune.server.run_dir import RunDirectory
 
 HOSPITALS = 10
 THRESHOLD = HOSPITALS // 2 + 1

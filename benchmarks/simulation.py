@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.runner import BenchResult
-from simulations.experiment import Experiment, load_experiment
-from simulations.results import ArmResult
-from simulations.sweep import run_experiment
+from fedtune.benchmarks.runner import BenchResult
+from fedtune.simulations.experiment import Experiment, load_experiment
+from fedtune.simulations.results import ArmResult
+from fedtune.simulations.sweep import run_experiment
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "simulations" / "medical_classification.toml"
 

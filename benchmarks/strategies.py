@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.runner import BenchResult
-from fedtune.adapters import Adapter
-from fedtune.demo import DemoOptions, run_demo
-from fedtune.secagg.encoding import layout_size
-from server.run_dir import RunDirectory
-from strategies.ffa_lora import FFA_LORA, lora_upload_bytes, uploaded_tensors
+from fedtune.benchmarks.runner import BenchResult
+from fedtune.core.adapters import Adapter
+from fedtune.core.secagg.encoding import layout_size
+from fedtune.core.uploads import FFA_LORA, lora_upload_bytes, uploaded_tensors
+from fedtune.ops.demo import DemoOptions, run_demo
+from fedtune.server.run_dir import RunDirectory
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", FFA_LORA)
 HOSPITALS = 5

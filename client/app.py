@@ -22,34 +22,37 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.approval import model_sha256
-from client.data import DataValidationError
-from client.dp_train import train_privately
-from client.evaluate import evaluate_classification, evaluate_generation
-from client.federated_objectives import SharedInitMismatch, check_shared_lora_a, local_objective
-from client.hospital_log import IdentifiersInData, check_identifiers, record_hospital_event
-from client.model import get_adapter, model_cache_root, resolve_model_source, set_adapter
-from client.outgoing import prepare_update
-from client.privacy import ledger_lock, plan_round
-from client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
-from client.secure_views import record_plaintext_view, refuse_recording_outside_simulation
-from client.session import (
+from fedtune.client.data import DataValidationError
+from fedtune.client.dp_train import train_privately
+from fedtune.client.evaluate import evaluate_classification, evaluate_generation
+from fedtune.client.federated_objectives import (
+    SharedInitMismatch,
+    check_shared_lora_a,
+    local_objective,
+)
+from fedtune.client.hospital_log import IdentifiersInData, check_identifiers, record_hospital_event
+from fedtune.client.outgoing import prepare_update
+from fedtune.client.privacy import ledger_lock, plan_round
+from fedtune.client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
+from fedtune.client.secure_views import record_plaintext_view, refuse_recording_outside_simulation
+from fedtune.client.session import (
     HospitalIdentity,
     apply_node_settings,
     data_for,
     hospital_identity,
     model_for,
 )
-from client.train import train_locally
-from fedtune.adapters import Adapter, adapter_delta, adapter_sha256
-from fedtune.config import ConfigError, RunConfig
-from fedtune.lineage import DataFingerprint
-from fedtune.secagg.fixed_point import FixedPointOverflow
-from fedtune.secagg.identity import IdentityError
-from fedtune.secagg.primitives import BadSignature, ShareRejected
-from fedtune.secagg.protocol import ProtocolAbort
-from fedtune.update_rules import uploaded
-from fedtune.wire import (
+from fedtune.client.train import train_locally
+from fedtune.core.adapters import Adapter, adapter_delta, adapter_sha256
+from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.lineage import DataFingerprint, model_sha256
+from fedtune.core.model import get_adapter, model_cache_root, resolve_model_source, set_adapter
+from fedtune.core.secagg.fixed_point import FixedPointOverflow
+from fedtune.core.secagg.identity import IdentityError
+from fedtune.core.secagg.primitives import BadSignature, ShareRejected
+from fedtune.core.secagg.protocol import ProtocolAbort
+from fedtune.core.update_rules import uploaded
+from fedtune.core.wire import (
     JOB,
     LINEAGE,
     Job,
@@ -320,7 +323,7 @@ def _round_seed(base_seed: int, server_round: int, hospital: str) -> int:
 
 
 # The secure-aggregation stages (imported last: they use the helpers above).
-from client import secure_stages  # noqa: E402
+from fedtune.client import secure_stages  # noqa: E402
 
 app.train("secagg_keys")(_refusing_on_problems(secure_stages.advertise_keys))
 app.train("secagg_shares")(_refusing_on_problems(secure_stages.share_keys))

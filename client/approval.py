@@ -16,63 +16,21 @@ all optional):
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError, RunConfig
+from fedtune.core.app_code import app_code_sha256
+from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.lineage import model_sha256
 
 NODE_ALLOWED_MODEL_SHA_KEY = "allowed-model-sha256"
 NODE_ALLOWED_STRATEGIES_KEY = "allowed-strategies"
 NODE_MAX_EPSILON_KEY = "max-epsilon"
 NODE_ALLOWED_APP_KEY = "allowed-app-sha256"
 
-# The packages whose code a node runs for the coordinator (what the Flower app bundle holds).
-APP_PACKAGES = ("client", "fedtune", "server", "strategies")
-
-
 class RunNotApproved(ConfigError):
     """The coordinator asked for something this hospital's node settings do not allow."""
-
-
-def app_code_sha256(root: Path | None = None) -> str:
-    """SHA-256 over the relative paths and bytes of every .py file of the app's packages.
-
-    This is the code that answers the coordinator on this node (runtime installation is off),
-    so pinning it pins what the node will do with the hospital's data.
-    """
-    base = root or Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for package in APP_PACKAGES:
-        for path in sorted((base / package).rglob("*.py")):
-            relative = path.relative_to(base).as_posix()
-            digest.update(f"{relative}\n{path.stat().st_size}\n".encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def model_sha256(directory: Path, cache_dir: Path) -> str:
-    """The base model's fingerprint, cached by the files' sizes and modification times
-    (hashing a multi-GB model for every message would dominate a node's round)."""
-    from fedtune.lineage import model_fingerprint
-
-    stamp = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        info = path.stat()
-        stamp.update(f"{path.relative_to(directory)}:{info.st_size}:{info.st_mtime_ns}\n".encode())
-    key = hashlib.sha256(f"{directory.resolve()}\n{stamp.hexdigest()}".encode()).hexdigest()
-    cached = cache_dir / "model-fingerprints" / f"{key}.json"
-    if cached.is_file():
-        return str(json.loads(cached.read_text())["sha256"])
-    sha = model_fingerprint(directory).sha256
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"directory": str(directory), "sha256": sha}))
-    os.replace(tmp, cached)
-    return sha
 
 
 def check_run_approved(

@@ -27,11 +27,11 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
-from client.federated_objectives import LocalObjective, objective_in_effect
-from client.frozen_prefix import EXAMPLE_INDEX, FrozenPrefix, collate_indexed, indexed
-from client.losses import PerExampleLoss, model_inputs
-from client.train import TrainResult, adapter_optimizer, autocast_for, frozen_prefix_in_use
-from fedtune.config import TrainSettings
+from fedtune.client.federated_objectives import LocalObjective, objective_in_effect
+from fedtune.client.frozen_prefix import EXAMPLE_INDEX, FrozenPrefix, collate_indexed, indexed
+from fedtune.client.losses import PerExampleLoss, model_inputs
+from fedtune.client.train import TrainResult, adapter_optimizer, autocast_for, frozen_prefix_in_use
+from fedtune.core.config import TrainSettings
 
 
 @dataclass(frozen=True)

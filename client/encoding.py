@@ -29,7 +29,7 @@ from typing import TypedDict
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from client.data import LabeledText, PromptResponse
+from fedtune.client.data import LabeledText, PromptResponse
 
 IGNORE_INDEX = -100
 """Label value that PyTorch's cross-entropy (and HF models) leave out of the loss."""

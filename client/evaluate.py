@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from client.data import PromptResponse
-from client.encoding import collate, render_prompt
+from fedtune.client.data import PromptResponse
+from fedtune.client.encoding import collate, render_prompt
 
 
 @torch.no_grad()

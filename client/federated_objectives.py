@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.adapters import Adapter
-from fedtune.config import RunConfig
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import RunConfig
 
 LORA_A_MARKER = ".lora_A."
 
@@ -140,7 +140,7 @@ def shared_lora_a(config: RunConfig) -> dict[str, np.ndarray]:
     with _shared_a_lock:
         cached = _shared_a_cache.get(key)
         if cached is None:
-            from server.initial import initial_global_adapter  # heavy: the base model
+            from fedtune.core.initial_adapter import initial_global_adapter  # heavy: the base model
 
             with torch.random.fork_rng(devices=[]):
                 initial = initial_global_adapter(config)

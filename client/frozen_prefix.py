@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.encoding import collate
-from fedtune.config import ConfigError
+from fedtune.client.encoding import collate
+from fedtune.core.config import ConfigError
 
 EXAMPLE_INDEX = "example_index"  # batch key: which training examples the rows are
 # Encoders known to run embeddings → encoder.layer[0..n] → pooler with nothing in between

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedtune.audit import AuditLog
+from fedtune.core.audit import AuditLog
 
 NODE_AUDIT_LOG_KEY = "audit-log"
 NODE_PII_ACK_KEY = "pii-acknowledged"
@@ -47,7 +47,7 @@ def check_identifiers(data_path: Path, node_config: Mapping[str, Any]) -> None:
     them (`pii_acknowledged = true`); the report names kinds and lines, never the values.
     Checked once per file version in a process; the finding is written to the hospital's log.
     """
-    from client.pii_guard import scan_for_identifiers
+    from fedtune.client.pii_guard import scan_for_identifiers
 
     stat = data_path.stat()
     key = (str(data_path.resolve()), stat.st_mtime_ns, stat.st_size)

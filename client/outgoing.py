@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.adapters import Adapter
-from fedtune.client_dp import clip_and_noise
-from fedtune.config import RunConfig
-from fedtune.secagg.encoding import flatten, unflatten
-from fedtune.secagg.fixed_point import clip_to_norm
-from fedtune.update_rules import client_dp_plan, uploaded
+from fedtune.core.adapters import Adapter
+from fedtune.core.client_dp import clip_and_noise
+from fedtune.core.config import RunConfig
+from fedtune.core.secagg.encoding import flatten, unflatten
+from fedtune.core.secagg.fixed_point import clip_to_norm
+from fedtune.core.update_rules import client_dp_plan, uploaded
 
 
 @dataclass(frozen=True)

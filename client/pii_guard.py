@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.data import require_data_file
+from fedtune.client.data import require_data_file
 
 KINDS: dict[str, str] = {
     "email": "e-mail address",
@@ -316,7 +316,7 @@ def _has_value(value: Any) -> bool:
 
 def _csv_fields(path: Path) -> _Scanned:
     """Rows of a CSV file; quoted cells may span lines, so each row reports its first line."""
-    from client.data import DataValidationError
+    from fedtune.client.data import DataValidationError
 
     content = path.read_bytes().decode("utf-8-sig", errors="replace")
     reader = csv.reader(io.StringIO(content, newline=""))

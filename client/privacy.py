@@ -20,16 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.dp_train import DPPlan, poisson_sample_rate
-from client.privacy_ledger import (
+from fedtune.client.dp_train import DPPlan, poisson_sample_rate
+from fedtune.client.privacy_ledger import (
     PrivacyLedger,
     RunPlan,
     calibrate_noise_multiplier,
     read_ledger_file,
 )
-from client.session import HospitalIdentity
-from client.train import planned_steps
-from fedtune.config import ConfigError, RunConfig
+from fedtune.client.session import HospitalIdentity
+from fedtune.client.train import planned_steps
+from fedtune.core.config import ConfigError, RunConfig
 
 # Node configuration keys a hospital admin sets (deployment); they override the coordinator.
 NODE_BUDGET_KEY = "privacy-epsilon-budget"

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client.privacy_accounting import (  # noqa: F401  (re-exported: the ledger's vocabulary)
+from fedtune.core.privacy_accounting import (  # noqa: F401  (re-exported: the ledger's vocabulary)
     ACCOUNTANTS,
     History,
     PrivacyBudgetExhausted,

@@ -18,21 +18,25 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.hospital_log import bytes_sha256, record_hospital_event
-from client.outgoing import prepare_update
-from client.secure_views import refuse_recording_outside_simulation
-from client.session import (
+from fedtune.client.hospital_log import bytes_sha256, record_hospital_event
+from fedtune.client.outgoing import prepare_update
+from fedtune.client.secure_views import refuse_recording_outside_simulation
+from fedtune.client.session import (
     NODE_NAME_KEY,
     HospitalIdentity,
     apply_node_settings,
     hospital_identity,
 )
-from fedtune.config import ConfigError, RunConfig
-from fedtune.secagg import protocol
-from fedtune.secagg.encoding import encode_values
-from fedtune.secagg.identity import load_enrollment, load_identity_key, simulated_identity_paths
-from fedtune.secagg.primitives import raw_public
-from fedtune.secagg_wire import (
+from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.secagg import protocol
+from fedtune.core.secagg.encoding import encode_values
+from fedtune.core.secagg.identity import (
+    load_enrollment,
+    load_identity_key,
+    simulated_identity_paths,
+)
+from fedtune.core.secagg.primitives import raw_public
+from fedtune.core.secagg.wire import (
     ADVERT,
     MASKED_INPUT,
     OUTBOX,
@@ -46,8 +50,8 @@ from fedtune.secagg_wire import (
     parse_survivors,
     revealed_record,
 )
-from fedtune.update_rules import secure_codec, update_weight
-from fedtune.wire import JOB, LINEAGE, METRICS, Job, lineage_record, parse_request
+from fedtune.core.update_rules import secure_codec, update_weight
+from fedtune.core.wire import JOB, LINEAGE, METRICS, Job, lineage_record, parse_request
 
 # Node configuration keys of a deployed hospital (paths on the hospital's machine).
 NODE_IDENTITY_KEY = "identity-key"  # its Ed25519 private key (`fedtune keys generate`)
@@ -100,7 +104,7 @@ def share_keys(msg: Message, context: Context) -> Message:
 
 def masked_input(msg: Message, context: Context) -> Message:
     """Stage 3: accept the relayed shares, train, and send the masked, weighted delta."""
-    from client.app import train_local_update  # the ClientApp module registers this handler
+    from fedtune.client.app import train_local_update  # the ClientApp module registers this handler
 
     started = time.perf_counter()
     global_adapter, job = parse_request(msg)

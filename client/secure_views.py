@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client.session import HospitalIdentity
-from fedtune.adapters import Adapter
-from fedtune.config import ConfigError, RunConfig
-from fedtune.secagg.encoding import flatten
+from fedtune.client.session import HospitalIdentity
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.secagg.encoding import flatten
 
 
 def views_round_dir(root: str | Path, server_round: int) -> Path:

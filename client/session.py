@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from client.approval import NODE_ALLOWED_MODEL_SHA_KEY, RunNotApproved, check_run_approved
-from client.data import (
+from fedtune.client.approval import NODE_ALLOWED_MODEL_SHA_KEY, RunNotApproved, check_run_approved
+from fedtune.client.data import (
     Example,
     HospitalDataset,
     LabeledText,
@@ -26,16 +26,16 @@ from client.data import (
     load_hospital_data,
     split_examples,
 )
-from client.encoding import encode_classification, encode_generation
-from client.model import (
+from fedtune.client.encoding import encode_classification, encode_generation
+from fedtune.core.config import ConfigError, DataSettings, RunConfig
+from fedtune.core.lineage import DataFingerprint, data_fingerprint
+from fedtune.core.model import (
     attach_lora,
     load_base_model,
     model_cache_root,
     resolve_model_source,
     select_device,
 )
-from fedtune.config import ConfigError, DataSettings, RunConfig
-from fedtune.lineage import DataFingerprint, data_fingerprint
 
 # Node configuration keys a hospital admin sets on its node (deployment).
 NODE_NAME_KEY = "hospital-name"

@@ -19,16 +19,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from client.federated_objectives import LocalObjective, objective_in_effect
-from client.frozen_prefix import (
+from fedtune.client.federated_objectives import LocalObjective, objective_in_effect
+from fedtune.client.frozen_prefix import (
     EXAMPLE_INDEX,
     FrozenPrefix,
     collate_indexed,
     frozen_prefix_for,
     indexed,
 )
-from client.losses import PerExampleLoss, model_inputs
-from fedtune.config import TrainSettings
+from fedtune.client.losses import PerExampleLoss, model_inputs
+from fedtune.core.config import TrainSettings
 
 ROWS_PER_PASS = 256
 """A step's batch goes through the model in passes of at most this many examples, sorted by

@@ -11,10 +11,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.config import ConfigError, load_run_config, resolve_paths
-from server.initial import initial_global_adapter
-from server.rounds import run_federation
-from server.run_dir import RunDirectory
+from fedtune.core.config import ConfigError, load_run_config, resolve_paths
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.server.rounds import run_federation
+from fedtune.server.run_dir import RunDirectory
 
 app = ServerApp()
 

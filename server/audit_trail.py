@@ -12,16 +12,16 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from fedtune.adapters import Adapter, adapter_norm, adapter_sha256
-from fedtune.audit import AuditLog, canonical_sha256
-from fedtune.config import RunConfig
-from server.run_dir import RunDirectory
+from fedtune.core.adapters import Adapter, adapter_norm, adapter_sha256
+from fedtune.core.audit import AuditLog, canonical_sha256
+from fedtune.core.config import RunConfig
+from fedtune.server.run_dir import RunDirectory
 
 AUDIT_FILE = "audit.jsonl"
 
 
 def _code_version() -> dict[str, str]:
-    from client.approval import app_code_sha256
+    from fedtune.core.app_code import app_code_sha256
 
     try:
         version = metadata.version("fedtune")

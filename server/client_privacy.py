@@ -8,8 +8,8 @@ at the round's rate; the accountant composes them. Rounds are counted from the
 
 from __future__ import annotations
 
-from fedtune.client_dp import automatic_client_delta, client_level_epsilon
-from fedtune.config import RunConfig
+from fedtune.core.client_dp import automatic_client_delta, client_level_epsilon
+from fedtune.core.config import RunConfig
 
 
 def client_level_guarantee(

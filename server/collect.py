@@ -7,9 +7,9 @@ from typing import Any
 
 from flwr.app import Message
 
-from fedtune.wire import reply_hospital
-from server.report import weighted_metrics
-from strategies.aggregate import AggregateUpdate
+from fedtune.core.wire import reply_hospital
+from fedtune.server.report import weighted_metrics
+from fedtune.strategies.aggregate import AggregateUpdate
 
 
 class HospitalNames:

@@ -13,19 +13,19 @@ from pathlib import Path
 
 import torch
 
-from client.approval import model_sha256
-from client.model import (
+from fedtune.core.adapters import adapter_sha256
+from fedtune.core.lineage import model_sha256
+from fedtune.core.model import (
     attach_lora,
     load_base_model,
     model_cache_root,
     resolve_model_source,
     set_adapter,
 )
-from fedtune.adapters import adapter_sha256
-from server.audit_trail import CoordinatorAudit
-from server.model_card import model_card, write_model_card
-from server.run_dir import RunDirectory
-from server.versions import best_round
+from fedtune.server.audit_trail import CoordinatorAudit
+from fedtune.server.model_card import model_card, write_model_card
+from fedtune.server.run_dir import RunDirectory
+from fedtune.server.versions import best_round
 
 
 class ExportError(ValueError):

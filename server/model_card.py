@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import RunConfig
-from server.report import headline_metric
-from server.run_dir import RunDirectory
-from server.versions import list_versions
+from fedtune.core.config import RunConfig
+from fedtune.server.report import headline_metric
+from fedtune.server.run_dir import RunDirectory
+from fedtune.server.versions import list_versions
 
 
 def pseudonym(hospital: str, run_id: str) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedtune.adapters import Adapter
-from server.collect import EvaluationResult
-from server.run_dir import RunDirectory
-from strategies.registry import Strategy
+from fedtune.core.adapters import Adapter
+from fedtune.server.collect import EvaluationResult
+from fedtune.server.run_dir import RunDirectory
+from fedtune.strategies.registry import Strategy
 
 
 def restore_run(

@@ -19,17 +19,17 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.adapters import (
+from fedtune.core.adapters import (
     Adapter,
     UpdateRejected,
     adapter_norm,
     adapter_sha256,
     check_update,
 )
-from fedtune.config import RunConfig
-from fedtune.secagg.encoding import flatten
-from fedtune.update_rules import honest_sum_norm_bound, update_weight, uploaded
-from fedtune.wire import (
+from fedtune.core.config import RunConfig
+from fedtune.core.secagg.encoding import flatten
+from fedtune.core.update_rules import honest_sum_norm_bound, update_weight, uploaded
+from fedtune.core.wire import (
     EVALUATE,
     TRAIN,
     Job,
@@ -40,19 +40,19 @@ from fedtune.wire import (
     parse_train_reply,
     request_content,
 )
-from server.audit_trail import CoordinatorAudit
-from server.client_privacy import client_level_guarantee
-from server.collect import EvaluationResult, HospitalNames, Refusal, RoundCollection
-from server.report import RoundReport, headline_metric
-from server.resume import attempts_started, restore_run
-from server.run_dir import RunDirectory
-from server.sampling import hospitals_for_round
-from server.secure_round import collect_secure
-from server.tracking import ExperimentTracker
-from server.versions import best_round, prune_versions
-from server.views import ViewRecorder
-from strategies.aggregate import weighted_sum
-from strategies.registry import Strategy, build_strategy
+from fedtune.server.audit_trail import CoordinatorAudit
+from fedtune.server.client_privacy import client_level_guarantee
+from fedtune.server.collect import EvaluationResult, HospitalNames, Refusal, RoundCollection
+from fedtune.server.report import RoundReport, headline_metric
+from fedtune.server.resume import attempts_started, restore_run
+from fedtune.server.run_dir import RunDirectory
+from fedtune.server.sampling import hospitals_for_round
+from fedtune.server.secure_round import collect_secure
+from fedtune.server.tracking import ExperimentTracker
+from fedtune.server.versions import best_round, prune_versions
+from fedtune.server.views import ViewRecorder
+from fedtune.strategies.aggregate import weighted_sum
+from fedtune.strategies.registry import Strategy, build_strategy
 
 
 class NotEnoughHospitals(RuntimeError):

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load, load_file, save, save_file
 
-from fedtune.adapters import Adapter
-from fedtune.config import RunConfig
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import RunConfig
 
 _ROUND_FILE = re.compile(r"^round-(\d{4})\.safetensors$")
 _STRATEGY_FILE = re.compile(r"^round-(\d{4})\.json$")

@@ -14,7 +14,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from fedtune.config import FederationSettings
+from fedtune.core.config import FederationSettings
 
 
 def hospitals_for_round(

@@ -18,19 +18,19 @@ import numpy as np
 from flwr.app import Message, MetricRecord
 from flwr.serverapp import Grid
 
-from fedtune.adapters import Adapter, adapter_norm
-from fedtune.config import RunConfig
-from fedtune.secagg.encoding import decode_aggregate, layout_size
-from fedtune.secagg.fixed_point import FixedPointOverflow
-from fedtune.secagg.primitives import round_context
-from fedtune.secagg.protocol import (
+from fedtune.core.adapters import Adapter, adapter_norm
+from fedtune.core.config import RunConfig
+from fedtune.core.secagg.encoding import decode_aggregate, layout_size
+from fedtune.core.secagg.fixed_point import FixedPointOverflow
+from fedtune.core.secagg.primitives import round_context
+from fedtune.core.secagg.protocol import (
     Advertisement,
     ProtocolAbort,
     UnmaskInputs,
     check_threshold,
     unmask_sum,
 )
-from fedtune.secagg_wire import (
+from fedtune.core.secagg.wire import (
     INBOX,
     KEYS,
     MASKED,
@@ -48,8 +48,8 @@ from fedtune.secagg_wire import (
     participants_record,
     survivors_record,
 )
-from fedtune.update_rules import honest_sum_norm_bound, secure_codec, uploaded
-from fedtune.wire import (
+from fedtune.core.update_rules import honest_sum_norm_bound, secure_codec, uploaded
+from fedtune.core.wire import (
     GLOBAL_ADAPTER,
     METRICS,
     Job,
@@ -58,9 +58,9 @@ from fedtune.wire import (
     check_reply_size,
     parse_lineage,
 )
-from server.collect import HospitalNames, Refusal, RoundCollection
-from server.views import ViewRecorder
-from strategies.aggregate import AggregateUpdate
+from fedtune.server.collect import HospitalNames, Refusal, RoundCollection
+from fedtune.server.views import ViewRecorder
+from fedtune.strategies.aggregate import AggregateUpdate
 
 
 class _Stage:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.config import ConfigError, TrackingSettings
+from fedtune.core.config import ConfigError, TrackingSettings
 
 
 class ExperimentTracker:

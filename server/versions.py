@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedtune.adapters import adapter_sha256
-from server.audit_trail import CoordinatorAudit
-from server.report import headline_metric
-from server.run_dir import RunDirectory
+from fedtune.core.adapters import adapter_sha256
+from fedtune.server.audit_trail import CoordinatorAudit
+from fedtune.server.report import headline_metric
+from fedtune.server.run_dir import RunDirectory
 
 
 class VersionError(ValueError):

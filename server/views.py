@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedtune.adapters import Adapter
+from fedtune.core.adapters import Adapter
 
 INDEX = "index.json"
 

@@ -29,18 +29,18 @@ from typing import Any
 
 import torch
 
-from client.data import load_hospital_data
-from client.dp_train import DPPlan, poisson_sample_rate, train_privately
-from client.encoding import collate, encode_classification, encode_generation
-from client.evaluate import evaluate_classification
-from client.model import get_adapter, set_adapter
-from client.privacy import default_delta
-from client.privacy_accounting import calibrate_noise_multiplier, compute_epsilon
-from client.session import HospitalIdentity, ModelHandle, data_for, model_for
-from client.train import train_locally
-from fedtune.adapters import Adapter
-from fedtune.config import RunConfig
-from simulations.datasets import file_fingerprint
+from fedtune.client.data import load_hospital_data
+from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
+from fedtune.client.encoding import collate, encode_classification, encode_generation
+from fedtune.client.evaluate import evaluate_classification
+from fedtune.client.privacy import default_delta
+from fedtune.client.session import HospitalIdentity, ModelHandle, data_for, model_for
+from fedtune.client.train import train_locally
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import RunConfig
+from fedtune.core.model import get_adapter, set_adapter
+from fedtune.core.privacy_accounting import calibrate_noise_multiplier, compute_epsilon
+from fedtune.simulations.datasets import file_fingerprint
 
 Progress = Callable[[int, int], None]  # (done, total) rounds; local-only: hospital-rounds
 

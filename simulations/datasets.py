@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.icd10 import CHAPTERS, chapter_of, load_icd10_codes
+from fedtune.ops.icd10 import CHAPTERS, chapter_of, load_icd10_codes
 
 DATASETS = ("icd10-chapters", "icd10-chapters-instruct", "icd10-categories")
 TASK_OF = {

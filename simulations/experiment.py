@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError, RunConfig, parse_run_config, resolve_paths
-from simulations.datasets import DATASETS, TASK_OF
-from simulations.partition import PARTITION_METHODS
-from simulations.results import ARMS, is_dp_arm
+from fedtune.core.config import ConfigError, RunConfig, parse_run_config, resolve_paths
+from fedtune.simulations.datasets import DATASETS, TASK_OF
+from fedtune.simulations.partition import PARTITION_METHODS
+from fedtune.simulations.results import ARMS, is_dp_arm
 
 _REQUIRED = object()  # marks a key that has no default
 SWEEP_KEYS = ("epsilon", "hospitals", "alpha", "strategy", "lora_r")
@@ -224,7 +224,7 @@ def _check_sweep(path: Path, sweep: dict[str, tuple[Any, ...]]) -> None:
     if not all(isinstance(a, int | float) and not isinstance(a, bool) and a > 0
                for a in sweep["alpha"]):  # fmt: skip
         raise bad("alpha", "must be positive numbers")
-    from fedtune.config import STRATEGIES
+    from fedtune.core.config import STRATEGIES
 
     if not all(s in STRATEGIES for s in sweep["strategy"]):
         raise bad("strategy", f"must be among {', '.join(STRATEGIES)}")

@@ -24,7 +24,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
-from simulations.results import (
+from fedtune.simulations.results import (
     ArmResult,
     arm_order,
     format_value,

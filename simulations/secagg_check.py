@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.update_rules import secure_codec
-from server.run_dir import RunDirectory
-from simulations.results import ArmResult
+from fedtune.core.update_rules import secure_codec
+from fedtune.server.run_dir import RunDirectory
+from fedtune.simulations.results import ArmResult
 
 _FLOAT32_SLACK = 1e-6  # adapters travel and are stored as float32
 

@@ -30,15 +30,15 @@ from typing import Any, TextIO
 
 import tomli_w
 
-from fedtune.config import ConfigError, RunConfig
-from simulations.datasets import LABELS_FILE, TEST_FILE, build_dataset, write_hospital_files
-from simulations.experiment import Experiment
-from simulations.partition import (
+from fedtune.core.config import ConfigError, RunConfig
+from fedtune.simulations.datasets import LABELS_FILE, TEST_FILE, build_dataset, write_hospital_files
+from fedtune.simulations.experiment import Experiment
+from fedtune.simulations.partition import (
     format_partition_summary,
     make_partition,
     partition_summary,
 )
-from simulations.results import ArmResult, is_dp_arm, load_results, save_results
+from fedtune.simulations.results import ArmResult, is_dp_arm, load_results, save_results
 
 FEDERATED_ARMS = ("federated", "federated-secagg", "federated-dp", "federated-dp-secagg")
 _ROUND_ROW = re.compile(r"^\s*(\d+)\s+\S+\s+\S+")  # server.report's per-round row
@@ -190,8 +190,8 @@ def run_experiment(
     progress_stream: TextIO = sys.stderr,
 ) -> list[ArmResult]:
     """Run the whole grid; write results.json, results.csv, results.md and the plots."""
-    from simulations.plots import write_plots
-    from simulations.tables import summarize, write_csv, write_markdown
+    from fedtune.simulations.plots import write_plots
+    from fedtune.simulations.tables import summarize, write_csv, write_markdown
 
     out_dir = out_dir.resolve()  # run configs live in sub-folders: paths must be absolute
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ def _report_secagg_twins(
     results: list[ArmResult], out_dir: Path, say: Callable[[str], None]
 ) -> None:
     """Check federated-secagg against federated (round 1, fixed-point bound); record it."""
-    from simulations.secagg_check import compare_twins
+    from fedtune.simulations.secagg_check import compare_twins
 
     comparisons = compare_twins(results)
     if not comparisons:
@@ -365,9 +365,9 @@ def _run_baseline(
     on_round: Callable[[int, int], None],
     result: ArmResult,
 ) -> None:
-    from client.session import model_for
-    from server.initial import initial_global_adapter
-    from simulations.baselines import load_test_set, run_centralized, run_local_only
+    from fedtune.client.session import model_for
+    from fedtune.core.initial_adapter import initial_global_adapter
+    from fedtune.simulations.baselines import load_test_set, run_centralized, run_local_only
 
     files = sorted(data_dir.glob("hospital-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
     initial = initial_global_adapter(config)
@@ -390,10 +390,10 @@ def _run_federated(
     on_round: Callable[[int, int], None],
     result: ArmResult,
 ) -> None:
-    from client.session import model_for
-    from fedtune.launch import LaunchPlan, launch
-    from server.run_dir import RunDirectory
-    from simulations.baselines import load_test_set, score
+    from fedtune.client.session import model_for
+    from fedtune.ops.launch import LaunchPlan, launch
+    from fedtune.server.run_dir import RunDirectory
+    from fedtune.simulations.baselines import load_test_set, score
 
     config_path = run_dir / "run.toml"
     with config_path.open("wb") as stream:

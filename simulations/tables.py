@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations.results import ArmResult, arm_order, format_value, point_key
+from fedtune.simulations.results import ArmResult, arm_order, format_value, point_key
 
 
 @dataclass(frozen=True)

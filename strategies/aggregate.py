@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import DTypeLike
 
-from fedtune.adapters import Adapter, UpdateRejected, check_update
+from fedtune.core.adapters import Adapter, UpdateRejected, check_update
 
 
 @dataclass(frozen=True)

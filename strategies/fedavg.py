@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.adapters import Adapter, apply_delta
-from strategies.aggregate import AggregateUpdate, check_covers
-from strategies.state import check_meta, make_state
+from fedtune.core.adapters import Adapter, apply_delta
+from fedtune.strategies.aggregate import AggregateUpdate, check_covers
+from fedtune.strategies.state import check_meta, make_state
 
 
 def apply_delta_subset(

@@ -12,12 +12,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedtune.adapters import Adapter
-from fedtune.config import FederationSettings
-from strategies.aggregate import AggregateUpdate
-from strategies.fedavg import FedAvg, FedProx
-from strategies.ffa_lora import FFALoRA
-from strategies.server_optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import FederationSettings
+from fedtune.strategies.aggregate import AggregateUpdate
+from fedtune.strategies.fedavg import FedAvg, FedProx
+from fedtune.strategies.ffa_lora import FFALoRA
+from fedtune.strategies.server_optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 
 class Strategy(Protocol):

@@ -35,9 +35,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedtune.adapters import Adapter, UpdateRejected, check_update
-from strategies.aggregate import AggregateUpdate, check_covers
-from strategies.state import check_meta, make_state
+from fedtune.core.adapters import Adapter, UpdateRejected, check_update
+from fedtune.strategies.aggregate import AggregateUpdate, check_covers
+from fedtune.strategies.state import check_meta, make_state
 
 Moments = dict[str, np.ndarray]  # slot ("m", "v", "momentum") → float64 array
 

@@ -15,9 +15,9 @@ import torch
 from tiny import CHAT_TEMPLATE, minilm_dir, replace_section, save_tiny_bert, tiny_run_config
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from fedtune.config import RunConfig
-from fedtune.icd10 import write_hospital_datasets
-from fedtune.secagg.identity import ensure_simulation_identities
+from fedtune.core.config import RunConfig
+from fedtune.core.secagg.identity import ensure_simulation_identities
+from fedtune.ops.icd10 import write_hospital_datasets
 
 __all__ = ["replace_section", "tiny_run_config"]  # importable helpers live in tests/tiny.py
 

@@ -17,9 +17,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import app as client_app
-from fedtune.secagg_wire import KEYS, MASKED, SHARES, UNMASK
-from fedtune.wire import JOB
+from fedtune.client.app import app as client_app
+from fedtune.core.secagg.wire import KEYS, MASKED, SHARES, UNMASK
+from fedtune.core.wire import JOB
 
 Tamper = Callable[[int, Message], Message]
 

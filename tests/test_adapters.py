@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtune.adapters import (
+from fedtune.core.adapters import (
     UpdateRejected,
     adapter_delta,
     adapter_norm,

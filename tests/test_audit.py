@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fedtune.audit import (
+from fedtune.core.audit import (
     GENESIS_PREV,
     AuditLog,
     AuditLogError,
@@ -20,7 +20,7 @@ from fedtune.audit import (
     canonical_sha256,
     verify_audit_log,
 )
-from fedtune.cli import main
+from fedtune.ops.cli import main
 
 RECORDS = 10
 EVENTS = [

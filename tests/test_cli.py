@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.cli import main
+from fedtune.ops.cli import main
 
 COMMANDS = ["demo", "run", "data", "check-data", "export", "ledger", "keys", "bench"]
 
@@ -68,7 +68,7 @@ def test_export_of_an_unknown_round_is_a_clear_error(
 
 
 def test_the_launcher_shows_the_coordinators_lines_and_hides_flower_internals():
-    from fedtune.launch import _show
+    from fedtune.ops.launch import _show
 
     shown: list[str] = []
     for line in [

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import pytest
 
-from fedtune import client_dp
-from fedtune.client_dp import (
+from fedtune.core import client_dp
+from fedtune.core.client_dp import (
     ClientDPPlan,
     aggregate_noise_std,
     aggregate_norm_bound,
@@ -24,7 +24,7 @@ from fedtune.client_dp import (
     client_level_epsilon,
     clip_and_noise,
 )
-from fedtune.secagg.fixed_point import FixedPointCodec
+from fedtune.core.secagg.fixed_point import FixedPointCodec
 
 SIZE = 400_000
 MARGIN = 6 / math.sqrt(2 * SIZE)  # 6 standard errors of a sample std, relative

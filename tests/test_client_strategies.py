@@ -19,9 +19,9 @@ import pytest
 import torch
 from tiny import replace_section
 
-from client.dp_train import DPPlan, train_privately
-from client.encoding import collate
-from client.federated_objectives import (
+from fedtune.client.dp_train import DPPlan, train_privately
+from fedtune.client.encoding import collate
+from fedtune.client.federated_objectives import (
     LocalObjective,
     SharedInitMismatch,
     add_proximal_term,
@@ -30,13 +30,13 @@ from client.federated_objectives import (
     objective_in_effect,
     shared_lora_a,
 )
-from client.losses import PerExampleLoss, model_inputs
-from client.model import attach_lora, get_adapter, load_base_model, set_adapter
-from client.session import ModelHandle, data_for, hospital_identity
-from client.train import adapter_optimizer, train_locally
-from fedtune.adapters import Adapter
-from fedtune.config import RunConfig, TrainSettings
-from server.initial import initial_global_adapter
+from fedtune.client.losses import PerExampleLoss, model_inputs
+from fedtune.client.session import ModelHandle, data_for, hospital_identity
+from fedtune.client.train import adapter_optimizer, train_locally
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import RunConfig, TrainSettings
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.model import attach_lora, get_adapter, load_base_model, set_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.config import (
+from fedtune.core.config import (
     ConfigError,
     RunConfig,
     load_run_config,

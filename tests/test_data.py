@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.data import (
+from fedtune.client.data import (
     DataFormat,
     DataValidationError,
     LabeledText,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedtune.federation_keys import enroll_hospital, init_federation, new_hospital
-from fedtune.icd10 import write_hospital_datasets
+from fedtune.ops.federation_keys import enroll_hospital, init_federation, new_hospital
+from fedtune.ops.icd10 import write_hospital_datasets
 
 pytestmark = pytest.mark.slow
 HOSPITALS = ("st-anna", "city-general", "north-clinic")
@@ -46,7 +46,7 @@ class Processes:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with log.open("ab") as handle:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fedtune.cli", *args], stdout=handle,
+                [sys.executable, "-m", "fedtune.ops.cli", *args], stdout=handle,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
         self.started.append((proc, log))
@@ -206,7 +206,7 @@ def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
 
 def kill_coordinator(server: subprocess.Popen[bytes], run_dir: Path) -> None:
     """A coordinator crash: the command and every Flower process it started, SIGKILLed."""
-    from fedtune.simulation import find_simulation_processes
+    from fedtune.ops.simulation import find_simulation_processes
 
     homes = [(run_dir / ".flower" / home).resolve() for home in ("superlink", "cli")]
     flower = [proc for home in homes for proc in find_simulation_processes(home)]
@@ -285,8 +285,8 @@ def test_a_round_left_below_the_threshold_is_aborted_and_retried_with_the_adapte
     """Two of three hospitals die during round 2 (1 left, threshold 2): the attempt is
     aborted and the global adapter stays that of round 1; the coordinator waits for the
     hospitals to come back and the retry completes from that same adapter."""
-    from fedtune.adapters import adapter_sha256
-    from server.run_dir import RunDirectory
+    from fedtune.core.adapters import adapter_sha256
+    from fedtune.server.run_dir import RunDirectory
 
     config = federation["config"]
     config.write_text(config.read_text().replace("[federation]\n",

@@ -28,12 +28,12 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 
-from client.dp_train import DPPlan, poisson_sample_rate, train_privately
-from client.encoding import collate
-from client.losses import PerExampleLoss, model_inputs
-from client.model import attach_lora, get_adapter, load_base_model, set_adapter
-from client.session import ModelHandle, data_for, hospital_identity
-from fedtune.config import RunConfig, TrainSettings
+from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
+from fedtune.client.encoding import collate
+from fedtune.client.losses import PerExampleLoss, model_inputs
+from fedtune.client.session import ModelHandle, data_for, hospital_identity
+from fedtune.core.config import RunConfig, TrainSettings
+from fedtune.core.model import attach_lora, get_adapter, load_base_model, set_adapter
 
 MODES = ("hooks", "functorch", "ghost")
 TASKS = ("classify", "instruct")
@@ -464,7 +464,7 @@ def test_splitting_into_physical_batches_does_not_change_the_update(
     """
     import types
 
-    import client.dp_train as dp_train
+    import fedtune.client.dp_train as dp_train
 
     monkeypatch.setattr(dp_train, "secrets", types.SimpleNamespace(randbits=lambda bits: 1234))
     settings = TrainSettings(local_steps=4, learning_rate=1e-2, batch_size=8)

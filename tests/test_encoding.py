@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from client.data import LabeledText, PromptResponse, Turn
-from client.encoding import (
+from fedtune.client.data import LabeledText, PromptResponse, Turn
+from fedtune.client.encoding import (
     IGNORE_INDEX,
     collate,
     encode_classification,

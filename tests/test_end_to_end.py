@@ -12,9 +12,9 @@ import pytest
 import tomli_w
 from tiny import tiny_run_config
 
-from fedtune.cli import main
-from fedtune.simulation import find_simulation_processes
-from server.run_dir import RunDirectory
+from fedtune.ops.cli import main
+from fedtune.ops.simulation import find_simulation_processes
+from fedtune.server.run_dir import RunDirectory
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +81,8 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
 def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(tmp_path: Path):
     """The README's main job, shortened: real MiniLM, real ICD-10-CM data, 3 hospitals,
     differential privacy on by default (ε = 8 per hospital for the whole run)."""
-    from client.privacy_ledger import read_ledger_file
-    from fedtune.demo import DemoOptions, run_demo
+    from fedtune.client.privacy_ledger import read_ledger_file
+    from fedtune.ops.demo import DemoOptions, run_demo
 
     lines: list[str] = []
     summary = run_demo(
@@ -126,7 +126,7 @@ def test_kill_stops_a_simulated_run_and_everything_it_started(
     log = tmp_path / "run.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedtune.cli", "run", "--config", str(config_path),
+            [sys.executable, "-m", "fedtune.ops.cli", "run", "--config", str(config_path),
              "--hospitals", "2", "--run-dir", str(run_dir)],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

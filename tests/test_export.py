@@ -11,12 +11,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from client.model import attach_lora, load_base_model, set_adapter
-from fedtune.adapters import Adapter
-from fedtune.config import RunConfig
-from server.export import ExportError, choose_round, export_adapter
-from server.initial import initial_global_adapter
-from server.run_dir import RunDirectory
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.model import attach_lora, load_base_model, set_adapter
+from fedtune.server.export import ExportError, choose_round, export_adapter
+from fedtune.server.run_dir import RunDirectory
 
 CPU = torch.device("cpu")
 TEXTS = ["acute bronchitis with cough", "fracture of the left wrist", "type 2 diabetes"]

@@ -19,8 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedtune.cli import main
-from fedtune.federation_keys import (
+from fedtune.core.secagg.identity import IdentityError, load_enrollment, load_public_key_file
+from fedtune.ops.cli import main
+from fedtune.ops.federation_keys import (
     check_node_private_key,
     enroll_hospital,
     enrolled_node_keys,
@@ -29,7 +30,6 @@ from fedtune.federation_keys import (
     load_node_public_key,
     new_hospital,
 )
-from fedtune.secagg.identity import IdentityError, load_enrollment, load_public_key_file
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file permissions")
 

@@ -15,18 +15,18 @@ import pytest
 import torch
 from tiny import replace_section, save_tiny_bert, tiny_run_config
 
-from client.dp_train import DPPlan, train_privately
-from client.frozen_prefix import (
+from fedtune.client.dp_train import DPPlan, train_privately
+from fedtune.client.frozen_prefix import (
     EXAMPLE_INDEX,
     collate_indexed,
     first_adapted_layer,
     frozen_prefix_for,
     indexed,
 )
-from client.model import attach_lora, get_adapter, load_base_model, set_adapter
-from client.session import HospitalIdentity, data_for, model_for
-from client.train import frozen_prefix_in_use, train_locally
-from fedtune.config import ConfigError, RunConfig
+from fedtune.client.session import HospitalIdentity, data_for, model_for
+from fedtune.client.train import frozen_prefix_in_use, train_locally
+from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.model import attach_lora, get_adapter, load_base_model, set_adapter
 
 LAST_LAYER = [f"encoder.layer.2.attention.self.{name}" for name in ("query", "key", "value")]
 
@@ -149,7 +149,7 @@ def test_dp_training_with_the_cache_equals_training_without(
 def test_no_cache_where_an_adapter_sits_in_the_first_layer(
     bert3_dir: Path, classify_data: Any
 ) -> None:
-    from client import frozen_prefix
+    from fedtune.client import frozen_prefix
 
     config = _config(bert3_dir, classify_data, cache=True, target_modules=["query", "value"])
     model, features, pad = _fresh(config)
@@ -181,7 +181,7 @@ def test_an_empty_draw_is_a_noise_only_step_and_the_next_batch_stays_whole(
 
     The empty draw must still add noise (the mechanism the accountant analyses), and the
     next logical batch must be one update over all its examples, not its first piece."""
-    from client.dp_train import LengthSortedPoissonSampler
+    from fedtune.client.dp_train import LengthSortedPoissonSampler
 
     config = _config(bert3_dir, classify_data, cache=False)
     model, features, pad = _fresh(config)
@@ -210,7 +210,7 @@ def test_passes_and_accumulation_give_the_same_training(
     bert3_dir: Path, classify_data: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Unequal passes (3 + 3 + 2 rows) inside accumulated micro-batches train like one pass."""
-    import client.train as train_module
+    import fedtune.client.train as train_module
 
     config = replace_section(
         _config(bert3_dir, classify_data, cache=False), "train", grad_accumulation=2
@@ -235,7 +235,7 @@ def test_unsupported_encoders_are_refused_and_a_dropped_model_frees_its_cache(
 
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from client import frozen_prefix
+    from fedtune.client import frozen_prefix
 
     distil = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=3))  # fmt: skip

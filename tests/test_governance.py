@@ -9,18 +9,19 @@ import pytest
 from fake_grid import InProcessGrid
 from tiny import deployed_nodes, replace_section
 
-from client.approval import RunNotApproved, app_code_sha256, check_run_approved
-from client.data import load_hospital_data, split_examples
-from client.privacy_ledger import read_ledger_file
-from client.session import apply_node_settings, example_record
-from fedtune.adapters import adapter_sha256
-from fedtune.config import RunConfig
-from fedtune.lineage import data_fingerprint, model_fingerprint
-from server.export import export_adapter
-from server.initial import initial_global_adapter
-from server.model_card import pseudonym
-from server.rounds import run_federation
-from server.run_dir import RunDirectory
+from fedtune.client.approval import RunNotApproved, check_run_approved
+from fedtune.client.data import load_hospital_data, split_examples
+from fedtune.client.privacy_ledger import read_ledger_file
+from fedtune.client.session import apply_node_settings, example_record
+from fedtune.core.adapters import adapter_sha256
+from fedtune.core.app_code import APP_PACKAGES, app_code_sha256
+from fedtune.core.config import RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.lineage import data_fingerprint, model_fingerprint
+from fedtune.server.export import export_adapter
+from fedtune.server.model_card import pseudonym
+from fedtune.server.rounds import run_federation
+from fedtune.server.run_dir import RunDirectory
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -85,11 +86,13 @@ def test_pins_that_match_let_the_run_through(classify_config: RunConfig, tmp_pat
 
 
 def test_the_app_hash_changes_with_any_line_of_the_code(tmp_path: Path):
-    for package in ("client", "fedtune", "server", "strategies"):
-        (tmp_path / package).mkdir()
-        (tmp_path / package / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "fedtune").mkdir()
+    (tmp_path / "fedtune" / "__init__.py").write_text("x = 0\n")
+    for package in APP_PACKAGES:
+        (tmp_path.joinpath(*package.split("."))).mkdir()
+        (tmp_path.joinpath(*package.split(".")) / "__init__.py").write_text("x = 1\n")
     before = app_code_sha256(tmp_path)
-    (tmp_path / "server" / "__init__.py").write_text("x = 2\n")
+    (tmp_path / "fedtune" / "server" / "__init__.py").write_text("x = 2\n")
     assert app_code_sha256(tmp_path) != before
 
 
@@ -137,7 +140,7 @@ def test_lineage_travels_and_the_model_card_holds_the_ledgers_true_epsilon_and_h
 def test_the_coordinators_audit_trail_is_chained_and_pinned_by_the_summary(
     classify_config: RunConfig, tmp_path: Path
 ):
-    from fedtune.audit import verify_audit_log
+    from fedtune.core.audit import verify_audit_log
 
     config = replace_section(classify_config, "federation", rounds=2)
     run_dir = _run(config, InProcessGrid(3), tmp_path / "run")
@@ -164,7 +167,7 @@ def test_the_coordinators_audit_trail_is_chained_and_pinned_by_the_summary(
 def test_a_hospital_logs_what_it_sent_and_refused_and_guards_against_identifiers(
     classify_config: RunConfig, tmp_path: Path
 ):
-    from fedtune.audit import verify_audit_log
+    from fedtune.core.audit import verify_audit_log
 
     config = replace_section(classify_config, "federation", rounds=1)
     nodes = _nodes(tmp_path, config)
@@ -206,8 +209,8 @@ def test_a_hospital_logs_what_it_sent_and_refused_and_guards_against_identifiers
 
 
 def test_a_node_file_carries_the_hospitals_pins_to_its_clientapp(tmp_path: Path):
-    from fedtune.config import ConfigError
-    from fedtune.deployment import load_node_settings, node_config_string
+    from fedtune.core.config import ConfigError
+    from fedtune.ops.deployment import load_node_settings, node_config_string
 
     node = tmp_path / "node.toml"
     node.write_text(
@@ -258,8 +261,8 @@ def test_tensorboard_and_mlflow_receive_each_rounds_validation(
 def test_tracking_without_its_package_is_a_clear_configuration_error(monkeypatch):
     import builtins
 
-    from fedtune.config import ConfigError, TrackingSettings
-    from server.tracking import ExperimentTracker
+    from fedtune.core.config import ConfigError, TrackingSettings
+    from fedtune.server.tracking import ExperimentTracker
 
     real_import = builtins.__import__
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from client.data import DataFormat, load_hospital_data
-from fedtune.icd10 import (
+from fedtune.client.data import DataFormat, load_hospital_data
+from fedtune.ops.icd10 import (
     CHAPTERS,
     INSTRUCTION,
     chapter_of,

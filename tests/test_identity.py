@@ -13,8 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedtune.cli import main
-from fedtune.secagg.identity import (
+from fedtune.core.secagg.identity import (
     ENROLLMENT_FORMAT,
     IdentityError,
     ensure_simulation_identities,
@@ -27,6 +26,7 @@ from fedtune.secagg.identity import (
     simulated_identity_paths,
     write_enrollment,
 )
+from fedtune.ops.cli import main
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file permissions")
 

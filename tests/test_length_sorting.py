@@ -9,11 +9,11 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from tiny import save_tiny_bert, tiny_run_config
 
-from client.dp_train import LengthSortedPoissonSampler
-from client.frozen_prefix import EXAMPLE_INDEX, collate_indexed
-from client.losses import PerExampleLoss, model_inputs
-from client.model import attach_lora, load_base_model
-from client.train import length_sorted_passes
+from fedtune.client.dp_train import LengthSortedPoissonSampler
+from fedtune.client.frozen_prefix import EXAMPLE_INDEX, collate_indexed
+from fedtune.client.losses import PerExampleLoss, model_inputs
+from fedtune.client.train import length_sorted_passes
+from fedtune.core.model import attach_lora, load_base_model
 
 LABELS = ("a", "b", "c")
 
@@ -96,8 +96,8 @@ def test_dp_training_sees_length_sorted_physical_batches(
     model: tuple[torch.nn.Module, int], tmp_path: Path
 ) -> None:
     """Through Opacus' BatchMemoryManager, each physical batch is no wider than needed."""
-    from client.dp_train import DPPlan, train_privately
-    from fedtune.config import TrainSettings
+    from fedtune.client.dp_train import DPPlan, train_privately
+    from fedtune.core.config import TrainSettings
 
     network, pad = model
     widths: list[int] = []

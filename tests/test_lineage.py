@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from client.data import load_hospital_data
-from fedtune.lineage import data_fingerprint, model_fingerprint, normalize_text
+from fedtune.client.data import load_hospital_data
+from fedtune.core.lineage import data_fingerprint, model_fingerprint, normalize_text
 
 WARD = [
     {"text": "Chest pain radiating to the left arm", "label": "cardio"},
@@ -184,7 +184,7 @@ def test_a_missing_model_directory_is_named(tmp_path: Path):
 def test_model_fingerprint_follows_a_linked_folder(tmp_path: Path) -> None:
     """A model folder whose weights sit in a linked sub-folder (as in Hugging Face caches)
     counts those weights: changing them changes the fingerprint."""
-    from fedtune.lineage import model_fingerprint
+    from fedtune.core.lineage import model_fingerprint
 
     blobs = tmp_path / "blobs"
     blobs.mkdir()

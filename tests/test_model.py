@@ -11,8 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-import client.model as model_module
-from client.model import (
+import fedtune.core.model as model_module
+from fedtune.core.config import ConfigError, LoraSettings, ModelSettings, RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.model import (
     attach_lora,
     count_trainable,
     default_target_modules,
@@ -23,8 +25,6 @@ from client.model import (
     select_device,
     set_adapter,
 )
-from fedtune.config import ConfigError, LoraSettings, ModelSettings, RunConfig
-from server.initial import initial_global_adapter
 
 CPU = torch.device("cpu")
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulations.partition import (
+from fedtune.simulations.partition import (
     PARTITION_METHODS,
     Partition,
     PartitionError,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.pii_guard import KINDS, identifiers_in_text, scan_for_identifiers
-from fedtune.cli import main
+from fedtune.client.pii_guard import KINDS, identifiers_in_text, scan_for_identifiers
+from fedtune.ops.cli import main
 
 CLEAN = {"text": "S72.001A closed fracture of right femoral neck", "label": "injury"}
 

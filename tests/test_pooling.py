@@ -8,10 +8,10 @@ import pytest
 import torch
 from tiny import minilm_dir, tiny_run_config
 
-from client.model import attach_lora, load_base_model, set_adapter
-from client.pooling import MaskedMeanPooler
-from fedtune.config import ConfigError, ModelSettings
-from server.initial import initial_global_adapter
+from fedtune.core.config import ConfigError, ModelSettings
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.model import attach_lora, load_base_model, set_adapter
+from fedtune.core.pooling import MaskedMeanPooler
 
 LABELS = (
     "Diseases of the circulatory system",

@@ -12,7 +12,7 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from client.privacy_ledger import (
+from fedtune.client.privacy_ledger import (
     LedgerError,
     PrivacyBudgetExhausted,
     PrivacyLedger,

@@ -9,12 +9,12 @@ import pytest
 from fake_grid import InProcessGrid
 from tiny import in_clear, replace_section
 
-from client import session
-from client.privacy_ledger import compute_epsilon, read_ledger_file
-from fedtune.config import ConfigError, RunConfig
-from server.initial import initial_global_adapter
-from server.rounds import run_federation
-from server.run_dir import RunDirectory
+from fedtune.client import session
+from fedtune.client.privacy_ledger import compute_epsilon, read_ledger_file
+from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.server.rounds import run_federation
+from fedtune.server.run_dir import RunDirectory
 
 
 def _run(config: RunConfig, grid: InProcessGrid, run_path: Path, lines: list[str]) -> dict:
@@ -153,8 +153,8 @@ def test_the_ledger_is_locked_from_budget_check_to_record(
     """A second holder (another process of the node) cannot take the lock meanwhile."""
     import fcntl
 
-    from client.privacy import ledger_lock, ledger_path
-    from client.session import hospital_identity
+    from fedtune.client.privacy import ledger_lock, ledger_path
+    from fedtune.client.session import hospital_identity
 
     config = _dp(classify_config, tmp_path / "ledgers")
     node = {"partition-id": 0}
@@ -171,8 +171,8 @@ def test_the_ledger_is_locked_from_budget_check_to_record(
 
 
 def test_the_automatic_delta_of_an_existing_ledger_is_kept(tmp_path: Path):
-    from client.privacy import choose_delta, default_delta
-    from client.privacy_ledger import PrivacyLedger
+    from fedtune.client.privacy import choose_delta, default_delta
+    from fedtune.client.privacy_ledger import PrivacyLedger
 
     path = tmp_path / "h.json"
     ledger = PrivacyLedger.open(path, "h", "rdp", default_delta(1200))

@@ -10,11 +10,11 @@ from fake_grid import InProcessGrid
 from flwr.app import Array, Message
 from tiny import deployed_nodes, in_clear, replace_section
 
-from fedtune.config import RunConfig
-from fedtune.wire import DELTA, TRAIN
-from server.initial import initial_global_adapter
-from server.rounds import run_federation
-from server.run_dir import RunDirectory
+from fedtune.core.config import RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.wire import DELTA, TRAIN
+from fedtune.server.rounds import run_federation
+from fedtune.server.run_dir import RunDirectory
 
 
 def _run(config: RunConfig, grid: InProcessGrid, tmp_path, lines: list[str]) -> dict:
@@ -59,7 +59,7 @@ def test_global_adapter_is_the_example_weighted_mean_of_local_adapters(
     replies = [m for m in grid.sent if m.metadata.message_type == TRAIN]
     assert len(replies) == 2
     # Recompute each hospital's local training by replaying the same request in process.
-    from client.app import app as client_app
+    from fedtune.client.app import app as client_app
 
     deltas, weights = [], []
     for message in replies:
@@ -203,7 +203,7 @@ def test_a_nan_example_count_is_refused_for_that_hospital_only(
 def test_an_unexpected_error_at_a_hospital_is_reported_with_its_name(
     classify_config: RunConfig, tmp_path, monkeypatch
 ):
-    import client.app as client_app_module
+    import fedtune.client.app as client_app_module
 
     real = client_app_module.train_locally
 

@@ -23,18 +23,18 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.secagg import prg
-from fedtune.secagg import primitives as p
-from fedtune.secagg import protocol as P
-from fedtune.secagg.encoding import decode_aggregate, encode_input, layout_size
-from fedtune.secagg.fixed_point import (
+from fedtune.core.secagg import prg
+from fedtune.core.secagg import primitives as p
+from fedtune.core.secagg import protocol as P
+from fedtune.core.secagg.encoding import decode_aggregate, encode_input, layout_size
+from fedtune.core.secagg.fixed_point import (
     FixedPointCodec,
     FixedPointOverflow,
     clip_to_norm,
     decode_weight_sum,
     encode_weight,
 )
-from fedtune.secagg.protocol import Advertisement, HospitalRound, ProtocolAbort
+from fedtune.core.secagg.protocol import Advertisement, HospitalRound, ProtocolAbort
 
 RUN_ID = "run-test"
 STAGES = ("advertise", "make_shares", "mask")  # drop_after values, in protocol order

@@ -20,15 +20,16 @@ from fake_grid import SECURE_STAGES, InProcessGrid
 from flwr.app import ConfigRecord, Message
 from tiny import deployed_nodes, in_clear, replace_section
 
-from client.session import data_for, hospital_identity, model_for
-from fedtune.adapters import Adapter, adapter_sha256
-from fedtune.config import RunConfig
-from fedtune.secagg.encoding import flatten, layout_size
-from fedtune.secagg.fixed_point import FixedPointCodec
-from fedtune.secagg.prg import add_mask
-from fedtune.secagg.primitives import agree, new_x25519
-from fedtune.secagg.protocol import MASK_PURPOSE, HospitalRound
-from fedtune.secagg_wire import (
+from fedtune.client.session import data_for, hospital_identity, model_for
+from fedtune.core.adapters import Adapter, adapter_sha256
+from fedtune.core.config import RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.secagg.encoding import flatten, layout_size
+from fedtune.core.secagg.fixed_point import FixedPointCodec
+from fedtune.core.secagg.prg import add_mask
+from fedtune.core.secagg.primitives import agree, new_x25519
+from fedtune.core.secagg.protocol import MASK_PURPOSE, HospitalRound
+from fedtune.core.secagg.wire import (
     INBOX,
     KEYS,
     MASKED,
@@ -37,10 +38,9 @@ from fedtune.secagg_wire import (
     SHARES,
     UNMASK,
 )
-from fedtune.wire import EVALUATE, GLOBAL_ADAPTER, JOB, TRAIN, Job
-from server.initial import initial_global_adapter
-from server.rounds import run_federation
-from server.run_dir import RunDirectory
+from fedtune.core.wire import EVALUATE, GLOBAL_ADAPTER, JOB, TRAIN, Job
+from fedtune.server.rounds import run_federation
+from fedtune.server.run_dir import RunDirectory
 
 H1, H2, H3 = 1000, 1001, 1002  # node ids of simulated hospital-1, -2, -3
 EPS32 = float(np.finfo(np.float32).eps)
@@ -538,8 +538,8 @@ def test_fixed_point_settings_that_cannot_fit_are_refused_before_anyone_trains(
     classify_config: RunConfig, tmp_path: Path
 ):
     """n · max_weight · clip_norm must fit in 31 bits: checked at launch and before training."""
-    from fedtune.config import ConfigError
-    from fedtune.launch import prepare_secure_aggregation
+    from fedtune.core.config import ConfigError
+    from fedtune.ops.launch import prepare_secure_aggregation
 
     config = _secure(classify_config, clip_norm=1e6, max_weight=100_000)
     with pytest.raises(ConfigError, match="do not fit in 32-bit fixed point"):
@@ -557,7 +557,7 @@ def test_local_key_setup_mistakes_are_reported_as_such_at_the_node(
 ):
     """A hospital name that is not enrolled, or a key that is not the enrolled one, is the
     node's own set-up mistake: said so, with the setting to fix, not as a peer's attack."""
-    from fedtune.secagg.identity import generate_identity
+    from fedtune.core.secagg.identity import generate_identity
 
     source = classify_config.data.simulation_root
     sites = {0: ("North", f"{source}/hospital-1.jsonl"), 1: ("South", f"{source}/hospital-2.jsonl"),

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedtune.adapters import UpdateRejected
-from fedtune.config import STRATEGIES, FederationSettings
-from server.run_dir import RunDirectory
-from strategies.aggregate import AggregateUpdate, weighted_sum
-from strategies.fedavg import FedAvg
-from strategies.ffa_lora import FROZEN_IN_FFA, lora_upload_bytes, uploaded_tensors
-from strategies.registry import Strategy, UnknownStrategy, build_strategy, known_strategies
-from strategies.server_optimizers import FedAdam, FedAvgM
+from fedtune.core.adapters import UpdateRejected
+from fedtune.core.config import STRATEGIES, FederationSettings
+from fedtune.core.uploads import FROZEN_IN_FFA, lora_upload_bytes, uploaded_tensors
+from fedtune.server.run_dir import RunDirectory
+from fedtune.strategies.aggregate import AggregateUpdate, weighted_sum
+from fedtune.strategies.fedavg import FedAvg
+from fedtune.strategies.registry import Strategy, UnknownStrategy, build_strategy, known_strategies
+from fedtune.strategies.server_optimizers import FedAdam, FedAvgM
 
 OPTIMIZERS = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
 SETTINGS = {

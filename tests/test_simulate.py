@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.cli import main
-from fedtune.config import ConfigError
-from simulations.datasets import build_dataset
-from simulations.experiment import load_experiment
-from simulations.results import load_results
-from simulations.sweep import plan_runs, run_config_for, run_experiment
+from fedtune.core.config import ConfigError
+from fedtune.ops.cli import main
+from fedtune.simulations.datasets import build_dataset
+from fedtune.simulations.experiment import load_experiment
+from fedtune.simulations.results import load_results
+from fedtune.simulations.sweep import plan_runs, run_config_for, run_experiment
 
 SHIPPED = Path(__file__).resolve().parent.parent / "simulations"
 
@@ -261,7 +261,7 @@ def test_teacher_forced_exact_match_is_greedy_decoding(tiny_llama_dir: Path) -> 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from simulations.baselines import greedy_exact_match
+    from fedtune.simulations.baselines import greedy_exact_match
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
     features, altered = [], []

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
-from fedtune.simulation import (
+from fedtune.ops.simulation import (
     RunConfigValue,
     SimulationError,
     SimulationSpec,

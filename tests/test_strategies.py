@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.adapters import UpdateRejected
-from fedtune.config import FederationSettings
-from strategies.aggregate import weighted_sum
-from strategies.fedavg import FedAvg
-from strategies.registry import UnknownStrategy, build_strategy, known_strategies
+from fedtune.core.adapters import UpdateRejected
+from fedtune.core.config import FederationSettings
+from fedtune.strategies.aggregate import weighted_sum
+from fedtune.strategies.fedavg import FedAvg
+from fedtune.strategies.registry import UnknownStrategy, build_strategy, known_strategies
 
 
 def _adapters(rng: np.random.Generator, count: int) -> list[dict[str, np.ndarray]]:

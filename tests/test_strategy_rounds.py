@@ -9,13 +9,13 @@ import pytest
 from fake_grid import InProcessGrid
 from tiny import in_clear, replace_section
 
-from fedtune.config import STRATEGIES, RunConfig
-from fedtune.secagg.encoding import flatten, layout_size
-from fedtune.secagg_wire import MASKED, MASKED_INPUT
-from server.initial import initial_global_adapter
-from server.rounds import run_federation
-from server.run_dir import RunDirectory
-from strategies.ffa_lora import uploaded_tensors
+from fedtune.core.config import STRATEGIES, RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.secagg.encoding import flatten, layout_size
+from fedtune.core.secagg.wire import MASKED, MASKED_INPUT
+from fedtune.core.uploads import uploaded_tensors
+from fedtune.server.rounds import run_federation
+from fedtune.server.run_dir import RunDirectory
 
 H1, H2, H3 = 1000, 1001, 1002
 
@@ -143,9 +143,9 @@ def test_client_level_sums_beyond_the_clip_bound_are_refused(
     classify_config: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """A hospital that skips its clip is caught on the sum: the round is aborted."""
-    import client.outgoing as outgoing
-    import fedtune.client_dp as client_dp
-    from fedtune.secagg.fixed_point import ClipResult
+    import fedtune.client.outgoing as outgoing
+    import fedtune.core.client_dp as client_dp
+    from fedtune.core.secagg.fixed_point import ClipResult
 
     def no_clip(vector: np.ndarray, clip_norm: float) -> ClipResult:
         return ClipResult(np.asarray(vector, dtype=np.float64) * 1e3, 0.0, False)
@@ -168,7 +168,7 @@ def test_client_level_sums_beyond_the_clip_bound_are_refused(
 
 def test_client_level_dp_without_secure_aggregation_is_refused(classify_config: RunConfig):
     """Without masking the coordinator would see each update with only its noise share."""
-    from fedtune.config import ConfigError
+    from fedtune.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="client_level needs secure aggregation"):
         in_clear(replace_section(classify_config, "privacy", client_level=True))
@@ -248,8 +248,8 @@ def test_fedprox_pulls_hospitals_toward_the_global_adapter(
 def test_the_launcher_checks_the_threshold_against_the_sampled_round_size(
     classify_config: RunConfig,
 ):
-    from fedtune.config import ConfigError
-    from fedtune.launch import prepare_secure_aggregation
+    from fedtune.core.config import ConfigError
+    from fedtune.ops.launch import prepare_secure_aggregation
 
     sampled = replace_section(classify_config, "federation", hospitals_per_round=4)
     ok = replace_section(sampled, "secure_aggregation", threshold=3)  # 3 > 4/2
@@ -264,7 +264,7 @@ def test_a_resumed_dp_run_keeps_each_hospitals_ledger_exact(
 ):
     """Coordinator killed before round 3 trains: after --resume every hospital's ledger has
     exactly one entry per round of this run, and its ε stays within the run's target."""
-    from client.privacy_ledger import read_ledger_file
+    from fedtune.client.privacy_ledger import read_ledger_file
 
     ledgers = tmp_path / "ledgers"
     config = replace_section(_config(classify_config, "fedadam", rounds=3), "privacy",

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from simulations.plots import (
+from fedtune.simulations.plots import (
     plot_hospital_epsilon,
     plot_metric_vs_round,
     plot_privacy_utility,
     write_plots,
 )
-from simulations.results import ARMS, ArmResult, is_dp_arm, load_results, save_results
-from simulations.tables import render_markdown, summarize, write_csv, write_markdown
+from fedtune.simulations.results import ARMS, ArmResult, is_dp_arm, load_results, save_results
+from fedtune.simulations.tables import render_markdown, summarize, write_csv, write_markdown
 
 P1 = {"hospitals": 3, "alpha": 0.5}
 P2 = {"hospitals": 5, "alpha": 0.1}

@@ -10,13 +10,13 @@ from fake_grid import InProcessGrid
 from flwr.app import Message
 from tiny import in_clear, replace_section
 
-from fedtune.adapters import adapter_sha256
-from fedtune.config import ConfigError, RunConfig
-from fedtune.wire import EVALUATE, METRICS
-from server.initial import initial_global_adapter
-from server.rounds import run_federation
-from server.run_dir import RunDirectory
-from server.versions import (
+from fedtune.core.adapters import adapter_sha256
+from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.wire import EVALUATE, METRICS
+from fedtune.server.rounds import run_federation
+from fedtune.server.run_dir import RunDirectory
+from fedtune.server.versions import (
     VersionError,
     best_round,
     format_versions,
@@ -150,8 +150,8 @@ def test_after_a_rollback_export_of_round_k_is_exactly_the_adapter_saved_at_roun
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from client.model import get_adapter
-    from server.export import export_adapter
+    from fedtune.core.model import get_adapter
+    from fedtune.server.export import export_adapter
 
     config = replace_section(in_clear(classify_config), "federation", rounds=3)
     _run(config, InProcessGrid(2), tmp_path / "run")

@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from fedtune.config import RunConfig, parse_run_config
+from fedtune.core.config import RunConfig, parse_run_config
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}[unused{{ loop.index }}] {{ m['role'] }}: {{ m['content'] }} "
@@ -78,7 +78,7 @@ def deployed_nodes(
 ) -> dict[int, dict[str, object]]:
     """Node configs of deployed hospitals (name, data path), each with its own identity key
     and one enrollment list of them all, as `fedtune keys` would set them up."""
-    from fedtune.secagg.identity import generate_identity, write_enrollment
+    from fedtune.core.secagg.identity import generate_identity, write_enrollment
 
     public_files = []
     configs: dict[int, dict[str, object]] = {}

@@ -13,10 +13,10 @@ import dataclasses
 
 import torch
 
-from client.model import attach_lora, get_adapter, load_base_model
-from client.pooling import init_head_from_label_names
-from fedtune.adapters import Adapter
-from fedtune.config import RunConfig
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import RunConfig
+from fedtune.core.model import attach_lora, get_adapter, load_base_model
+from fedtune.core.pooling import init_head_from_label_names
 
 
 def initial_global_adapter(config: RunConfig) -> Adapter:

@@ -34,9 +34,9 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from client.pooling import use_mean_pooling
-from fedtune.adapters import Adapter
-from fedtune.config import ConfigError, LoraSettings, ModelSettings
+from fedtune.core.adapters import Adapter
+from fedtune.core.config import ConfigError, LoraSettings, ModelSettings
+from fedtune.core.pooling import use_mean_pooling
 
 log = logging.getLogger("fedtune.model")
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError
-from fedtune.simulation import (
+from fedtune.core.config import ConfigError
+from fedtune.ops.simulation import (
     SimulationError,
     _final_status,
     _pump_output,
@@ -103,7 +103,7 @@ def superlink_command(plan: CoordinatorPlan) -> list[str]:
 
 
 def _federation_files(federation_dir: Path) -> dict[str, Path]:
-    from fedtune.federation_keys import CA_CERT, COORDINATOR_CERT, COORDINATOR_KEY
+    from fedtune.ops.federation_keys import CA_CERT, COORDINATOR_CERT, COORDINATOR_KEY
 
     files = {
         "ca": federation_dir / CA_CERT,
@@ -121,8 +121,8 @@ def _federation_files(federation_dir: Path) -> dict[str, Path]:
 
 def serve(plan: CoordinatorPlan, say: Callable[[str], None] = print) -> None:
     """Start the SuperLink, register enrolled hospitals, run the ServerApp to the end."""
-    from fedtune.config import load_run_config, resolve_paths
-    from fedtune.flower_app import write_app_bundle
+    from fedtune.core.config import load_run_config, resolve_paths
+    from fedtune.ops.flower_app import write_app_bundle
 
     config = resolve_paths(load_run_config(plan.config_path), plan.config_path.parent)
     if plan.insecure:
@@ -187,7 +187,7 @@ def serve(plan: CoordinatorPlan, say: Callable[[str], None] = print) -> None:
 
 def _final_status_deployed(env: dict[str, str], run_id: int) -> tuple[str, str]:
     """`flwr ls` against this coordinator's connection (same parsing as the simulation's)."""
-    from fedtune import simulation
+    from fedtune.ops import simulation
 
     saved = simulation.CONNECTION_NAME
     simulation.CONNECTION_NAME = CONNECTION
@@ -198,7 +198,7 @@ def _final_status_deployed(env: dict[str, str], run_id: int) -> tuple[str, str]:
 
 
 def _show(line: str, say: Callable[[str], None]) -> None:
-    from fedtune.launch import _show as show_launch_line
+    from fedtune.ops.launch import _show as show_launch_line
 
     show_launch_line(line, say)
 
@@ -247,7 +247,7 @@ def _register_hospitals(
     federation_dir: Path, env: dict[str, str], say: Callable[[str], None]
 ) -> None:
     """Register every enrolled node key with the SuperLink (already registered keys are kept)."""
-    from fedtune.federation_keys import enrolled_node_keys
+    from fedtune.ops.federation_keys import enrolled_node_keys
 
     keys = enrolled_node_keys(federation_dir)
     if not keys:
@@ -417,7 +417,7 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     ]  # fmt: skip
     if settings.insecure:
         return [*command, "--insecure"]
-    from fedtune.federation_keys import check_node_private_key
+    from fedtune.ops.federation_keys import check_node_private_key
 
     check_node_private_key(Path(settings.node_key))
     if not Path(settings.ca_certificate).is_file():

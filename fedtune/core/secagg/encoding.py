@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.adapters import Adapter
-from fedtune.secagg.fixed_point import (
+from fedtune.core.adapters import Adapter
+from fedtune.core.secagg.fixed_point import (
     ClipResult,
     FixedPointCodec,
     clip_to_norm,

@@ -109,3 +109,22 @@ def _model_files(directory: Path) -> list[Path]:
         folders[:] = [f for f in folders if f != "__pycache__"]
         found += [Path(root) / name for name in files if (Path(root) / name).is_file()]
     return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def model_sha256(directory: Path, cache_dir: Path) -> str:
+    """The base model's fingerprint, cached by the files' sizes and modification times
+    (hashing a multi-GB model for every message would dominate a node's round)."""
+    stamp = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        info = path.stat()
+        stamp.update(f"{path.relative_to(directory)}:{info.st_size}:{info.st_mtime_ns}\n".encode())
+    key = hashlib.sha256(f"{directory.resolve()}\n{stamp.hexdigest()}".encode()).hexdigest()
+    cached = cache_dir / "model-fingerprints" / f"{key}.json"
+    if cached.is_file():
+        return str(json.loads(cached.read_text())["sha256"])
+    sha = model_fingerprint(directory).sha256
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"directory": str(directory), "sha256": sha}))
+    os.replace(tmp, cached)
+    return sha

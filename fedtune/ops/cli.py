@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.config import DATA_FORMATS, STRATEGIES, ConfigError
+from fedtune.core.config import DATA_FORMATS, STRATEGIES, ConfigError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -34,11 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    from client.data import DataValidationError
-    from client.privacy_ledger import LedgerError
-    from fedtune.deployment import DeploymentError
-    from fedtune.secagg.identity import IdentityError
-    from fedtune.simulation import SimulationError
+    from fedtune.client.data import DataValidationError
+    from fedtune.client.privacy_ledger import LedgerError
+    from fedtune.core.secagg.identity import IdentityError
+    from fedtune.ops.deployment import DeploymentError
+    from fedtune.ops.simulation import SimulationError
 
     _stop_on_sigterm()  # every command: `kill` stops what it started, as Ctrl-C does
     try:
@@ -390,7 +390,7 @@ def _record_hash_argument(text: str) -> str:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from fedtune.audit import verify_audit_log
+    from fedtune.core.audit import verify_audit_log
 
     report = verify_audit_log(args.path, expected_head=args.expected_head)
     print(report.summary())
@@ -398,7 +398,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _check_pii(args: argparse.Namespace) -> int:
-    from client.pii_guard import scan_for_identifiers
+    from fedtune.client.pii_guard import scan_for_identifiers
 
     if args.examples < 0:
         raise ConfigError(f"--examples must be 0 or more, got {args.examples}")
@@ -413,7 +413,7 @@ def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
-    from fedtune.secagg.identity import fingerprint, generate_identity, load_public_key_file
+    from fedtune.core.secagg.identity import fingerprint, generate_identity, load_public_key_file
 
     key_path, pub_path = generate_identity(args.hospital, args.out)
     _, public = load_public_key_file(pub_path)
@@ -428,7 +428,7 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _keys_init_federation(args: argparse.Namespace) -> int:
-    from fedtune.federation_keys import init_federation
+    from fedtune.ops.federation_keys import init_federation
 
     files = init_federation(args.dir, args.hosts, args.valid_days)
     print(f"Federation created in {args.dir}, valid {args.valid_days} day(s) for: "
@@ -445,8 +445,8 @@ def _keys_init_federation(args: argparse.Namespace) -> int:
 
 
 def _keys_new_hospital(args: argparse.Namespace) -> int:
-    from fedtune.federation_keys import fingerprint_node_key, load_node_public_key, new_hospital
-    from fedtune.secagg.identity import fingerprint, load_public_key_file
+    from fedtune.core.secagg.identity import fingerprint, load_public_key_file
+    from fedtune.ops.federation_keys import fingerprint_node_key, load_node_public_key, new_hospital
 
     files = new_hospital(args.name, args.out)
     _, identity = load_public_key_file(files.identity_pub)
@@ -465,10 +465,10 @@ def _keys_new_hospital(args: argparse.Namespace) -> int:
 
 
 def _keys_enroll(args: argparse.Namespace) -> int:
-    from fedtune.secagg.identity import fingerprint, load_enrollment, write_enrollment
+    from fedtune.core.secagg.identity import fingerprint, load_enrollment, write_enrollment
 
     if args.federation is not None:
-        from fedtune.federation_keys import (
+        from fedtune.ops.federation_keys import (
             enroll_hospital,
             fingerprint_node_key,
             load_node_public_key,
@@ -503,14 +503,14 @@ def _keys_enroll(args: argparse.Namespace) -> int:
 def _keys_show(args: argparse.Namespace) -> int:
     import json
 
-    from fedtune.secagg.identity import load_enrollment, load_public_key_file
+    from fedtune.core.secagg.identity import load_enrollment, load_public_key_file
 
     try:
         head = args.path.read_bytes()[:64].lstrip()
     except OSError:
         head = b""  # the loaders below explain what is wrong
     if head.startswith((b"ecdsa-sha2-", b"ssh-", b"sk-")):  # an OpenSSH public key line
-        from fedtune.federation_keys import (
+        from fedtune.ops.federation_keys import (
             fingerprint_node_key,
             load_node_public_key,
             node_public_key_comment,
@@ -538,7 +538,7 @@ def _keys_show(args: argparse.Namespace) -> int:
 
 
 def _print_fingerprints(keys: Mapping[str, Ed25519PublicKey]) -> None:
-    from fedtune.secagg.identity import fingerprint
+    from fedtune.core.secagg.identity import fingerprint
 
     width = max(len(name) for name in keys)
     for name, key in keys.items():
@@ -546,7 +546,7 @@ def _print_fingerprints(keys: Mapping[str, Ed25519PublicKey]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedtune.demo import DemoOptions, run_demo
+    from fedtune.ops.demo import DemoOptions, run_demo
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = args.run_dir or Path("runs") / f"demo-{args.task}-{stamp}"
@@ -562,7 +562,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedtune.launch import LaunchPlan, launch
+    from fedtune.ops.launch import LaunchPlan, launch
 
     plan = LaunchPlan(
         config_path=args.config, run_dir=args.run_dir, num_hospitals=args.hospitals,
@@ -586,8 +586,8 @@ def _roll_back_if_asked(run_dir: Path, from_round: int | None, resuming: bool) -
         return
     if not resuming:
         raise ConfigError("--from-round K rolls a stopped run back: use it with --resume.")
-    from server.run_dir import RunDirectory
-    from server.versions import VersionError, roll_back
+    from fedtune.server.run_dir import RunDirectory
+    from fedtune.server.versions import VersionError, roll_back
 
     try:
         moved = roll_back(RunDirectory(run_dir), from_round)
@@ -608,7 +608,7 @@ def _stop_on_sigterm() -> None:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from fedtune.deployment import CoordinatorPlan, serve
+    from fedtune.ops.deployment import CoordinatorPlan, serve
 
     if (args.run_dir is None) == (args.resume is None):
         raise ConfigError("give either --run-dir DIR (a new run) or --resume RUN_DIR.")
@@ -629,7 +629,7 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from fedtune.deployment import load_node_settings, run_node
+    from fedtune.ops.deployment import load_node_settings, run_node
 
     settings = load_node_settings(args.config)
     home = Path(settings.privacy_ledger).parent / f".flower-{settings.hospital}"
@@ -637,8 +637,8 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulations.experiment import load_experiment
-    from simulations.sweep import run_experiment
+    from fedtune.simulations.experiment import load_experiment
+    from fedtune.simulations.sweep import run_experiment
 
     experiment = load_experiment(args.experiment)
     out_dir = args.out or Path("runs") / "simulations" / experiment.name
@@ -647,7 +647,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from fedtune.icd10 import write_hospital_datasets
+    from fedtune.ops.icd10 import write_hospital_datasets
 
     paths = write_hospital_datasets(
         args.out, args.hospitals, args.task, args.examples_per_hospital, seed=args.seed
@@ -660,7 +660,7 @@ def _data(args: argparse.Namespace) -> int:
 def _check_data(args: argparse.Namespace) -> int:
     import json
 
-    from client.data import load_hospital_data
+    from fedtune.client.data import load_hospital_data
 
     labels = None
     if args.labels_file:
@@ -671,8 +671,8 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from server.export import ExportError, export_adapter
-    from server.run_dir import RunDirectory
+    from fedtune.server.export import ExportError, export_adapter
+    from fedtune.server.run_dir import RunDirectory
 
     try:
         exported = export_adapter(
@@ -686,16 +686,16 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _app_hash(_args: argparse.Namespace) -> int:
-    from client.approval import app_code_sha256
+    from fedtune.core.app_code import app_code_sha256
 
     print(app_code_sha256())
     return 0
 
 
 def _fingerprint_model(args: argparse.Namespace) -> int:
-    from client.model import resolve_model_source
-    from fedtune.config import ModelSettings
-    from fedtune.lineage import model_fingerprint
+    from fedtune.core.config import ModelSettings
+    from fedtune.core.lineage import model_fingerprint
+    from fedtune.core.model import resolve_model_source
 
     directory, _ = resolve_model_source(ModelSettings(source=str(args.model_dir)))
     found = model_fingerprint(directory)
@@ -704,8 +704,8 @@ def _fingerprint_model(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    from server.run_dir import RunDirectory
-    from server.versions import format_versions
+    from fedtune.server.run_dir import RunDirectory
+    from fedtune.server.versions import format_versions
 
     if not (args.run_dir / "run-config.json").is_file():
         raise FileNotFoundError(f"{args.run_dir} is not a fedtune run directory")
@@ -716,7 +716,7 @@ def _versions(args: argparse.Namespace) -> int:
 def _ledger(args: argparse.Namespace) -> int:
     import json
 
-    from client.privacy_ledger import describe_ledger, read_ledger_file
+    from fedtune.client.privacy_ledger import describe_ledger, read_ledger_file
 
     if args.json:
         print(json.dumps(read_ledger_file(args.path).history_json(), indent=2))
@@ -726,7 +726,7 @@ def _ledger(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from benchmarks.runner import run_benchmarks
+    from fedtune.benchmarks.runner import run_benchmarks
 
     run_benchmarks(args.names, args.out_dir)
     return 0

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedtune.secagg import primitives as p
-from fedtune.secagg.prg import add_mask
+from fedtune.core.secagg import primitives as p
+from fedtune.core.secagg.prg import add_mask
 
 SHARE_PURPOSE = b"share-encryption"
 MASK_PURPOSE = b"pairwise-mask"

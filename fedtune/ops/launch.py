@@ -15,13 +15,13 @@ from pathlib import Path
 
 import tomli_w
 
-from fedtune.config import ConfigError, RunConfig, load_run_config, resolve_paths
-from fedtune.flower_app import write_app_bundle
-from fedtune.secagg.identity import ensure_simulation_identities
-from fedtune.secagg.protocol import ProtocolAbort, check_threshold
-from fedtune.simulation import SimulationSpec, run_simulation
-from fedtune.update_rules import secure_codec
-from server.sampling import round_size
+from fedtune.core.config import ConfigError, RunConfig, load_run_config, resolve_paths
+from fedtune.core.secagg.identity import ensure_simulation_identities
+from fedtune.core.secagg.protocol import ProtocolAbort, check_threshold
+from fedtune.core.update_rules import secure_codec
+from fedtune.ops.flower_app import write_app_bundle
+from fedtune.ops.simulation import SimulationSpec, run_simulation
+from fedtune.server.sampling import round_size
 
 # Flower prefixes forwarded app output with its log level; we show the coordinator's lines.
 _FLOWER_PREFIX = re.compile(

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedtune.adapters import Adapter, as_float32
-from fedtune.config import RunConfig
+from fedtune.core.adapters import Adapter, as_float32
+from fedtune.core.config import RunConfig
 
 # Message types (Flower routes "train" to @app.train(), "evaluate" to @app.evaluate()).
 TRAIN = "train"

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.privacy_accounting import calibrate_noise_multiplier, compute_epsilon
-from fedtune.secagg.fixed_point import clip_to_norm
+from fedtune.core.privacy_accounting import calibrate_noise_multiplier, compute_epsilon
+from fedtune.core.secagg.fixed_point import clip_to_norm
 
 # Noise is clamped at this many share standard deviations beyond the clip norm.
 TRUNCATION_SIGMAS = 10.0

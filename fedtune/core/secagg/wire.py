@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedtune.secagg.protocol import Advertisement, RevealedShare
-from fedtune.wire import HOSPITAL, JOB, Job, MalformedReply
+from fedtune.core.secagg.protocol import Advertisement, RevealedShare
+from fedtune.core.wire import HOSPITAL, JOB, Job, MalformedReply
 
 # Message types (ClientApp actions).
 KEYS = "train.secagg_keys"  # stage 1: advertise signed round keys

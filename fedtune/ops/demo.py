@@ -21,8 +21,8 @@ from typing import Any
 
 import tomli_w
 
-from fedtune.icd10 import write_hospital_datasets
-from fedtune.launch import LaunchPlan, launch
+from fedtune.ops.icd10 import write_hospital_datasets
+from fedtune.ops.launch import LaunchPlan, launch
 
 # Sized for the ≤ 5 minute target on a 2-core CPU (see README for measured times).
 _DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
@@ -127,7 +127,7 @@ def write_demo_config(options: DemoOptions) -> Path:
 
 def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Prepare and run the demo; return the run's summary (base vs final test metrics)."""
-    from server.run_dir import RunDirectory  # heavy imports only when the demo runs
+    from fedtune.server.run_dir import RunDirectory  # heavy imports only when the demo runs
 
     run_dir = options.run_dir.resolve()
     if (run_dir / "run-config.json").exists():

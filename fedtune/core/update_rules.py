@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtune.adapters import Adapter
-from fedtune.client_dp import ClientDPPlan, aggregate_norm_bound
-from fedtune.config import RunConfig
-from fedtune.secagg.fixed_point import FixedPointCodec
-from strategies.ffa_lora import uploaded_tensors
+from fedtune.core.adapters import Adapter
+from fedtune.core.client_dp import ClientDPPlan, aggregate_norm_bound
+from fedtune.core.config import RunConfig
+from fedtune.core.secagg.fixed_point import FixedPointCodec
+from fedtune.core.uploads import uploaded_tensors
 
 
 def client_dp_plan(config: RunConfig) -> ClientDPPlan | None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedtune.config import ConfigError
+from fedtune.core.config import ConfigError
 
 # logits = scale · cos(text, label): with cosines in [-1, 1] a scale of 20 gives a softmax
 # peaked enough to learn from; 10 did about as well and 40 worse in exploratory DP runs on

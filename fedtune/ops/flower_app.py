@@ -11,8 +11,7 @@ import shutil
 from pathlib import Path
 
 import fedtune
-
-PACKAGES = ("fedtune", "client", "server", "strategies")
+from fedtune.core.app_code import app_files
 
 _PYPROJECT = """\
 [build-system]
@@ -30,8 +29,8 @@ dependencies = []
 publisher = "fedtune"
 
 [tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "client.app:app"
+serverapp = "fedtune.server.app:app"
+clientapp = "fedtune.client.app:app"
 
 [tool.flwr.app.config]
 config-path = ""
@@ -41,22 +40,14 @@ resume = false
 
 
 def write_app_bundle(target: Path) -> Path:
-    """Copy the four packages' Python files and a pyproject into `target`; return it."""
-    import client
-    import server
-    import strategies
-
-    modules = {"fedtune": fedtune, "client": client, "server": server, "strategies": strategies}
+    """Copy the app's Python files (`APP_PACKAGES`, by package path) and a pyproject into
+    `target`; return it. The bundle's code hash equals `app_code_sha256()` of this install."""
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for name in PACKAGES:
-        source = Path(next(iter(modules[name].__path__)))
-        for path in sorted(source.rglob("*.py")):
-            if "__pycache__" in path.parts:
-                continue
-            destination = target / name / path.relative_to(source)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, destination)
+    for relative, path in app_files():
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
     (target / "pyproject.toml").write_text(_PYPROJECT.format(version=fedtune.__version__))
     return target

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedtune.secagg.identity import (
+from fedtune.core.secagg.identity import (
     ENROLLMENT_FILE,
     IdentityError,
     _atomic_write,
