@@ -3,8 +3,8 @@
 Backs the claims behind `model.pooling = "mean"` and `model.head_init = "label-names"`.
 Data: the classification experiment's own pool and test set (`simulations.datasets`,
 ICD-10-CM description → chapter, 3 × 2,000 pooled examples, the 420-example test set). The
-encoder is frozen and loaded by fedtune's own `client.model.load_base_model` both ways; then
-- *untrained head from the label names* (mean pooling only): `client.pooling`'s start;
+encoder is frozen and loaded by fedtune's own `fedtune.core.model.load_base_model` both ways; then
+- *untrained head from the label names* (mean pooling only): `fedtune.core.pooling`'s start;
 - *linear probe*: a linear head fit on the frozen features (full batch, Adam, 300 steps),
   the best a head alone can do on those features; fine-tuning LoRA starts from here.
 No DP here: this measures the features, not the privacy cost.

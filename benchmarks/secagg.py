@@ -8,7 +8,7 @@ Three measurements, side by side in one run:
    ClientApp uses (`fedtune.secagg_wire`), then serialized the way Flower 1.41 ships a
    reply: the message is deflated into its object tree (Message → RecordDict → records →
    Arrays → 5 MB ArrayChunks, `get_all_nested_objects`), and the bytes of every object are
-   summed. The plain-mode train reply (`fedtune.wire.train_reply_content`, same delta and
+   summed. The plain-mode train reply (`fedtune.core.wire.train_reply_content`, same delta and
    metrics) is measured the same way. `recorddict_to_proto(...).ByteSize()` of the contents
    is shown as a cross-check.
 2. Timing, same sizes, each hospital's work run one after another on this machine's CPU

@@ -73,7 +73,7 @@ def model_card(
         *(
             [
                 "| pooling | mean of the token states under the attention mask, L2-normalized "
-                "(load with fedtune's `client.model.load_base_model`, or apply the same "
+                "(load with fedtune's `fedtune.core.model.load_base_model`, or apply the same "
                 "pooling: the base model's own pooler gives other predictions) |"
             ]
             if config.model.task == "classify" and config.model.pooling == "mean"

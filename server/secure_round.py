@@ -1,6 +1,6 @@
 """The coordinator's side of secure aggregation: relay, collect, unmask the sum only.
 
-Four message exchanges per round (see fedtune/secagg/protocol.py): round keys, encrypted
+Four message exchanges per round (see fedtune/core/secagg/protocol.py): round keys, encrypted
 shares, masked inputs (the hospitals train in this stage), unmasking. The coordinator holds
 no secret at any point; it relays what hospitals send each other and, at the end, removes
 the masks of the survivors from their sum. A hospital that refuses or drops out at any stage

@@ -1,4 +1,4 @@
-"""Federation TLS certificates and node-authentication keys (fedtune/federation_keys.py)."""
+"""Federation TLS certificates and node-authentication keys (fedtune/ops/federation_keys.py)."""
 
 from __future__ import annotations
 

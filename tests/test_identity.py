@@ -1,4 +1,4 @@
-"""Hospital identity keys and the enrollment file (fedtune/secagg/identity.py, `fedtune keys`)."""
+"""Hospital identity keys and the enrollment file (core/secagg/identity.py, `fedtune keys`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mean pooling and the label-name head (client.pooling) on the real embedded MiniLM."""
+"""Mean pooling and the label-name head (fedtune.core.pooling) on the real embedded MiniLM."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Secure aggregation, pure protocol level: real cryptography, no Flower, no mocks.
 
-Each test runs the hospitals' and the coordinator's sides of `fedtune.secagg.protocol` in
+Each test runs the hospitals' and the coordinator's sides of `fedtune.core.secagg.protocol` in
 memory (`run_protocol` below) and checks one promise of ARCHITECTURE.md "Secure
 aggregation": the masks cancel to the exact sum, dropouts are tolerated down to the
 threshold and no further, the coordinator sees nothing but uniform noise per hospital, it

@@ -3,7 +3,7 @@
 LoRA's A matrices are random and B is zero, so the initial adapter leaves the base model's
 outputs unchanged; freshly initialized heads (e.g. a classifier on an encoder) travel in the
 adapter too, and with ``model.head_init = "label-names"`` the head starts as a cosine
-classifier on the label names (`client.pooling`). Seeding before building makes the initial
+classifier on the label names (`fedtune.core.pooling`). Seeding before building makes the initial
 adapter reproducible for a seed.
 """
 

@@ -1,7 +1,7 @@
 """Keys for a real (deployed) federation: TLS for the coordinator and node-authentication keys.
 
 A deployed Flower 1.41 federation needs two kinds of keys besides the secure-aggregation
-identities of `fedtune.secagg.identity`:
+identities of `fedtune.core.secagg.identity`:
 
 * TLS. The coordinator's SuperLink serves HTTPS; hospitals verify it against a small private
   CA (`ca.pem`) that the coordinator creates once. Flower checks the host name, so the

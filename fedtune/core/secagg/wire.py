@@ -1,7 +1,7 @@
 """Secure-aggregation messages on the wire: Flower record names and conversions.
 
 The four stages are ClientApp actions (`train.<action>` message types). Each request carries
-the round's JOB record (fedtune.wire) plus the stage's own record below; each reply carries
+the round's JOB record (fedtune.core.wire) plus the stage's own record below; each reply carries
 the hospital's name. Payload conversions live here so the protocol code stays Flower-free.
 """
 
