@@ -22,7 +22,7 @@ def bench_demo(work_dir: Path) -> BenchResult:
         summary = run_demo(
             DemoOptions(task="classify", hospitals=3, privacy=privacy, epsilon=8.0,
                         run_dir=work_dir / name)
-        )  # fmt: skip
+        )
         arms[name] = summary
     dp, nodp = arms["dp"], arms["nodp"]
     epsilons = {h: v["epsilon"] for h, v in dp["privacy"]["per_hospital"].items()}

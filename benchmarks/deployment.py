@@ -66,7 +66,7 @@ def bench_deployment(work_dir: Path) -> BenchResult:
     deployed = time.monotonic() - started
     started = time.monotonic()
     launch(LaunchPlan(config_path=config_path, run_dir=work_dir / "simulated",
-                      num_hospitals=len(HOSPITALS)), say=lambda _line: None)  # fmt: skip
+                      num_hospitals=len(HOSPITALS)), say=lambda _line: None)
     simulated = time.monotonic() - started
     numbers: dict[str, float | str] = {
         "deploy_wall_seconds": deployed,
@@ -119,7 +119,7 @@ def _write_config(work_dir: Path, data: Path) -> Path:
         "secure_aggregation": {"threshold": 2},
         "data": {"simulation_root": str(data)},
         "evaluation": {"max_examples": 32},
-    }  # fmt: skip
+    }
     path = work_dir / "run.toml"
     with path.open("wb") as handle:
         tomli_w.dump(config, handle)
@@ -128,7 +128,7 @@ def _write_config(work_dir: Path, data: Path) -> Path:
 
 def _probe_node_start() -> tuple[float, float]:
     done = subprocess.run([sys.executable, "-c", _LOAD_PROBE], capture_output=True, text=True,
-                          check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+                          check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     imported, loaded = (float(x) for x in done.stdout.split()[-2:])
     return imported, loaded
 
@@ -150,7 +150,7 @@ def _deploy(work_dir: Path, config_path: Path, data: Path) -> None:
             "identity_key": str(files.identity_key), "enrollment": str(fed / "enrollment.json"),
             "data": str(data / f"hospital-{k}.jsonl"), "privacy_ledger": str(home / "ledger.json"),
             "privacy_epsilon_budget": 8.0, "device": "cpu", "local_port": 9200 + k,
-        }}  # fmt: skip
+        }}
         path = home / "node.toml"
         with path.open("wb") as handle:
             tomli_w.dump(node, handle)
@@ -164,13 +164,13 @@ def _deploy(work_dir: Path, config_path: Path, data: Path) -> None:
                  "--run-dir", str(work_dir / "deployed"), "--host", "127.0.0.1",
                  "--port", str(port)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+            )
         procs.append(server)
         for path in node_files:
             with (path.parent / "node.log").open("wb") as log:
                 procs.append(subprocess.Popen([*fedtune, "node", "--config", str(path)],
                                               stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))  # fmt: skip
+                                              start_new_session=True))
         if server.wait(timeout=1800) != 0:
             raise RuntimeError(f"the deployed run failed; see {work_dir / 'server.log'}")
     finally:

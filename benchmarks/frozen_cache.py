@@ -43,7 +43,7 @@ def bench_frozen_cache(work_dir: Path) -> BenchResult:
         sample_rate=poisson_sample_rate(settings.batch_size, len(features)),
         steps=settings.local_steps, grad_sample_mode=cached.privacy.grad_sample_mode,
         max_physical_batch_size=cached.privacy.max_physical_batch_size,
-    )  # fmt: skip
+    )
     start = get_adapter(handle.model)
 
     def one_round(config_train: TrainSettings, seed: int) -> float:

@@ -35,7 +35,7 @@ def _features(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
         batch = tokenizer(
             texts[start : start + 128], padding=True, truncation=True,
             max_length=MAX_LENGTH, return_tensors="pt",
-        )  # fmt: skip
+        )
         out.append(encoder(**batch, return_dict=True).pooler_output)
     return torch.cat(out)
 
@@ -66,7 +66,7 @@ def bench_pooling(_work_dir: Path) -> BenchResult:
         settings = ModelSettings(
             source="embedded:minilm", labels=tuple(labels), max_length=MAX_LENGTH,
             device="cpu", pooling=pooling,
-        )  # fmt: skip
+        )
         model, tokenizer, _ = load_base_model(settings, tuple(labels), torch.device("cpu"))
         model.eval()
         train_x = _features(model, tokenizer, texts)

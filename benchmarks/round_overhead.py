@@ -31,7 +31,7 @@ def round_overhead(run_dir: RunDirectory) -> BenchResult:
     config = run_dir.config()
     rounds = [
         r for r in run_dir.read_metrics() if r["event"] == "round" and not r.get("aborted")
-    ]  # fmt: skip
+    ]
     rows = []
     for record in rounds:
         wall = float(record["train_phase_seconds"])

@@ -87,7 +87,7 @@ TRAIN_METRICS = {
     "train-loss": 2.94, "train-steps": 15.0, "train-seconds": 30.4, "skipped-lines": 0.0,
     "dp": 1.0, "epsilon": 7.9964, "delta": 0.001, "epsilon-budget": 8.0,
     "noise-multiplier": 0.8212, "sample-rate": 0.25, "dp-steps": 15.0,
-}  # fmt: skip
+}
 
 
 def bench_secagg(work_dir: Path) -> BenchResult:
@@ -292,7 +292,7 @@ def round_shares(run_dir: RunDirectory) -> list[dict[str, Any]]:
         wall = float(record["seconds"])
         rows.append({"round": record["round"], "exchanges": exchanges,
                      "unmask": details["unmask_compute_seconds"], "hospitals": hospitals,
-                     "secure": secure, "wall": wall, "share": secure / wall})  # fmt: skip
+                     "secure": secure, "wall": wall, "share": secure / wall})
     if not rows:
         raise ValueError("the demo run finished no round")
     return rows
@@ -315,7 +315,7 @@ def _markdown(
         f"| {label} (`{stage}`) | {upload[stage]:,.0f} | {upload[stage + '.proto']:,.0f} |"
         for label, stage in (("1 round keys", KEYS), ("2 encrypted shares", SHARES),
                              ("3 masked input + metrics", MASKED), ("4 revealed shares", UNMASK))
-    )  # fmt: skip
+    )
     reveal = mean(s for r in full for s in r.reveal_seconds.values())
     share_rows = "\n".join(
         f"| {row['round']} | {row['exchanges']:.3f} | {row['unmask']:.3f} | "
@@ -334,7 +334,7 @@ def _markdown(
         ("coordinator unmask + decode, no dropout", numbers["secagg_unmask_seconds"]),
         ("coordinator unmask + decode, one hospital dropped after sharing",
          numbers["secagg_unmask_seconds_one_dropout"]),
-    ]  # fmt: skip
+    ]
     timing_rows = "\n".join(f"| {label} | {1000 * seconds:.2f} |" for label, seconds in timings)
     return f"""## Secure aggregation (`fedtune bench secagg`)
 

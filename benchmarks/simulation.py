@@ -31,7 +31,7 @@ def bench_simulation(work_dir: Path) -> BenchResult:
 
     def final(arm: str, epsilon: float | None = None) -> float:
         values = [r.final_metric for r in results if r.arm == arm and r.epsilon == epsilon
-                  and r.status == "ok" and r.final_metric is not None]  # fmt: skip
+                  and r.status == "ok" and r.final_metric is not None]
         if not values:
             raise RuntimeError(f"the {arm} arm (ε={epsilon}) did not finish; see {work_dir}")
         return sum(values) / len(values)

@@ -48,7 +48,7 @@ def bench_strategies(work_dir: Path) -> BenchResult:
             task="classify", hospitals=HOSPITALS, rounds=ROUNDS,
             examples_per_hospital=EXAMPLES_PER_HOSPITAL, run_dir=work_dir / strategy, seed=SEED,
             privacy=True, epsilon=EPSILON, secure_aggregation=True, strategy=strategy,
-        )  # fmt: skip
+        )
         summary = run_demo(options)
         arms[strategy] = _arm(RunDirectory(work_dir / strategy), summary, strategy)
         arms[strategy]["seconds"] = time.perf_counter() - started

@@ -172,11 +172,11 @@ def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> L
             result = train_privately(
                 handle.model, features, config.train, privacy.plan, pad_id, seed, task,
                 objective=objective,
-            )  # fmt: skip
+            )
             entry = privacy.ledger.record(
                 privacy.run_id, job.server_round, privacy.plan.noise_multiplier,
                 privacy.plan.sample_rate, result.steps,
-            )  # fmt: skip
+            )
             # No last-batch loss under DP: a Poisson batch can be a handful of patients.
             privacy_metrics = {
                 "dp": 1.0,
@@ -206,13 +206,13 @@ def train_local_update(global_adapter: Adapter, job: Job, context: Context) -> L
         uploaded(global_adapter, config),
     )
     return LocalUpdate(identity, delta, len(features), metrics,
-                       lineage_of(config, identity, data.lineage, context.node_config))  # fmt: skip
+                       lineage_of(config, identity, data.lineage, context.node_config))
 
 
 def lineage_of(
     config: RunConfig, identity: HospitalIdentity, data: DataFingerprint,
     node_config: Mapping[str, Any],
-) -> dict[str, str | int]:  # fmt: skip
+) -> dict[str, str | int]:
     """The fingerprints this hospital sends: always the data and model hashes; its example
     count and label histogram only where its admin shares them (they reveal the data's size,
     which secure aggregation otherwise hides), or for simulated hospitals."""
@@ -253,7 +253,7 @@ def train(msg: Message, context: Context) -> Message:
     record_hospital_event(context.node_config, "sent-update", {
         "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
         "delta_sha256": adapter_sha256(delta), "mode": "in clear", "lineage": update.lineage,
-    })  # fmt: skip
+    })
     return Message(content, reply_to=msg)
 
 
@@ -291,7 +291,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     record_hospital_event(context.node_config, "sent-metrics", {
         "round": job.server_round, "split": job.split, "run_id": job.run_id,
         "global_adapter_sha256": adapter_sha256(global_adapter), "metrics": metrics,
-    })  # fmt: skip
+    })
     return Message(evaluate_reply_content(metrics, identity.name), reply_to=msg)
 
 
@@ -310,7 +310,7 @@ def _refuse(msg: Message, code: int, context: Context, reason: str) -> Message:
         record_hospital_event(context.node_config, "refused", {
             "request": msg.metadata.message_type, "reason": reason,
             "round": int(job["round"]) if job is not None else None,  # type: ignore[arg-type]
-        })  # fmt: skip
+        })
     except Exception:  # a log that cannot be written must not hide the refusal itself
         log.exception("%s could not write its audit log", name)
     return Message(Error(code=code, reason=f"{name}: {reason}"), reply_to=msg)

@@ -36,7 +36,7 @@ class RunNotApproved(ConfigError):
 def check_run_approved(
     config: RunConfig, node_config: Mapping[str, Any], model_dir: Path | None = None,
     cache_dir: Path | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Raise RunNotApproved naming the pin and both values if the run is outside the pins."""
     strategies = str(node_config.get(NODE_ALLOWED_STRATEGIES_KEY, "")).strip()
     if strategies:

@@ -160,7 +160,7 @@ def _train_privately(
             steps_taken, examples_seen = _dp_steps(
                 private_model, private_loader, private_optimizer, dp_criterion, plan, device,
                 prefix, losses,
-            )  # fmt: skip
+            )
     finally:
         _detach_opacus(private_model)
     model.eval()
@@ -253,7 +253,7 @@ def _collate_or_empty(items: list[Any], pad_token_id: int) -> dict[str, torch.Te
         return {
             "input_ids": empty, "attention_mask": empty, "labels": empty,
             EXAMPLE_INDEX: torch.zeros((0,), dtype=torch.long),
-        }  # fmt: skip
+        }
     return collate_indexed(items, pad_token_id)
 
 

@@ -43,7 +43,7 @@ def prepare_update(
     if plan is not None:
         noisy, clipped, truncated = clip_and_noise(flat, plan)
         metrics = {"delta-clipped": float(clipped), "noise-truncated": float(truncated),
-                   "client-dp": 1.0}  # fmt: skip
+                   "client-dp": 1.0}
         return PreparedUpdate(noisy * weight, reference, metrics)
     if config.secure_aggregation.enabled:
         clip = clip_to_norm(flat, config.secure_aggregation.clip_norm)

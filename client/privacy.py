@@ -168,7 +168,7 @@ def plan_round(
         run_plan = RunPlan(
             noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps,
             planned_rounds=config.federation.rounds, target_epsilon=budget,
-        )  # fmt: skip
+        )
         ledger.set_plan(run_id, run_plan)
     ledger.check_budget(budget, run_plan.noise_multiplier, sample_rate, steps)
     plan = DPPlan(

@@ -97,7 +97,7 @@ def share_keys(msg: Message, context: Context) -> Message:
     outbox, commitment = protocol.make_shares(
         state, adverts, enrollment, job.config.secure_aggregation.threshold,
         minimum_threshold(context.node_config, identity, enrollment),
-    )  # fmt: skip
+    )
     _save(context, state, job, spent + time.perf_counter() - started)
     return _reply(msg, identity, {OUTBOX: outbox_record(outbox, commitment)})
 
@@ -124,7 +124,7 @@ def masked_input(msg: Message, context: Context) -> Message:
     _save(context, state, job, spent)
     if weight < update.num_examples and not config.privacy.client_level:
         log.warning("%s: weight capped at secure_aggregation.max_weight = %d",
-                    identity.name, config.secure_aggregation.max_weight)  # fmt: skip
+                    identity.name, config.secure_aggregation.max_weight)
     # The weight is masked; metrics from which the coordinator could read this hospital's
     # data size (DP sampling rate, σ calibrated from it, step counts) stay here.
     shown = {k: v for k, v in update.metrics.items() if k not in SIZE_REVEALING_METRICS}
@@ -137,7 +137,7 @@ def masked_input(msg: Message, context: Context) -> Message:
         "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
         "masked_input_sha256": bytes_sha256(masked.tobytes()), "mode": "masked",
         "lineage": update.lineage,
-    })  # fmt: skip
+    })
     return _reply(
         msg, identity, {MASKED_INPUT: masked_record(masked), METRICS: MetricRecord(metrics),
                         LINEAGE: lineage_record(update.lineage)}

@@ -28,7 +28,7 @@ def _code_version() -> dict[str, str]:
     except metadata.PackageNotFoundError:
         version = "unknown"
     return {"fedtune": version, "app_code_sha256": app_code_sha256(),
-            "flwr": metadata.version("flwr")}  # fmt: skip
+            "flwr": metadata.version("flwr")}
 
 
 class CoordinatorAudit:
@@ -50,13 +50,13 @@ class CoordinatorAudit:
             "privacy": {"enabled": config.privacy.enabled,
                         "target_epsilon": config.privacy.target_epsilon,
                         "accountant": config.privacy.accountant},
-        })  # fmt: skip
+        })
 
     def round_start(self, server_round: int, attempt: int, adapter: Adapter,
-                    sampled: list[str]) -> None:  # fmt: skip
+                    sampled: list[str]) -> None:
         self._append("round-start", {"round": server_round, "attempt": attempt,
                                      "global_adapter_sha256": adapter_sha256(adapter),
-                                     "sampled": sampled})  # fmt: skip
+                                     "sampled": sampled})
 
     def participants(self, record: dict[str, Any]) -> None:
         """Who trained, who refused (with the hospital's reason), and their fingerprints."""
@@ -64,26 +64,26 @@ class CoordinatorAudit:
             "round": record["round"], "attempt": record["attempt"],
             "used": record["hospitals_used"], "refused": record["refused"],
             "lineage": record.get("lineage", {}),
-        })  # fmt: skip
+        })
 
     def aborted(self, record: dict[str, Any], reason: str) -> None:
         self._append("round-aborted", {"round": record["round"], "attempt": record["attempt"],
-                                       "reason": reason})  # fmt: skip
+                                       "reason": reason})
 
     def aggregate(self, server_round: int, mean_delta: Adapter, contributors: int) -> None:
         self._append("aggregate", {"round": server_round, "contributors": contributors,
                                    "mean_delta_sha256": adapter_sha256(mean_delta),
-                                   "mean_delta_norm": adapter_norm(mean_delta)})  # fmt: skip
+                                   "mean_delta_norm": adapter_norm(mean_delta)})
 
     def privacy(self, server_round: int, per_hospital: dict[str, Any],
-                client_level: dict[str, Any] | None) -> None:  # fmt: skip
+                client_level: dict[str, Any] | None) -> None:
         self._append("privacy", {"round": server_round, "per_hospital": per_hospital,
-                                 "client_level": client_level or {}})  # fmt: skip
+                                 "client_level": client_level or {}})
 
     def checkpoint(self, server_round: int, adapter: Adapter) -> None:
         path = f"adapters/round-{server_round:04d}.safetensors"
         self._append("checkpoint", {"round": server_round, "adapter_file": path,
-                                    "adapter_sha256": adapter_sha256(adapter)})  # fmt: skip
+                                    "adapter_sha256": adapter_sha256(adapter)})
 
     def validation(self, server_round: int, weighted: dict[str, float]) -> None:
         self._append("validation", {"round": server_round, "weighted": weighted})

@@ -92,7 +92,7 @@ def export_adapter(
         "round": server_round, "out_dir": str(out_dir.resolve()), "merged": merged,
         "adapter_sha256": adapter_sha256(run_dir.load_adapter(server_round)),
         "base_model_sha256": base_sha, "pseudonymized": pseudonymize,
-    })  # fmt: skip
+    })
     if merged:
         merged_model = model.merge_and_unload()
         merged_model.save_pretrained(str(out_dir / "merged"))

@@ -107,7 +107,7 @@ def model_card(
             f"`{str(seen.get('model_sha256', 'not reported'))[:16]}…` |"
         )
     labels = {h: json.loads(str(s["data_labels"])) for h, s in lineage.items()
-              if h in shown and "data_labels" in s}  # fmt: skip
+              if h in shown and "data_labels" in s}
     if labels:
         lines += ["", "Label counts of the training data, where the hospital shares them:", ""]
         for hospital, counts in sorted(labels.items()):
@@ -145,11 +145,11 @@ def _secure_aggregation(config: RunConfig) -> str:
 def _privacy_intro(config: RunConfig) -> str:
     if not config.privacy.enabled:
         return ("Differential privacy was not requested by the coordinator; a hospital with a "
-                "privacy budget trains with DP anyway (its row then shows its ε).")  # fmt: skip
+                "privacy budget trains with DP anyway (its row then shows its ε).")
     return (f"Sample-level differential privacy with Opacus DP-SGD at every hospital, "
             f"{config.privacy.accountant} accountant, target ε = "
             f"{config.privacy.target_epsilon:g} per run; ε and δ below are what each hospital's "
-            "privacy ledger reported after its last round in this adapter.")  # fmt: skip
+            "privacy ledger reported after its last round in this adapter.")
 
 
 def _evaluation(
@@ -164,7 +164,7 @@ def _evaluation(
         lines += ["", f"Held-out test splits, base model vs the run's final adapter "
                       f"(round {summary.get('final_round')}):", "",
                   f"| hospital | base {metric} | final {metric} | base loss | final loss |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|"]
         rows = {**{h: h for h in final.get("per_hospital", {})}, "all (weighted)": None}
         for hospital in rows:
             b = base.get("weighted" if rows[hospital] is None else "per_hospital", {})
@@ -173,7 +173,7 @@ def _evaluation(
                 b, f = b.get(hospital, {}), f.get(hospital, {})
             name = shown.get(hospital, hospital) if rows[hospital] is not None else hospital
             lines.append(f"| {name} | {_num(b.get(metric))} | {_num(f.get(metric))} | "
-                         f"{_num(b.get('loss'))} | {_num(f.get('loss'))} |")  # fmt: skip
+                         f"{_num(b.get('loss'))} | {_num(f.get('loss'))} |")
     return lines or ["No evaluation was recorded."]
 
 

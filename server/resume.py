@@ -24,7 +24,7 @@ def restore_run(
         if record.get("event") == "evaluate" and record.get("round") == 0:
             base.per_hospital = record.get("per_hospital", {})
     say(f"Resuming {run_dir.path} after round {last}: global adapter and "
-        f"{strategy.name} state restored.")  # fmt: skip
+        f"{strategy.name} state restored.")
     return last + 1, run_dir.load_adapter(last), base
 
 

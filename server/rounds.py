@@ -110,7 +110,7 @@ def run_federation(
     federation = _Federation(
         grid, config, run_dir, strategy, names, views, report, say, guarantees, participation,
         connected,
-    )  # fmt: skip
+    )
     if resume:
         for past in run_dir.read_metrics():
             if past.get("event") == "round" and not past.get("aborted"):
@@ -146,7 +146,7 @@ def run_federation(
                 f"{headline_metric(config.model.task)} has not improved for {patience} "
                 f"round(s); the best is round {best} (what `fedtune export` takes).")
             run_dir.append_metrics({"event": "early-stop", "round": server_round,
-                                    "best_round": best})  # fmt: skip
+                                    "best_round": best})
             federation.audit.event("early-stop", {"round": server_round, "best_round": best})
             break
 
@@ -171,7 +171,7 @@ def run_federation(
     }
     federation.audit.event("run-end", {"final_round": summary["final_round"],
                                        "best_round": summary["best_round"],
-                                       "final_test": final.weighted})  # fmt: skip
+                                       "final_test": final.weighted})
     # The head pins the whole chain: a log cut after this record no longer verifies with it.
     summary["audit_head"] = federation.audit.head
     federation.tracker.close()
@@ -218,10 +218,10 @@ class _Federation:
         job = Job(server_round, config, run_dir.run_id, attempt=attempt)
         # Logged before anyone is asked: a resumed run continues the attempt numbering.
         start_record = {"event": "round-start", "round": server_round, "attempt": attempt,
-                        "global_adapter_sha256": adapter_sha256(global_adapter)}  # fmt: skip
+                        "global_adapter_sha256": adapter_sha256(global_adapter)}
         run_dir.append_metrics(start_record)
         self.audit.round_start(server_round, attempt, global_adapter,
-                               [self.names.known(n) for n in node_ids])  # fmt: skip
+                               [self.names.known(n) for n in node_ids])
         if config.secure_aggregation.enabled:
             collected = collect_secure(
                 self.grid, node_ids, global_adapter, job, self.names, self.views
@@ -259,14 +259,14 @@ class _Federation:
             self.connected.append(len(available))
             run_dir.append_metrics({"event": "sum-revealed", "round": server_round,
                                     "hospitals_sampled": len(node_ids),
-                                    "hospitals_connected": len(available)})  # fmt: skip
+                                    "hospitals_connected": len(available)})
         if collected.update is None:
             self._abort(record, collected.abort_reason)
             return None
         update = collected.update
         if collected.details.get("dropped"):
             say(f"  note: {', '.join(collected.details['dropped'])} dropped out after sharing "
-                "keys; their masks were removed with the other hospitals' shares")  # fmt: skip
+                "keys; their masks were removed with the other hospitals' shares")
         try:
             global_adapter = self.strategy.apply(global_adapter, update)
             record["aggregate_seconds"] = time.perf_counter() - started - train_phase_seconds
@@ -288,7 +288,7 @@ class _Federation:
         validation = _evaluate(
             self.grid, global_adapter, config, run_dir.run_id, server_round, "validation",
             self.names,
-        )  # fmt: skip
+        )
         _log_refusals(validation.refusals, say)
         seconds = time.perf_counter() - started
         record.update(
@@ -306,7 +306,7 @@ class _Federation:
             **{f"validation/{k}": float(v) for k, v in validation.weighted.items()},
             "round/seconds": seconds, "round/hospitals": float(len(train_metrics)),
             **({"privacy/max_epsilon": max(epsilons)} if epsilons else {}),
-        })  # fmt: skip
+        })
         self.report.round(server_round, train_metrics, validation.per_hospital, seconds)
         return global_adapter
 
@@ -325,13 +325,13 @@ class _Federation:
                 }
             if metrics.get("skipped-lines", 0) > 0:
                 self.say(f"  note: {hospital} skipped {int(metrics['skipped-lines'])} invalid "
-                         "data line(s) (data.skip_bad_lines = true)")  # fmt: skip
+                         "data line(s) (data.skip_bad_lines = true)")
             if metrics.get("delta-clipped", 0) > 0:
                 self.say(f"  note: {hospital}'s update was longer than secure_aggregation."
-                         f"clip_norm = {clip:g} and was clipped to it")  # fmt: skip
+                         f"clip_norm = {clip:g} and was clipped to it")
             if metrics.get("weight-capped", 0) > 0:
                 self.say(f"  note: {hospital}'s weight was capped at "
-                         f"secure_aggregation.max_weight = {cap}")  # fmt: skip
+                         f"secure_aggregation.max_weight = {cap}")
 
 
 def _collect_plain(

@@ -169,7 +169,7 @@ def collect_secure(
     # Stage 2: every hospital checks every signature, then sends encrypted shares.
     request = job_content(job, **{PARTICIPANTS: participants_record(listed)})
     outboxes = stage.exchange({node_of[h]: request for h in sorted(adverts)}, SHARES, fast,
-                              parse_outbox)  # fmt: skip
+                              parse_outbox)
     for hospital, (_, (outbox, _), _) in list(outboxes.items()):
         if set(outbox) != set(adverts) - {hospital}:
             out.refusals.append(Refusal(hospital, "sent key shares for the wrong hospitals"))
@@ -204,7 +204,7 @@ def collect_secure(
     # Stage 4: survivors reveal what removes the masks, and nothing more.
     request = job_content(job, **{SURVIVORS: survivors_record(survivors, dropped)})
     revealed = stage.exchange({node_of[h]: request for h in survivors}, UNMASK, fast,
-                              parse_revealed)  # fmt: skip
+                              parse_revealed)
     if reason := _too_few(len(revealed), threshold, "answered the unmasking stage"):
         return _abort(out, reason)
     started = time.perf_counter()

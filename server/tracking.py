@@ -41,7 +41,7 @@ class ExperimentTracker:
             mlflow.start_run(run_name=run_id)
             flat = {f"{section}.{key}": value for section, values in config.items()
                     for key, value in values.items()
-                    if not isinstance(value, list | dict)}  # fmt: skip
+                    if not isinstance(value, list | dict)}
             mlflow.log_params(flat)
             self._mlflow = mlflow
 
@@ -51,7 +51,7 @@ class ExperimentTracker:
                 self._tensorboard.add_scalar(name, value, server_round)
         if self._mlflow is not None:
             self._mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()},
-                                     step=server_round)  # fmt: skip
+                                     step=server_round)
 
     def close(self) -> None:
         if self._tensorboard is not None:

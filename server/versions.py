@@ -92,7 +92,7 @@ def format_versions(run_dir: RunDirectory) -> str:
     metric = headline_metric(run_dir.config().model.task)
     best = best_round(run_dir)
     lines = [f"{'round':>5}  {'val ' + metric:>14}  {'val loss':>9}  saved (UTC)                "
-             "adapter SHA-256"]  # fmt: skip
+             "adapter SHA-256"]
     for v in versions:
         score = v.validation.get(metric)
         loss = v.validation.get("loss")
@@ -101,7 +101,7 @@ def format_versions(run_dir: RunDirectory) -> str:
         mark = "  ← best" if v.server_round == best else ""
         label = "initial" if v.server_round == 0 else str(v.server_round)
         lines.append(f"{label:>5}  {shown:>14}  {shown_loss:>9}  {v.saved_at}  "
-                     f"{v.sha256[:16]}…{mark}")  # fmt: skip
+                     f"{v.sha256[:16]}…{mark}")
     return "\n".join(lines)
 
 

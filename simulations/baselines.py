@@ -74,14 +74,14 @@ def load_test_set(config: RunConfig, path: Path, handle: ModelHandle) -> SharedT
                 examples,  # type: ignore[arg-type]
                 handle.tokenizer, label_to_id, config.model.max_length,
             )
-        )  # fmt: skip
+        )
     else:
         features = list(
             encode_generation(
                 examples,  # type: ignore[arg-type]
                 handle.tokenizer, config.model.max_length,
             )
-        )  # fmt: skip
+        )
     return SharedTestSet(path, file_fingerprint(path), features, examples)
 
 
@@ -181,7 +181,7 @@ def run_local_only(
                 config, handle, features, config.train.local_steps, initial, test, epsilon,
                 hospital_progress, start_score,
             )
-        )  # fmt: skip
+        )
     curve = [
         (point[0], sum(o.curve[i][1] for o in outcomes) / len(outcomes))
         for i, point in enumerate(outcomes[0].curve)
@@ -216,13 +216,13 @@ def _train_curve(
         sigma = calibrate_noise_multiplier(
             target_epsilon=epsilon, delta=delta, sample_rate=sample_rate,
             steps=steps_per_round * rounds, accountant=config.privacy.accountant,
-        )  # fmt: skip
+        )
         plan = DPPlan(
             noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm,
             sample_rate=sample_rate, steps=steps_per_round,
             grad_sample_mode=config.privacy.grad_sample_mode,
             max_physical_batch_size=config.privacy.max_physical_batch_size,
-        )  # fmt: skip
+        )
     set_adapter(handle.model, initial)
     for server_round in range(1, rounds + 1):
         seed = config.train.seed * 1000 + server_round

@@ -32,7 +32,7 @@ SWEEP_KEYS = ("epsilon", "hospitals", "alpha", "strategy", "lora_r")
 _EXPERIMENT_SECTIONS = ("experiment", "dataset", "partition", "resources", "sweep")
 _RUN_SECTIONS = (
     "model", "lora", "train", "federation", "privacy", "secure_aggregation", "evaluation",
-)  # fmt: skip
+)
 # [data] is the runner's: it writes the hospitals' files and points the run at them.
 _ALLOWED = {
     "experiment": {"name", "description", "seeds", "arms", "secure_aggregation_threshold",
@@ -41,7 +41,7 @@ _ALLOWED = {
     "partition": {"method", "alpha", "hospitals", "min_examples"},
     "resources": {"client_cpus", "client_gpus"},
     "sweep": set(SWEEP_KEYS),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -216,13 +216,13 @@ def _check_sweep(path: Path, sweep: dict[str, tuple[Any, ...]]) -> None:
         return ConfigError(f"{path}: [sweep] {key} {why}, got {list(sweep[key])}.")
 
     if not all(isinstance(e, int | float) and not isinstance(e, bool) and e > 0
-               for e in sweep["epsilon"]):  # fmt: skip
+               for e in sweep["epsilon"]):
         raise bad("epsilon", "must be positive numbers")
     for key in ("hospitals", "lora_r"):
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sweep[key]):
             raise bad(key, "must be whole numbers >= 1")
     if not all(isinstance(a, int | float) and not isinstance(a, bool) and a > 0
-               for a in sweep["alpha"]):  # fmt: skip
+               for a in sweep["alpha"]):
         raise bad("alpha", "must be positive numbers")
     from fedtune.core.config import STRATEGIES
 

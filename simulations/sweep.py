@@ -232,12 +232,12 @@ def run_experiment(
     _report_secagg_twins(results, out_dir, say)
     failed = sorted({r.run_dir for r in results if r.status != "ok"})
     say(f"Results: {out_dir / 'results.md'} and {out_dir / 'results.csv'} (all runs: "
-        f"{results_path})")  # fmt: skip
+        f"{results_path})")
     for plot in plots:
         say(f"Plot: {plot}")
     if failed:
         say(f"{len(failed)} run(s) failed; their logs: " + ", ".join(
-            str(Path(f) / "log.txt") for f in failed))  # fmt: skip
+            str(Path(f) / "log.txt") for f in failed))
     return results
 
 
@@ -284,7 +284,7 @@ def _execute(
     result = ArmResult(
         point={}, arm=spec.arm, epsilon=spec.epsilon, seed=spec.seed,
         metric_name=experiment.metric_name, run_dir=str(run_dir),
-    )  # fmt: skip
+    )
     started = time.monotonic()
     if run_dir.exists():  # a failed or unfinished earlier attempt: start it afresh
         import shutil
@@ -345,7 +345,7 @@ def _prepare_data(
         experiment.partition_method, num_hospitals=spec.hospitals, seed=spec.seed,
         labels=dataset.strata(), keys=dataset.strata(), alpha=spec.alpha,
         min_examples=experiment.min_examples,
-    )  # fmt: skip
+    )
     write_hospital_files(dataset, partition.hospitals, data_dir)
     # One test file for the whole experiment (it depends on the dataset seed only).
     shared_test = out_dir / "data" / TEST_FILE
@@ -411,7 +411,7 @@ def _run_federated(
         config_path=config_path, run_dir=run_dir, num_hospitals=spec.hospitals,
         client_cpus=experiment.client_cpus, client_gpus=experiment.client_gpus,
         timeout_s=experiment.run_timeout_s,
-    )  # fmt: skip
+    )
     launch(plan, say=say_to_log)
     directory = RunDirectory(run_dir)
     handle = model_for(config)

@@ -89,7 +89,7 @@ class InProcessGrid(Grid):
         ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)  # fmt: skip
+                       group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)

@@ -25,7 +25,7 @@ def test_console_script_is_installed():
     result = subprocess.run(
         [str(Path(sys.executable).parent / "fedtune"), "--help"],
         capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    )
     assert result.returncode == 0 and "demo" in result.stdout and "export" in result.stdout
 
 

@@ -282,7 +282,7 @@ def test_calibration_round_trips(target, q, rounds, delta, accountant):
     "args",
     [(0.0, 1.0, 4, 1e-2), (1.0, 0.0, 4, 1e-2), (1.0, 1.5, 4, 1e-2), (1.0, 1.0, 0, 1e-2),
      (1.0, 1.0, 4, 0.0), (1.0, 1.0, 4, 1.0)],
-)  # fmt: skip
+)
 def test_epsilon_rejects_bad_arguments(args):
     with pytest.raises(ValueError):
         client_level_epsilon(*args)
@@ -293,7 +293,7 @@ def test_epsilon_rejects_bad_arguments(args):
 def test_automatic_delta_is_the_largest_power_of_ten_below_one_over_n():
     assert [automatic_client_delta(n) for n in (1, 5, 9, 10, 11, 99, 100, 250)] == [
         0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001,
-    ]  # fmt: skip
+    ]
     for n in range(1, 3000):
         delta = automatic_client_delta(n)
         assert delta < 1 / n <= delta * 10 * (1 + 1e-12)

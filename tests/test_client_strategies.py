@@ -204,7 +204,7 @@ def test_fedprox_round_without_dp_is_the_round_on_the_proximal_loss(llama: Local
     expected = _reference_fedprox_round(llama, settings, mu)
     llama.reset()
     train_locally(llama.model, llama.features, settings, llama.pad, 5, llama.task,
-                  objective=LocalObjective(proximal_mu=mu))  # fmt: skip
+                  objective=LocalObjective(proximal_mu=mu))
     fedprox = get_adapter(llama.model)
     llama.reset()
     train_locally(llama.model, llama.features, settings, llama.pad, 5, llama.task)
@@ -219,7 +219,7 @@ def _noiseless_full_batch_plan(local: Local, steps: int, mode: str) -> DPPlan:
     then a plain full-batch step, deterministic."""
     n = len(local.features)
     return DPPlan(noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=1.0, steps=steps,
-                  grad_sample_mode=mode, max_physical_batch_size=n)  # fmt: skip
+                  grad_sample_mode=mode, max_physical_batch_size=n)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
@@ -230,7 +230,7 @@ def test_fedprox_round_under_dp_without_noise_is_the_non_dp_fedprox_round(llama:
     llama.reset()
     plan = _noiseless_full_batch_plan(llama, settings.local_steps, mode)
     result = train_privately(llama.model, llama.features, settings, plan, llama.pad, 5,
-                             llama.task, objective=LocalObjective(proximal_mu=mu))  # fmt: skip
+                             llama.task, objective=LocalObjective(proximal_mu=mu))
     assert result.steps == settings.local_steps
     assert result.examples_seen == settings.local_steps * len(llama.features)
     error = _relative_error(get_adapter(llama.model), expected, llama.start)
@@ -245,7 +245,7 @@ def test_proximal_term_pulls_the_local_adapter_toward_the_global_one(local: Loca
     for mu in (0.0, 5.0):
         local.reset()
         train_locally(local.model, local.features, settings, local.pad, 5, local.task,
-                      objective=LocalObjective(proximal_mu=mu))  # fmt: skip
+                      objective=LocalObjective(proximal_mu=mu))
         distances[mu] = _distance(get_adapter(local.model), local.start)
     assert distances[0.0] > 0
     assert distances[5.0] < 0.8 * distances[0.0], distances
@@ -267,10 +267,10 @@ def test_no_proximal_term_is_todays_training_bit_for_bit(request: pytest.Fixture
             llama.reset()
             if train == "plain":
                 train_locally(llama.model, llama.features, settings, llama.pad, 5, llama.task,
-                              objective=objective)  # fmt: skip
+                              objective=objective)
             else:
                 train_privately(llama.model, llama.features, settings, plan, llama.pad, 5,
-                                llama.task, objective=objective)  # fmt: skip
+                                llama.task, objective=objective)
             adapters.append(get_adapter(llama.model))
         assert _max_difference(adapters[0], llama.start) > 0, "training did not move"
         for other in adapters[1:]:
@@ -294,12 +294,12 @@ def test_ffa_lora_trains_b_and_leaves_a_bit_identical(local: Local, dp: bool):
         before = get_adapter(local.model)
         if dp:  # real noise: a single noisy step on A would show
             plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=3,
-                          grad_sample_mode="hooks", max_physical_batch_size=8)  # fmt: skip
+                          grad_sample_mode="hooks", max_physical_batch_size=8)
             train_privately(local.model, local.features, settings, plan, local.pad, seed,
-                            local.task, objective=objective)  # fmt: skip
+                            local.task, objective=objective)
         else:
             train_locally(local.model, local.features, settings, local.pad, seed, local.task,
-                          objective=objective)  # fmt: skip
+                          objective=objective)
         after = get_adapter(local.model)
         a_names = [n for n in after if ".lora_A." in n]
         b_names = [n for n in after if ".lora_B." in n]

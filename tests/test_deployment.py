@@ -48,7 +48,7 @@ class Processes:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fedtune.ops.cli", *args], stdout=handle,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )  # fmt: skip
+            )
         self.started.append((proc, log))
         return proc, log
 
@@ -89,7 +89,7 @@ def federation(tmp_path: Path, tiny_bert_dir: Path) -> dict[str, Path]:
         files = new_hospital(name, home)
         enroll_hospital(fed, files.identity_pub, files.node_pub)
         paths[name] = write_node_file(home, name, files.node_key, files.identity_key, fed,
-                                      data / f"hospital-{k}.jsonl")  # fmt: skip
+                                      data / f"hospital-{k}.jsonl")
     config = {
         "model": {"source": str(tiny_bert_dir), "task": "classify", "max_length": 32,
                   "labels": labels},
@@ -100,7 +100,7 @@ def federation(tmp_path: Path, tiny_bert_dir: Path) -> dict[str, Path]:
         "privacy": {"enabled": True, "target_epsilon": 8.0, "max_physical_batch_size": 16},
         "secure_aggregation": {"threshold": 2, "stage_timeout_s": 180},
         "evaluation": {"max_examples": 8},
-    }  # fmt: skip
+    }
     paths["config"] = tmp_path / "run.toml"
     with paths["config"].open("wb") as handle:
         tomli_w.dump(config, handle)
@@ -110,7 +110,7 @@ def federation(tmp_path: Path, tiny_bert_dir: Path) -> dict[str, Path]:
 def write_node_file(
     home: Path, name: str, node_key: Path, identity_key: Path, fed: Path, data: Path,
     ca: Path | None = None, port: int | None = None, coordinator: str = "",
-) -> Path:  # fmt: skip
+) -> Path:
     node = {
         "node": {
             "hospital": name, "coordinator": coordinator or "PLACEHOLDER",
@@ -120,7 +120,7 @@ def write_node_file(
             "privacy_epsilon_budget": 8.0, "device": "cpu",
             "local_port": port or free_port(), "join_timeout_s": 15.0,
         }
-    }  # fmt: skip
+    }
     path = home / "node.toml"
     with path.open("wb") as handle:
         tomli_w.dump(node, handle)
@@ -153,9 +153,9 @@ def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
         "server", "server", "--config", str(federation["config"]),
         "--federation", str(federation["federation"]), "--run-dir", str(run_dir),
         "--host", "127.0.0.1", "--port", str(port),
-    )  # fmt: skip
+    )
     wait_for(lambda: "Registered north-clinic" in server_log.read_text() or server.poll()
-             is not None, 120, "the coordinator to register the hospitals")  # fmt: skip
+             is not None, 120, "the coordinator to register the hospitals")
     for name in HOSPITALS:
         processes.start(name, "node", "--config", str(federation[name]))
     # A hospital that is not enrolled is refused; one without the federation's CA cannot
@@ -164,7 +164,7 @@ def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
     intruder_file = write_node_file(
         tmp_path / "intruder", "intruder", intruder.node_key, intruder.identity_key,
         federation["federation"], tmp_path / "data" / "hospital-1.jsonl", coordinator=address,
-    )  # fmt: skip
+    )
     stranger_ca = tmp_path / "other-federation"
     init_federation(stranger_ca, ["127.0.0.1"], valid_days=2)
     no_ca = tmp_path / "no-ca"
@@ -174,7 +174,7 @@ def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
         no_ca, first, tmp_path / first / f"{first}-node.key", tmp_path / first / f"{first}.key",
         federation["federation"], tmp_path / "data" / "hospital-1.jsonl",
         ca=stranger_ca / "ca.pem", coordinator=address,
-    )  # fmt: skip
+    )
     refused, refused_log = processes.start("intruder", "node", "--config", str(intruder_file))
     untrusting, untrusting_log = processes.start("no-ca", "node", "--config", str(no_ca_file))
     assert refused.wait(timeout=120) != 0
@@ -222,7 +222,7 @@ def round_records(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()
-            if '"event": "round"' in line]  # fmt: skip
+            if '"event": "round"' in line]
 
 
 def test_a_node_dies_and_rejoins_and_the_coordinator_resumes_after_a_crash(
@@ -235,12 +235,12 @@ def test_a_node_dies_and_rejoins_and_the_coordinator_resumes_after_a_crash(
     point_nodes_at(federation, address)
     run_dir = tmp_path / "run"
     server_args = ("--config", str(config), "--federation", str(federation["federation"]),
-                   "--host", "127.0.0.1", "--port", str(port))  # fmt: skip
+                   "--host", "127.0.0.1", "--port", str(port))
     server, server_log = processes.start("server", "server", *server_args,
-                                         "--run-dir", str(run_dir))  # fmt: skip
+                                         "--run-dir", str(run_dir))
     wait_for(lambda: "Registered north-clinic" in server_log.read_text(), 120, "registration")
     nodes = {name: processes.start(name, "node", "--config", str(federation[name]))[0]
-             for name in HOSPITALS}  # fmt: skip
+             for name in HOSPITALS}
 
     # Round 2: one hospital's machine dies. 2 of 3 survive = the threshold: the round completes.
     wait_for(lambda: len(round_records(run_dir)) >= 1, 600, "round 1")
@@ -255,7 +255,7 @@ def test_a_node_dies_and_rejoins_and_the_coordinator_resumes_after_a_crash(
     # The hospital comes back; the coordinator is restarted with --resume.
     processes.start("north-clinic-again", "node", "--config", str(federation["north-clinic"]))
     resumed, resumed_log = processes.start("server-resumed", "server", *server_args,
-                                           "--resume", str(run_dir))  # fmt: skip
+                                           "--resume", str(run_dir))
     assert resumed.wait(timeout=900) == 0, resumed_log.read_text()[-3000:]
 
     records = round_records(run_dir)
@@ -276,7 +276,7 @@ def round_starts(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()
-            if '"event": "round-start"' in line]  # fmt: skip
+            if '"event": "round-start"' in line]
 
 
 def test_a_round_left_below_the_threshold_is_aborted_and_retried_with_the_adapter_unchanged(
@@ -290,7 +290,7 @@ def test_a_round_left_below_the_threshold_is_aborted_and_retried_with_the_adapte
 
     config = federation["config"]
     config.write_text(config.read_text().replace("[federation]\n",
-                                                 "[federation]\nround_retries = 2\n"))  # fmt: skip
+                                                 "[federation]\nround_retries = 2\n"))
     port = free_port()
     point_nodes_at(federation, f"127.0.0.1:{port}")
     run_dir = tmp_path / "run"
@@ -298,10 +298,10 @@ def test_a_round_left_below_the_threshold_is_aborted_and_retried_with_the_adapte
         "server", "server", "--config", str(config), "--federation",
         str(federation["federation"]), "--run-dir", str(run_dir), "--host", "127.0.0.1",
         "--port", str(port),
-    )  # fmt: skip
+    )
     wait_for(lambda: "Registered north-clinic" in server_log.read_text(), 120, "registration")
     nodes = {name: processes.start(name, "node", "--config", str(federation[name]))[0]
-             for name in HOSPITALS}  # fmt: skip
+             for name in HOSPITALS}
 
     wait_for(lambda: any(r["round"] == 2 for r in round_starts(run_dir)), 600, "round 2")
     for name in ("city-general", "north-clinic"):
@@ -314,7 +314,7 @@ def test_a_round_left_below_the_threshold_is_aborted_and_retried_with_the_adapte
     records = round_records(run_dir)
     assert [(r["round"], r["attempt"], bool(r.get("aborted"))) for r in records] == [
         (1, 1, False), (2, 1, True), (2, 2, False)
-    ]  # fmt: skip
+    ]
     assert "at least 2" in records[1]["reason"]
     assert sorted(records[2]["hospitals_used"]) == sorted(HOSPITALS)  # both came back
     round_one = adapter_sha256(RunDirectory(run_dir).load_adapter(1))
@@ -335,4 +335,4 @@ def test_a_round_left_below_the_threshold_is_aborted_and_retried_with_the_adapte
             assert charged == reported
         else:
             assert set(charged) <= {1, 2} and all(charged.count(k) >= reported.count(k)
-                                                  for k in (1, 2))  # fmt: skip
+                                                  for k in (1, 2))

@@ -347,7 +347,7 @@ def test_dp_training_moves_only_the_adapter_and_leaves_the_model_clean(setup: Se
         changed = {
             name for name, value in adapters[-1].items()
             if not np.array_equal(value, adapters[-2][name])
-        }  # fmt: skip
+        }
         assert any("lora_A" in name for name in changed), f"round {round_seed}: lora_A frozen"
         assert any("lora_B" in name for name in changed), f"round {round_seed}: lora_B frozen"
         if setup.task == "classify":

@@ -22,11 +22,11 @@ pytestmark = pytest.mark.slow
 def test_two_hospitals_two_rounds_on_the_simulation_engine(
     tiny_bert_dir: Path, classify_data: tuple[Path, tuple[str, ...]], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-):  # fmt: skip
+):
     """Secure aggregation on (the default), with the coordinator's view recorded."""
     data_root, labels = classify_data
     config = tiny_run_config(tiny_bert_dir, "classify", data_root, labels,
-                             secure_aggregation={"simulation_keys_dir": "keys"})  # fmt: skip
+                             secure_aggregation={"simulation_keys_dir": "keys"})
     config_path = tmp_path / "run.toml"
     with config_path.open("wb") as handle:
         tomli_w.dump(config.to_dict(), handle)
@@ -34,7 +34,7 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     views = tmp_path / "views"
 
     code = main(["run", "--config", str(config_path), "--hospitals", "2",
-                 "--run-dir", str(run_dir), "--record-views", str(views)])  # fmt: skip
+                 "--run-dir", str(run_dir), "--record-views", str(views)])
 
     out = capsys.readouterr().out
     assert code == 0, out
@@ -48,10 +48,10 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     assert "Held-out test split" in out  # the coordinator's table reached the console
     # The launcher gave the virtual hospitals identity keys (relative to the config file).
     assert sorted(p.name for p in (tmp_path / "keys").glob("*.key")) == [
-        "hospital-1.key", "hospital-2.key"]  # fmt: skip
+        "hospital-1.key", "hospital-2.key"]
     # Every round went through the four secure-aggregation stages with both hospitals...
     assert all(r["secure_aggregation"]["survivors"] == ["hospital-1", "hospital-2"]
-               for r in rounds)  # fmt: skip
+               for r in rounds)
     # ...and what the coordinator received is the masked payload, not the delta.
     index = json.loads((views / "index.json").read_text())
     assert index["mode"] == "secure-aggregation" and set(index["rounds"]) == {"1", "2"}
@@ -64,7 +64,7 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     # Resuming a finished run goes through Flower (the app declares `resume`), restores the
     # last round and has nothing left to train: no round is run or counted twice.
     code = main(["run", "--config", str(config_path), "--hospitals", "2",
-                 "--run-dir", str(run_dir), "--record-views", str(views), "--resume"])  # fmt: skip
+                 "--run-dir", str(run_dir), "--record-views", str(views), "--resume"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "after round 2" in out and "Resuming" in out
@@ -74,7 +74,7 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     leftovers = [
         p for home in (run_dir / ".flower").glob("flwr-home-*")
         for p in find_simulation_processes(home)
-    ]  # fmt: skip
+    ]
     assert leftovers == [], [p.cmdline() for p in leftovers if psutil.pid_exists(p.pid)]
 
 
@@ -89,7 +89,7 @@ def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(tmp_path: Pa
         DemoOptions(task="classify", hospitals=3, rounds=2, examples_per_hospital=400,
                     run_dir=tmp_path / "demo"),
         say=lines.append,
-    )  # fmt: skip
+    )
     base, final = summary["base_test"]["weighted"], summary["final_test"]["weighted"]
     assert final["accuracy"] > base["accuracy"] + 0.05
     assert final["loss"] < base["loss"]
@@ -118,7 +118,7 @@ def test_kill_stops_a_simulated_run_and_everything_it_started(
     data_root, labels = classify_data
     config = tiny_run_config(tiny_bert_dir, "classify", data_root, labels,
                              federation={"rounds": 20},
-                             secure_aggregation={"simulation_keys_dir": "keys"})  # fmt: skip
+                             secure_aggregation={"simulation_keys_dir": "keys"})
     config_path = tmp_path / "run.toml"
     with config_path.open("wb") as handle:
         tomli_w.dump(config.to_dict(), handle)
@@ -129,7 +129,7 @@ def test_kill_stops_a_simulated_run_and_everything_it_started(
             [sys.executable, "-m", "fedtune.ops.cli", "run", "--config", str(config_path),
              "--hospitals", "2", "--run-dir", str(run_dir)],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        )
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "adapters" / "round-0001.safetensors").exists():
@@ -137,7 +137,7 @@ def test_kill_stops_a_simulated_run_and_everything_it_started(
             assert time.monotonic() < deadline, "round 1 did not finish in 300 s"
             time.sleep(0.5)
         homes = {Path(p.environ()["FLWR_HOME"]) for p in psutil.process_iter()
-                 if _flwr_home_under(p, run_dir)}  # fmt: skip
+                 if _flwr_home_under(p, run_dir)}
         assert homes, "no Flower process of this run was found while it ran"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 130

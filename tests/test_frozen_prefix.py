@@ -45,7 +45,7 @@ def _config(
         model={"pooling": "mean"},
         lora={"target_modules": LAST_LAYER, **lora},
         train={"cache_frozen_layers": cache, "batch_size": 8, "local_steps": 6},
-    )  # fmt: skip
+    )
 
 
 def _fresh(config: RunConfig) -> tuple[torch.nn.Module, list[Any], int]:
@@ -127,7 +127,7 @@ def test_dp_training_with_the_cache_equals_training_without(
     cached, _, _ = _fresh(cached_config)
     set_adapter(cached, get_adapter(plain))
     plan = DPPlan(noise_multiplier=0.0, max_grad_norm=0.05, sample_rate=1.0, steps=3,
-                  grad_sample_mode="hooks", max_physical_batch_size=16)  # fmt: skip
+                  grad_sample_mode="hooks", max_physical_batch_size=16)
     cached_rows = _rows_through_first_layer(cached)
     one = train_privately(plain, features, plain_config.train, plan, pad, 5, "classify")
     two = train_privately(cached, features, cached_config.train, plan, pad, 5, "classify")
@@ -138,7 +138,7 @@ def test_dp_training_with_the_cache_equals_training_without(
     assert sum(cached_rows) == len(features)  # 3 steps over all examples, each computed once
     # With noise the cached path trains too, and the model is plain again afterwards.
     noisy = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.2, steps=2,
-                   grad_sample_mode="hooks", max_physical_batch_size=4)  # fmt: skip
+                   grad_sample_mode="hooks", max_physical_batch_size=4)
     before = get_adapter(cached)
     assert train_privately(cached, features, cached_config.train, noisy, pad, 6, "classify").steps
     assert any(not np.array_equal(before[n], get_adapter(cached)[n]) for n in before)
@@ -170,7 +170,7 @@ def test_no_cache_where_an_adapter_sits_in_the_first_layer(
 def test_cache_setting_is_checked(tiny_llama_dir: Path, instruct_data: Path) -> None:
     with pytest.raises(ConfigError, match="cache_frozen_layers = true is supported for model.task"):
         tiny_run_config(tiny_llama_dir, "instruct", instruct_data,
-                        train={"cache_frozen_layers": True})  # fmt: skip
+                        train={"cache_frozen_layers": True})
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
@@ -188,7 +188,7 @@ def test_an_empty_draw_is_a_noise_only_step_and_the_next_batch_stays_whole(
     draws = [[], list(range(len(features)))]
     monkeypatch.setattr(LengthSortedPoissonSampler, "__iter__", lambda _self: iter(draws))
     noise_only = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1,
-                        grad_sample_mode=mode, max_physical_batch_size=4)  # fmt: skip
+                        grad_sample_mode=mode, max_physical_batch_size=4)
     before = get_adapter(model)
     result = train_privately(model, features, config.train, noise_only, pad, 5, "classify")
     assert result.steps == 1 and result.examples_seen == 0
@@ -238,7 +238,7 @@ def test_unsupported_encoders_are_refused_and_a_dropped_model_frees_its_cache(
     from fedtune.client import frozen_prefix
 
     distil = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=3))  # fmt: skip
+        vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=3))
     with pytest.raises(ConfigError, match="encoders of type bert, roberta.*'distilbert'"):
         frozen_prefix_for(distil, [], 0)
     model, features, pad = _fresh(_config(bert3_dir, classify_data, cache=True))

@@ -36,7 +36,7 @@ def _run(config: RunConfig, grid: InProcessGrid, path: Path) -> RunDirectory:
 def _nodes(tmp_path: Path, config: RunConfig, **pins: object) -> dict[int, dict[str, object]]:
     root = config.data.simulation_root
     sites = {0: ("St-Anna", f"{root}/hospital-1.jsonl"),
-             1: ("Riverside", f"{root}/hospital-2.jsonl")}  # fmt: skip
+             1: ("Riverside", f"{root}/hospital-2.jsonl")}
     nodes = deployed_nodes(tmp_path / "keys", sites)
     nodes[0].update(pins)
     return nodes
@@ -52,7 +52,7 @@ def _nodes(tmp_path: Path, config: RunConfig, **pins: object) -> dict[int, dict[
                                              "'allowed-model-sha256')"),
         ({"allowed-app-sha256": "f" * 64}, "not the ffffffffffffffff… its admin approved"),
     ],
-)  # fmt: skip
+)
 def test_a_hospital_refuses_a_run_outside_what_its_admin_pinned(
     classify_config: RunConfig, tmp_path: Path, pins: dict[str, object], reason: str
 ):
@@ -60,9 +60,9 @@ def test_a_hospital_refuses_a_run_outside_what_its_admin_pinned(
     other hospital alone is too few: nothing is trained, the adapter is unchanged."""
     config = replace_section(classify_config, "federation", rounds=1)
     config = replace_section(config, "privacy", enabled=True, target_epsilon=8.0,
-                             ledger_dir=str(tmp_path / "ledgers"))  # fmt: skip
+                             ledger_dir=str(tmp_path / "ledgers"))
     run_dir = _run(config, InProcessGrid(2, node_configs=_nodes(tmp_path, config, **pins)),
-                   tmp_path / "run")  # fmt: skip
+                   tmp_path / "run")
     (record,) = [r for r in run_dir.read_metrics() if r["event"] == "round"]
     assert record["aborted"] and run_dir.saved_rounds() == [0]
     (refusal,) = record["refused"].values()  # named by the hospital itself
@@ -101,16 +101,16 @@ def test_lineage_travels_and_the_model_card_holds_the_ledgers_true_epsilon_and_h
 ):
     config = replace_section(classify_config, "federation", rounds=2)
     config = replace_section(config, "privacy", enabled=True, target_epsilon=6.0,
-                             ledger_dir=str(tmp_path / "ledgers"))  # fmt: skip
+                             ledger_dir=str(tmp_path / "ledgers"))
     run_dir = _run(config, InProcessGrid(3), tmp_path / "run")
     lineage = run_dir.summary()["lineage"]
     assert sorted(lineage) == ["hospital-1", "hospital-2", "hospital-3"]
     model_sha = model_fingerprint(Path(config.model.source)).sha256
     for k, hospital in enumerate(("hospital-1", "hospital-2", "hospital-3"), start=1):
         data = load_hospital_data(Path(config.data.simulation_root) / f"hospital-{k}.jsonl",
-                                  labels=config.model.labels)  # fmt: skip
+                                  labels=config.model.labels)
         train = split_examples(data.examples, seed=config.data.split_seed,
-                               fractions=config.data.split).train  # fmt: skip
+                               fractions=config.data.split).train
         truth = data_fingerprint(example_record(e) for e in train)
         assert lineage[hospital]["data_sha256"] == truth.sha256
         assert lineage[hospital]["data_examples"] == truth.examples  # simulated: shared
@@ -222,7 +222,7 @@ def test_a_node_file_carries_the_hospitals_pins_to_its_clientapp(tmp_path: Path)
     text = node_config_string(load_node_settings(node))
     for expected in (f'allowed-model-sha256="{"a" * 64}"', 'allowed-strategies="fedavg,fedprox"',
                      "max-epsilon=4.0", "pii-acknowledged=true", "share-data-summary=false",
-                     f'audit-log="{tmp_path / "st-anna-audit.jsonl"}"'):  # fmt: skip
+                     f'audit-log="{tmp_path / "st-anna-audit.jsonl"}"'):
         assert expected in text, text
     node.write_text(node.read_text() + "allowed_models = 'x'\n")
     with pytest.raises(ConfigError, match="unknown key 'allowed_models'.*allowed_strategies"):
@@ -238,10 +238,10 @@ def test_tensorboard_and_mlflow_receive_each_rounds_validation(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = replace_section(classify_config, "federation", rounds=2)
     config = replace_section(config, "tracking", tensorboard_dir=str(tmp_path / "tb"),
-                             mlflow_tracking_uri=uri, mlflow_experiment="ward-study")  # fmt: skip
+                             mlflow_tracking_uri=uri, mlflow_experiment="ward-study")
     run_dir = _run(config, InProcessGrid(3), tmp_path / "run")
     validated = [r["validation"]["weighted"]["accuracy"] for r in run_dir.read_metrics()
-                 if r["event"] == "round"]  # fmt: skip
+                 if r["event"] == "round"]
 
     (events,) = list((tmp_path / "tb" / run_dir.run_id).iterdir())
     board = EventAccumulator(str(events.parent))

@@ -27,7 +27,7 @@ from fedtune.ops.icd10 import (
         ("P00", 16), ("S00", 19), ("T88", 19), ("V00", 20), ("Y99", 20), ("Z99", 21),
         ("U07.1", 22), ("m1a011", 13),
     ],
-)  # fmt: skip
+)
 def test_chapter_of_boundary_codes(code: str, chapter: int):
     assert chapter_of(code) == chapter
 

@@ -183,7 +183,7 @@ def _enrollment(tmp_path: Path) -> Path:
     ("bad_value", "message"),
     [("zz" * 32, "hospital h2.*64 lowercase hex"), ("ab" * 31, "hospital h2.*64 lowercase hex"),
      (42, "hospital h2")],
-)  # fmt: skip
+)
 def test_corrupted_enrollment_names_the_hospital(tmp_path: Path, bad_value: object, message: str):
     out = _enrollment(tmp_path)
     body = json.loads(out.read_text())

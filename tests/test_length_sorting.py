@@ -23,7 +23,7 @@ def _features(lengths: list[int]) -> list[dict[str, object]]:
         {"input_ids": [101 + (i + j) % 50 for j in range(n)], "attention_mask": [1] * n,
          "labels": i % 3}
         for i, n in enumerate(lengths)
-    ]  # fmt: skip
+    ]
 
 
 def test_passes_hold_every_row_once_each_cut_to_its_longest_example() -> None:
@@ -105,10 +105,10 @@ def test_dp_training_sees_length_sorted_physical_batches(
     handle = layer.register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
     lengths = [2] * 40 + [30] * 4
     plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1,
-                  grad_sample_mode="hooks", max_physical_batch_size=11)  # fmt: skip
+                  grad_sample_mode="hooks", max_physical_batch_size=11)
     try:
         train_privately(network, _features(lengths), TrainSettings(local_steps=1), plan, pad, 1,
-                        "classify")  # fmt: skip
+                        "classify")
     finally:
         handle.remove()
     assert sorted(widths) == [2, 2, 2, 30]  # random order would pad almost every batch to 30

@@ -87,7 +87,7 @@ def _tiny_neox() -> GPTNeoXForCausalLM:
     config = GPTNeoXConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=32,
-    )  # fmt: skip
+    )
     return GPTNeoXForCausalLM(config)
 
 

@@ -33,7 +33,7 @@ def test_mean_pooling_ignores_padding_and_gives_unit_vectors() -> None:
     short = "Acute myocardial infarction"
     alone = tokenizer([short], return_tensors="pt")
     padded = tokenizer([short, "Fracture of the left femur, initial encounter for closed fracture"],
-                       padding=True, return_tensors="pt")  # fmt: skip
+                       padding=True, return_tensors="pt")
     assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
     one = model.bert(**alone).pooler_output[0]
     two = model.bert(**padded).pooler_output
@@ -47,7 +47,7 @@ def test_mean_pooling_ignores_padding_and_gives_unit_vectors() -> None:
 def test_label_name_head_starts_as_a_classifier_of_the_label_names(tmp_path: Path) -> None:
     """Each chapter title, and a diagnosis from each chapter, gets its own label untrained."""
     config = tiny_run_config(minilm_dir(), "classify", tmp_path, labels=LABELS, model={
-        "pooling": "mean", "head_init": "label-names", "max_length": 32})  # fmt: skip
+        "pooling": "mean", "head_init": "label-names", "max_length": 32})
     adapter = initial_global_adapter(config)
     heads = [name for name in adapter if "classifier" in name and name.endswith("weight")]
     assert heads, sorted(adapter)
@@ -56,7 +56,7 @@ def test_label_name_head_starts_as_a_classifier_of_the_label_names(tmp_path: Pat
     set_adapter(model, adapter)
     model.eval()
     texts = [*LABELS, "Unstable angina", "Preterm labor without delivery",
-             "Laceration without foreign body of right hand, initial encounter"]  # fmt: skip
+             "Laceration without foreign body of right hand, initial encounter"]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         predicted = model(**batch).logits.argmax(dim=-1).tolist()

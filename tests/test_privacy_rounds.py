@@ -58,7 +58,7 @@ def test_a_node_stops_training_at_the_round_its_budget_allows(
     """Explicit σ from the coordinator; hospital-1's admin set a small budget."""
     sigma, budget, rounds = 0.8, 3.0, 6
     config = _dp(replace_section(classify_config, "federation", rounds=rounds, min_hospitals=1),
-                 tmp_path / "ledgers", noise_multiplier=sigma, target_epsilon=50.0)  # fmt: skip
+                 tmp_path / "ledgers", noise_multiplier=sigma, target_epsilon=50.0)
     nodes = {0: {"partition-id": 0, "privacy-epsilon-budget": budget}, 1: {"partition-id": 1}}
     lines: list[str] = []
     _run(config, InProcessGrid(2, node_configs=nodes), tmp_path / "run", lines)
@@ -66,7 +66,7 @@ def test_a_node_stops_training_at_the_round_its_budget_allows(
     ledger = read_ledger_file(tmp_path / "ledgers" / "hospital-1.json")
     step = ledger.history()[0]
     allowed = max(k for k in range(rounds + 1)
-                  if compute_epsilon([step] * k, ledger.delta, "rdp") <= budget)  # fmt: skip
+                  if compute_epsilon([step] * k, ledger.delta, "rdp") <= budget)
     assert 0 < allowed < rounds
     assert len(ledger.entries) == allowed
     assert ledger.epsilon_spent() <= budget
@@ -82,7 +82,7 @@ def test_a_node_budget_applies_even_when_the_coordinator_asks_for_no_dp(
     classify_config: RunConfig, tmp_path: Path
 ):
     config = replace_section(classify_config, "privacy", enabled=False,
-                             ledger_dir=str(tmp_path / "ledgers"))  # fmt: skip
+                             ledger_dir=str(tmp_path / "ledgers"))
     nodes = {0: {"partition-id": 0, "privacy-epsilon-budget": 2.0}, 1: {"partition-id": 1}}
     _run(config, InProcessGrid(2, node_configs=nodes), tmp_path / "run", [])
     train = _rounds(tmp_path / "run")[-1]["train"]
@@ -94,7 +94,7 @@ def test_a_restarted_node_continues_its_ledger_into_the_next_run(
     classify_config: RunConfig, tmp_path: Path
 ):
     config = _dp(replace_section(classify_config, "federation", rounds=2), tmp_path / "ledgers",
-                 target_epsilon=6.0)  # fmt: skip
+                 target_epsilon=6.0)
     _run(config, InProcessGrid(2), tmp_path / "run1", [])
     first = read_ledger_file(tmp_path / "ledgers" / "hospital-1.json")
     session._models.clear()  # a node restart: nothing survives in memory
@@ -111,7 +111,7 @@ def test_a_restarted_node_continues_its_ledger_into_the_next_run(
 
 def test_a_tampered_ledger_is_refused_and_never_reset(classify_config: RunConfig, tmp_path: Path):
     config = _dp(replace_section(classify_config, "federation", rounds=1, min_hospitals=1),
-                 tmp_path / "ledgers")  # fmt: skip
+                 tmp_path / "ledgers")
     _run(config, InProcessGrid(2), tmp_path / "run1", [])
     path = tmp_path / "ledgers" / "hospital-1.json"
     document = json.loads(path.read_text())
@@ -131,7 +131,7 @@ def test_a_hospital_refuses_a_delta_that_would_let_a_record_leak(
     """δ ≥ 1/n is refused whatever the coordinator asks; the automatic δ is below 1/n."""
     one = in_clear(classify_config)  # one hospital: no sum to hide it in
     config = _dp(replace_section(one, "federation", rounds=1, min_hospitals=1),
-                 tmp_path / "ledgers", target_delta=0.5)  # fmt: skip
+                 tmp_path / "ledgers", target_delta=0.5)
     _run(config, InProcessGrid(1), tmp_path / "run", [])
     (record,) = _rounds(tmp_path / "run")
     assert record["hospitals_used"] == []
@@ -139,7 +139,7 @@ def test_a_hospital_refuses_a_delta_that_would_let_a_record_leak(
     assert not (tmp_path / "ledgers" / "hospital-1.json").exists()
 
     automatic = _dp(replace_section(one, "federation", rounds=1, min_hospitals=1),
-                    tmp_path / "ledgers2")  # fmt: skip
+                    tmp_path / "ledgers2")
     _run(automatic, InProcessGrid(1), tmp_path / "run2", [])
     (record,) = _rounds(tmp_path / "run2")
     n = record["train"]["hospital-1"]["num-examples"]

@@ -37,11 +37,11 @@ def test_classification_rounds_improve_held_out_loss_and_save_every_round(
     rounds = [r for r in run_dir.read_metrics() if r["event"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(sorted(r["hospitals_used"]) == ["hospital-1", "hospital-2", "hospital-3"]
-               for r in rounds)  # fmt: skip
+               for r in rounds)
     changed = [
         name for name, value in run_dir.load_adapter(2).items()
         if not np.array_equal(value, run_dir.load_adapter(0)[name])
-    ]  # fmt: skip
+    ]
     assert any("lora_B" in name for name in changed)
     assert any("classifier" in name for name in changed)
     assert any("held-out" in line for line in lines)
@@ -141,7 +141,7 @@ def test_a_hospital_with_bad_data_is_reported_and_the_others_continue(
         0: ("St-Mary", f"{good}/hospital-1.jsonl"),
         1: ("Broken-General", str(bad)),
         2: ("Riverside", f"{good}/hospital-3.jsonl"),
-    })  # fmt: skip
+    })
     config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
     lines: list[str] = []
     _run(config, InProcessGrid(3, node_configs=configs), tmp_path, lines)

@@ -147,7 +147,7 @@ def run_protocol(
     run = Run(
         states[names[0]].context, threshold, ids, states, adverts, outboxes, commitments,
         mask_set, masked, revealed, None,
-    )  # fmt: skip
+    )
     if unmask:
         run.total = P.unmask_sum(run.unmask_inputs())
     return run
@@ -419,7 +419,7 @@ def test_seeds_and_round_keys_are_fresh_per_hospital_and_round() -> None:
     seen: list[bytes] = []
     for server_round in (1, 2):
         run = run_protocol(random_rings(names, 4), 2, identities=identities,
-                           server_round=server_round)  # fmt: skip
+                           server_round=server_round)
         for state in run.states.values():
             assert len(state.self_seed) == prg.SEED_BYTES
             seen += [state.self_seed, state.c_secret, state.s_secret]
@@ -532,7 +532,7 @@ def test_a_share_replayed_from_another_round_is_rejected() -> None:
         reused.states[name], reused.adverts[name] = signed_advert(
             identities[name], name, context2, round1.states[name].c_secret,
             reused.states[name].s_secret,
-        )  # fmt: skip
+        )
     shared(reused)
     assert reused.adverts[H1].c_public == round1.adverts[H1].c_public
     inbox = {**inbox_for(reused.outboxes, NAMES3, H2), H1: replayed}
@@ -639,7 +639,7 @@ def test_the_recipients_own_keys_must_be_relayed_unchanged() -> None:
 
     _, other_public = p.new_x25519()
     altered = Advertisement(H1, other_public, round_.adverts[H1].s_public,
-                            round_.adverts[H1].signature)  # fmt: skip
+                            round_.adverts[H1].signature)
     with pytest.raises(p.BadSignature, match=H1):
         P.make_shares(
             round_.states[H1], [*others, altered], round_.enrollment, 2, minimum_threshold=2
@@ -670,7 +670,7 @@ def test_an_inconsistent_mask_set_or_inbox_aborts() -> None:
 def masked_round(n: int = 5, threshold: int = 3) -> Run:
     names = hospital_names(n)
     return run_protocol(random_rings(names, 8), threshold, drop_after=dict.fromkeys(names, "mask"),
-                        unmask=False)  # fmt: skip
+                        unmask=False)
 
 
 def test_reveal_gives_one_share_per_peer_and_only_once() -> None:
@@ -707,7 +707,7 @@ def test_reveal_gives_one_share_per_peer_and_only_once() -> None:
          r"only 2 hospitals survived; the threshold is 3"),
     ],
     ids=["peer-in-both", "omits-itself", "misses-a-peer", "unknown-peer", "below-threshold"],
-)  # fmt: skip
+)
 def test_an_unsafe_unmasking_request_is_refused(
     survivors: list[str], dropped: list[str], message: str
 ) -> None:
@@ -1009,7 +1009,7 @@ def test_hospital_round_survives_to_bytes_between_every_stage(names: list[str]) 
     total = P.unmask_sum(
         P.UnmaskInputs(context, len(names) // 2 + 1, adverts, names, commitments, masked,
                        revealed)
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(total, ring_sum(list(inputs.values())))
 
 
@@ -1025,4 +1025,4 @@ def test_a_hospital_refuses_a_threshold_below_its_own_floor() -> None:
         states[name], adverts[name] = P.advertise(identities[name], name, "run-floor", 1, 1)
     with pytest.raises(P.ProtocolAbort, match="below this hospital's minimum of 4"):
         P.make_shares(states[victim], list(adverts.values()), enrollment, 2,
-                      minimum_threshold=len(enrollment) // 2 + 1)  # fmt: skip
+                      minimum_threshold=len(enrollment) // 2 + 1)

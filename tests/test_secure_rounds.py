@@ -81,7 +81,7 @@ def _train_weights(config: RunConfig, hospitals: list[str]) -> dict[str, int]:
         partition = int(name.rsplit("-", 1)[1]) - 1
         identity = hospital_identity({"partition-id": partition}, config.data)
         weights[name] = min(len(data_for(config, identity, handle).features["train"]),
-                            config.secure_aggregation.max_weight)  # fmt: skip
+                            config.secure_aggregation.max_weight)
     return weights
 
 
@@ -115,7 +115,7 @@ def test_secure_and_plain_rounds_give_the_same_weighted_mean(
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join((source / "hospital-2.jsonl").read_text().splitlines()[:30]) + "\n")
     nodes = deployed_nodes(tmp_path / "keys", {0: ("Big", str(source / "hospital-1.jsonl")),
-                                               1: ("Small", str(small))})  # fmt: skip
+                                               1: ("Small", str(small))})
     for node in nodes.values():
         node["allow-plain-updates"] = True  # the plain arm of the comparison
     config = _secure(classify_config)
@@ -264,7 +264,7 @@ def test_the_coordinator_never_receives_a_delta_in_clear(
         for peer in state.mask_set:
             if peer != name:
                 seed = agree(state.s_secret, state.participants[peer][1], MASK_PURPOSE,
-                             state.context, (name, peer))  # fmt: skip
+                             state.context, (name, peer))
                 add_mask(unmasked, seed, -1 if name < peer else 1)
         assert _near(unmasked[:-1], encoded) == 1.0 and unmasked[-1] == weights[name]
 
@@ -312,7 +312,7 @@ def _flip_ciphertext_from(message: Message, sender: str, replacement: bytes | No
     if replacement is None:
         middle = len(ciphertexts[k]) // 2
         replacement = ciphertexts[k][:middle] + bytes([ciphertexts[k][middle] ^ 1]) \
-            + ciphertexts[k][middle + 1 :]  # fmt: skip
+            + ciphertexts[k][middle + 1 :]
     ciphertexts[k] = replacement
     record["ciphertexts"] = ciphertexts
 
@@ -434,7 +434,7 @@ def test_record_views_saves_plaintext_and_exactly_what_the_coordinator_received(
     assert sorted(index["rounds"]["1"]) == hospitals
     replies = {str(m.content.config_records["hospital"]["name"]):
                m.content.array_records[MASKED_INPUT]["masked"]
-               for m in grid.replies if m.metadata.message_type == MASKED}  # fmt: skip
+               for m in grid.replies if m.metadata.message_type == MASKED}
     payloads = {h: bytes(array.data) for h, array in replies.items()}
     masked = {h: array.numpy() for h, array in replies.items()}
     for hospital in hospitals:
@@ -561,14 +561,14 @@ def test_local_key_setup_mistakes_are_reported_as_such_at_the_node(
 
     source = classify_config.data.simulation_root
     sites = {0: ("North", f"{source}/hospital-1.jsonl"), 1: ("South", f"{source}/hospital-2.jsonl"),
-             2: ("East", f"{source}/hospital-3.jsonl")}  # fmt: skip
+             2: ("East", f"{source}/hospital-3.jsonl")}
     nodes = deployed_nodes(tmp_path / "keys", sites)
     nodes[0]["hospital-name"] = "Nort"  # a typo
     other_key, _ = generate_identity("South", tmp_path / "other")
     nodes[1]["identity-key"] = str(other_key)  # not the enrolled key
     lines: list[str] = []
     run_dir = _run(_secure(classify_config), InProcessGrid(3, node_configs=nodes),
-                   tmp_path / "run", lines)  # fmt: skip
+                   tmp_path / "run", lines)
     (record,) = _rounds(run_dir)
     refused = record["refused"]
     assert "'Nort' is not in the enrollment list" in refused["Nort"]
@@ -644,7 +644,7 @@ def test_a_round_that_keeps_failing_is_tried_round_retries_plus_one_times(
     assert any("Round 1 could not be completed in 3 attempt(s)" in line for line in lines)
     assert run_dir.saved_rounds() == [0, 2]  # round 2 trained from the initial adapter
     (start,) = [r for r in run_dir.read_metrics() if r["event"] == "round-start"
-                and r["round"] == 2]  # fmt: skip
+                and r["round"] == 2]
     assert start["global_adapter_sha256"] == adapter_sha256(run_dir.load_adapter(0))
 
 
@@ -681,6 +681,6 @@ def test_a_resumed_run_tries_an_aborted_round_under_a_new_attempt(
     run_dir = _run(config, grid, tmp_path / "run")
     assert _attempts(run_dir) == [(1, 1, True)]
     run_federation(grid, config, run_dir, initial_global_adapter(config), say=lambda _: None,
-                   resume=True)  # fmt: skip
+                   resume=True)
     assert _attempts(run_dir) == [(1, 1, True), (1, 2, False)]
     assert run_dir.saved_rounds() == [0, 1]

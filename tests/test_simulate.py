@@ -185,10 +185,10 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(
     ok = [r for r in results if r.status == "ok"]
     assert {(r.arm, r.point["hospitals"]) for r in ok} == {
         ("centralized", 2), ("local-only", 2),
-    }  # fmt: skip
+    }
     failed = [r for r in results if r.status != "ok"]
     assert len(failed) == 2 and all("21 distinct keys for 25 hospitals" in r.error
-                                    for r in failed)  # fmt: skip
+                                    for r in failed)
     assert all(r.final_metric is not None and len(r.curve) == 3 for r in ok)
     rows = [line for line in (out / "results.md").read_text().splitlines() if "| 25 |" in line]
     assert len(rows) == 2 and all("failed" in row for row in rows)
@@ -203,7 +203,7 @@ def test_tiny_sweep_end_to_end_on_the_simulation_engine(
 ) -> None:
     """A 2 × 2 grid (ε × strategy), 2 hospitals, 2 rounds, through real Flower simulations."""
     text = experiment_text(tiny_bert_dir, sweep='epsilon = [1.0, 8.0]\nstrategy = ["fedavg", '
-                           '"fedprox"]')  # fmt: skip
+                           '"fedprox"]')
     experiment = load_experiment(write_experiment(tmp_path, text))
     out = tmp_path / "out"
     lines: list[str] = []
@@ -249,7 +249,7 @@ def test_quick_experiment_as_shipped(tmp_path: Path) -> None:
     assert {r.arm for r in results} == {
         "centralized", "local-only", "federated", "federated-secagg", "federated-dp",
         "federated-dp-secagg",
-    }  # fmt: skip
+    }
     check = json.loads((out / "secagg_check.json").read_text())
     assert len(check) == 1 and check[0]["equal_within_fixed_point_error"]
     assert 0 < check[0]["max_abs_difference"] <= check[0]["bound"]
@@ -268,14 +268,14 @@ def test_teacher_forced_exact_match_is_greedy_decoding(tiny_llama_dir: Path) -> 
     for prompt in ([101, 2023, 2003, 1037], [101, 7592, 2088], [101, 3231, 2005, 2062, 2146]):
         ids = torch.tensor([prompt])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=4, do_sample=False, pad_token_id=0)  # fmt: skip
+                             max_new_tokens=4, do_sample=False, pad_token_id=0)
         answer = out[0, len(prompt) :].tolist()
         full = prompt + answer
         features.append({"input_ids": full, "attention_mask": [1] * len(full),
-                         "labels": [-100] * len(prompt) + answer})  # fmt: skip
+                         "labels": [-100] * len(prompt) + answer})
         wrong = [*answer[:-1], (answer[-1] + 1) % model.config.vocab_size]
         altered.append({"input_ids": prompt + wrong, "attention_mask": [1] * len(full),
-                        "labels": [-100] * len(prompt) + wrong})  # fmt: skip
+                        "labels": [-100] * len(prompt) + wrong})
     assert greedy_exact_match(model, features, batch_size=2, pad_token_id=0) == 1.0
     assert greedy_exact_match(model, altered, batch_size=2, pad_token_id=0) == 0.0
     mixed = [features[0], altered[1], features[2]]

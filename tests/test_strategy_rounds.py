@@ -21,7 +21,7 @@ H1, H2, H3 = 1000, 1001, 1002
 
 
 def _run(config: RunConfig, grid: InProcessGrid, path: Path, lines: list[str] | None = None,
-         resume: bool = False) -> RunDirectory:  # fmt: skip
+         resume: bool = False) -> RunDirectory:
     run_dir = RunDirectory(path)
     if not resume:
         run_dir.create(config)
@@ -37,7 +37,7 @@ def _rounds(run_dir: RunDirectory) -> list[dict]:
 def _config(base: RunConfig, strategy: str, rounds: int = 1, **federation: object) -> RunConfig:
     lr = 0.05 if strategy in ("fedadam", "fedyogi", "fedadagrad") else 1.0
     config = replace_section(base, "federation", rounds=rounds, min_hospitals=2,
-                             strategy=strategy, server_learning_rate=lr, **federation)  # fmt: skip
+                             strategy=strategy, server_learning_rate=lr, **federation)
     # A tight codec (tiny deltas, ≈ 50 examples each): its error bound is ~1e-8 per value.
     return replace_section(config, "secure_aggregation", clip_norm=1.0, max_weight=64)
 
@@ -69,7 +69,7 @@ def test_ffa_lora_keeps_the_shared_a_sends_half_and_averages_exactly(
     """With A shared and frozen, mean(Bᵢ)·A = mean(Bᵢ·A): the aggregated product is exact."""
     views = tmp_path / "views"
     config = replace_section(_config(classify_config, "ffa-lora", rounds=2),
-                             "secure_aggregation", record_views_dir=str(views))  # fmt: skip
+                             "secure_aggregation", record_views_dir=str(views))
     grid = InProcessGrid(3)
     run_dir = _run(config, grid, tmp_path / "run")
     start, end = run_dir.load_adapter(0), run_dir.load_adapter(2)
@@ -119,10 +119,10 @@ def test_client_level_noise_has_the_configured_std_and_survives_a_dropout_at_the
     per-coordinate std must be σ·C·√(s/t) with s survivors; here s = t = 2 after a dropout."""
     sigma, clip = 50.0, 0.01
     config = replace_section(_config(classify_config, "fedavg"), "privacy", client_level=True,
-                             client_clip_norm=clip, client_noise_multiplier=sigma)  # fmt: skip
+                             client_clip_norm=clip, client_noise_multiplier=sigma)
     lines: list[str] = []
     run_dir = _run(config, InProcessGrid(3, drop_after={H2: "train.secagg_shares"}),
-                   tmp_path / "run", lines)  # fmt: skip
+                   tmp_path / "run", lines)
     (record,) = _rounds(run_dir)
     assert record["secure_aggregation"]["survivors"] == ["hospital-1", "hospital-3"]
     start, end = run_dir.load_adapter(0), run_dir.load_adapter(1)
@@ -154,12 +154,12 @@ def test_client_level_sums_beyond_the_clip_bound_are_refused(
     monkeypatch.setattr(outgoing, "clip_to_norm", no_clip)
     config = _config(classify_config, "fedavg")
     config = replace_section(config, "privacy", client_level=True, client_clip_norm=1e-3,
-                             client_noise_multiplier=0.5)  # fmt: skip
+                             client_noise_multiplier=0.5)
     lines: list[str] = []
     run_dir = _run(config, InProcessGrid(3), tmp_path / "run", lines)
     assert run_dir.saved_rounds() == [0]
     assert any("ignored its clip bound" in line or "could not be recovered" in line
-               for line in lines), lines  # fmt: skip
+               for line in lines), lines
     # The refused sum was still computed: it counts for the client-level accounting.
     (revealed,) = [r for r in run_dir.read_metrics() if r["event"] == "sum-revealed"]
     assert revealed["round"] == 1 and revealed["hospitals_sampled"] == 3
@@ -199,7 +199,7 @@ class _CrashAtRound(InProcessGrid):
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         messages = list(messages)
         if any(m.metadata.group_id == str(self.crash_round)
-               and m.metadata.message_type.startswith("train") for m in messages):  # fmt: skip
+               and m.metadata.message_type.startswith("train") for m in messages):
             raise KeyboardInterrupt("coordinator killed")
         return super().send_and_receive(messages, timeout=timeout)
 
@@ -268,7 +268,7 @@ def test_a_resumed_dp_run_keeps_each_hospitals_ledger_exact(
 
     ledgers = tmp_path / "ledgers"
     config = replace_section(_config(classify_config, "fedadam", rounds=3), "privacy",
-                             enabled=True, target_epsilon=4.0, ledger_dir=str(ledgers))  # fmt: skip
+                             enabled=True, target_epsilon=4.0, ledger_dir=str(ledgers))
     with pytest.raises(KeyboardInterrupt):
         _run(config, _CrashAtRound(3, crash_round=3), tmp_path / "run")
     run_dir = _run(config, InProcessGrid(3), tmp_path / "run", resume=True)

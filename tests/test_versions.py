@@ -31,7 +31,7 @@ def _run(config: RunConfig, grid: InProcessGrid, path: Path, resume: bool = Fals
         run_dir.create(config)
     lines: list[str] = []
     run_federation(grid, config, run_dir, initial_global_adapter(config), say=lines.append,
-                   resume=resume)  # fmt: skip
+                   resume=resume)
     return lines
 
 
@@ -58,7 +58,7 @@ def test_early_stopping_stops_after_patience_rounds_without_improvement(
     classify_config: RunConfig, tmp_path: Path
 ):
     config = replace_section(in_clear(classify_config), "federation", rounds=6,
-                             early_stopping_patience=2)  # fmt: skip
+                             early_stopping_patience=2)
     curve = {1: 0.6, 2: 0.5, 3: 0.55, 4: 0.9, 5: 0.9, 6: 0.9}
     grid = InProcessGrid(2, tamper=_validation_accuracy(curve))
     lines = _run(config, grid, tmp_path / "run")
@@ -67,7 +67,7 @@ def test_early_stopping_stops_after_patience_rounds_without_improvement(
     assert best_round(run_dir) == 1
     assert run_dir.summary()["best_round"] == 1
     assert any(line.startswith("Early stopping after round 3") and "round 1" in line
-               for line in lines)  # fmt: skip
+               for line in lines)
 
 
 def test_retention_keeps_the_initial_the_last_and_the_best_adapters(
@@ -79,7 +79,7 @@ def test_retention_keeps_the_initial_the_last_and_the_best_adapters(
     run_dir = RunDirectory(tmp_path / "run")
     assert run_dir.saved_rounds() == [0, 2, 4]
     hashes = {r["round"]: r["global_adapter_sha256"] for r in run_dir.read_metrics()
-              if r["event"] == "round"}  # fmt: skip
+              if r["event"] == "round"}
     assert hashes[2] == adapter_sha256(run_dir.load_adapter(2))  # the record stays true
     assert set(hashes) == {1, 2, 3, 4}
 
@@ -89,7 +89,7 @@ def test_versions_lists_every_round_with_its_metrics_and_marks_the_best(
 ):
     config = replace_section(in_clear(classify_config), "federation", rounds=3)
     _run(config, InProcessGrid(2, tamper=_validation_accuracy({1: 0.25, 2: 0.75, 3: 0.5})),
-         tmp_path / "run")  # fmt: skip
+         tmp_path / "run")
     run_dir = RunDirectory(tmp_path / "run")
     versions = list_versions(run_dir)
     assert [v.server_round for v in versions] == [0, 1, 2, 3]
@@ -123,7 +123,7 @@ def test_rollback_moves_later_rounds_aside_and_a_resume_continues_from_round_k(
     _run(config, grid, tmp_path / "run", resume=True)
     assert run_dir.saved_rounds() == [0, 1, 2, 3]
     starts = [(r["round"], r["attempt"], r["global_adapter_sha256"])
-              for r in run_dir.read_metrics() if r["event"] == "round-start"]  # fmt: skip
+              for r in run_dir.read_metrics() if r["event"] == "round-start"]
     assert starts[-2][:2] == (2, 2)  # a new attempt at round 2, from round 1's adapter
     assert starts[-2][2] == adapter_sha256(before[1])
     assert all(np.array_equal(run_dir.load_adapter(1)[k], before[1][k]) for k in before[1])

@@ -35,7 +35,7 @@ def save_tiny_bert(path: Path, layers: int = 2, dropout: float = 0.1) -> Path:
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers,
         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-    )  # fmt: skip
+    )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -55,7 +55,7 @@ def tiny_run_config(
         "secure_aggregation": {"threshold": 2},
         "data": {"simulation_root": str(data_root)},
         "evaluation": {"max_examples": 16, "generation_examples": 2, "max_new_tokens": 3},
-    }  # fmt: skip
+    }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return parse_run_config(raw, origin="test")
@@ -89,6 +89,6 @@ def deployed_nodes(
         public_files.append(keys_dir / f"{name.replace(' ', '-')}.pub")
         configs[k] = {"hospital-name": name.replace(" ", "-"), "data-path": data_path,
                       "identity-key": str(key_path),
-                      "enrollment": str(keys_dir / "enrollment.json")}  # fmt: skip
+                      "enrollment": str(keys_dir / "enrollment.json")}
     write_enrollment(sorted(set(public_files)), keys_dir / "enrollment.json")
     return configs

@@ -181,7 +181,7 @@ class FederationSettings:
         for name in ("early_stopping_patience", "keep_adapters"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"federation.{name} must be >= 0 (0 = off), "
-                                  f"got {getattr(self, name)}.")  # fmt: skip
+                                  f"got {getattr(self, name)}.")
         if self.round_retries < 0:
             raise ConfigError(
                 f"federation.round_retries must be >= 0 (0 = never retry), "

@@ -60,7 +60,7 @@ def data_fingerprint(records: Iterable[Mapping[str, Any]]) -> DataFingerprint:
     labels: Counter[str] = Counter()
     for record in records:
         canonical = json.dumps(_normalized(record), sort_keys=True, ensure_ascii=False,
-                               separators=(",", ":"))  # fmt: skip
+                               separators=(",", ":"))
         hashes.append(hashlib.sha256(canonical.encode("utf-8")).digest())
         if "label" in record and record["label"] is not None:
             labels[normalize_text(str(record["label"]))] += 1

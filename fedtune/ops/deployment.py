@@ -89,7 +89,7 @@ def superlink_command(plan: CoordinatorPlan) -> list[str]:
         _tool("flower-superlink"), "--host", plan.host, "--port", str(plan.port),
         "--database", str((plan.federation_dir / SUPERLINK_DB).resolve()),
         "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
+    ]
     if plan.insecure:
         return [*command, "--insecure"]
     files = _federation_files(plan.federation_dir)
@@ -99,7 +99,7 @@ def superlink_command(plan: CoordinatorPlan) -> list[str]:
         "--ssl-certfile", str(files["cert"]),
         "--ssl-keyfile", str(files["key"]),
         "--enable-supernode-auth",
-    ]  # fmt: skip
+    ]
 
 
 def _federation_files(federation_dir: Path) -> dict[str, Path]:
@@ -128,7 +128,7 @@ def serve(plan: CoordinatorPlan, say: Callable[[str], None] = print) -> None:
     if plan.insecure:
         say("WARNING: --insecure: NO TLS and NO node authentication. Anyone who can reach "
             f"{plan.host}:{plan.port} can read the traffic and join as a hospital. Use it only "
-            "for local experiments, never with patient data.")  # fmt: skip
+            "for local experiments, never with patient data.")
     if config.secure_aggregation.enabled:
         config.secure_aggregation.require_threshold()
     plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,13 +160,13 @@ def serve(plan: CoordinatorPlan, say: Callable[[str], None] = print) -> None:
         cli = subprocess.Popen(
             command, env={**cli_env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-        )  # fmt: skip
+        )
         processes.append(cli)
         tail: deque[str] = deque(maxlen=40)
         deadline = None if plan.timeout_s is None else time.monotonic() + plan.timeout_s
         try:
             run_id = _pump_output(cli, lambda line: _show(line, say), tail, deadline,
-                                  plan.timeout_s)  # fmt: skip
+                                  plan.timeout_s)
         except SimulationError as exc:
             raise DeploymentError(str(exc).replace("simulation", "federated run")) from None
         code = cli.wait()
@@ -209,7 +209,7 @@ def _start(command: Sequence[str], env: dict[str, str], log_path: Path) -> subpr
         return subprocess.Popen(
             list(command), env=env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        )
 
 
 def _wait_healthy(
@@ -233,12 +233,12 @@ def _wait_healthy(
         except OSError:
             time.sleep(0.3)
     raise DeploymentError(f"The SuperLink did not answer within {_STARTUP_TIMEOUT_S:g} s: "
-                          f"{log_path}")  # fmt: skip
+                          f"{log_path}")
 
 
 def _write_cli_config(home: Path, host: str, port: int, ca: Path | None) -> None:
     lines = [f'[superlink]\ndefault = "{CONNECTION}"\n', f"[superlink.{CONNECTION}]",
-             f'address = "{host}:{port}"']  # fmt: skip
+             f'address = "{host}:{port}"']
     lines.append("insecure = true" if ca is None else f'root-certificates = "{ca}"')
     (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -252,13 +252,13 @@ def _register_hospitals(
     keys = enrolled_node_keys(federation_dir)
     if not keys:
         say(f"No hospital is enrolled in {federation_dir} yet: enroll them with "
-            "`fedtune keys enroll --federation ...`; no node can join until then.")  # fmt: skip
+            "`fedtune keys enroll --federation ...`; no node can join until then.")
     for hospital, pub in sorted(keys.items()):
         done = subprocess.run(
             [_tool("flwr"), "supernode", "register", str(pub.resolve()), CONNECTION,
              "--name", hospital, "--format", "json"],
             env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        )
         answer = done.stdout + done.stderr
         if "already in use" in answer.lower():
             continue  # registered by an earlier start of this coordinator
@@ -287,10 +287,10 @@ _NODE_KEYS = {
     "join_timeout_s": float, "allowed_model_sha256": str, "allowed_strategies": str,
     "max_epsilon": float, "allowed_app_sha256": str, "pii_acknowledged": bool,
     "audit_log": str, "share_data_summary": bool,
-}  # fmt: skip
+}
 _NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
 _NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
-               "privacy_ledger", "audit_log")  # fmt: skip
+               "privacy_ledger", "audit_log")
 
 
 # Flower's messages for the two set-up problems a hospital admin meets, explained.
@@ -305,7 +305,7 @@ _NODE_HINTS = {
         "this node cannot verify the coordinator's TLS certificate with {s.ca_certificate}: use "
         "the ca.pem of this federation, and the address its certificate was made for."
     )),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,7 @@ def load_node_settings(path: Path) -> NodeSettings:
     missing = [key for key in _NODE_REQUIRED if key not in values]
     if not values.get("insecure"):
         missing += [k for k in ("ca_certificate", "node_key", "identity_key", "enrollment")
-                    if not values.get(k)]  # fmt: skip
+                    if not values.get(k)]
     if missing:
         raise ConfigError(
             f"{path}: [node] needs {', '.join(missing)} (no defaults: they decide who this "
@@ -397,7 +397,7 @@ def node_config_string(settings: NodeSettings) -> str:
         entries["allowed-model"] = settings.allowed_model
     pins = {"allowed-model-sha256": settings.allowed_model_sha256,
             "allowed-strategies": settings.allowed_strategies,
-            "allowed-app-sha256": settings.allowed_app_sha256}  # fmt: skip
+            "allowed-app-sha256": settings.allowed_app_sha256}
     entries.update({key: value for key, value in pins.items() if value})
     if settings.max_epsilon > 0:
         entries["max-epsilon"] = settings.max_epsilon
@@ -414,7 +414,7 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     command = [
         _tool("flower-supernode"), "--superlink", settings.coordinator,
         "--port", str(settings.local_port), "--node-config", node_config_string(settings),
-    ]  # fmt: skip
+    ]
     if settings.insecure:
         return [*command, "--insecure"]
     from fedtune.ops.federation_keys import check_node_private_key
@@ -422,7 +422,7 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     check_node_private_key(Path(settings.node_key))
     if not Path(settings.ca_certificate).is_file():
         raise ConfigError(f"[node] ca_certificate {settings.ca_certificate} does not exist; "
-                          "the coordinator gives every hospital its ca.pem.")  # fmt: skip
+                          "the coordinator gives every hospital its ca.pem.")
     return [
         *command,
         "--root-certificates", settings.ca_certificate,
@@ -441,7 +441,7 @@ def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = pr
     """
     if settings.insecure:
         say("WARNING: insecure = true: NO TLS and NO node authentication (local experiments "
-            "only, never with patient data).")  # fmt: skip
+            "only, never with patient data).")
     home.mkdir(parents=True, exist_ok=True)
     env = {**coordinator_env(home), "PYTHONUNBUFFERED": "1"}
     deadline = time.monotonic() + settings.join_timeout_s
@@ -451,7 +451,7 @@ def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = pr
             return code
         if time.monotonic() + _JOIN_RETRY_S > deadline:
             say(f"fedtune: giving up after {settings.join_timeout_s:g} s: the coordinator does "
-                "not accept this node's key.")  # fmt: skip
+                "not accept this node's key.")
             return 1
         say(f"fedtune: trying again in {_JOIN_RETRY_S:g} s.")
         time.sleep(_JOIN_RETRY_S)
@@ -469,7 +469,7 @@ def _supernode_once(
     proc = subprocess.Popen(
         supernode_command(settings), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, bufsize=1,
-    )  # fmt: skip
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:

@@ -83,7 +83,7 @@ def prepare_secure_aggregation(
     secure = config.secure_aggregation
     if not secure.enabled:
         say("WARNING: secure aggregation is OFF: the coordinator will see every hospital's "
-            "adapter delta in clear (research comparisons only).")  # fmt: skip
+            "adapter delta in clear (research comparisons only).")
         return
     secure.require_threshold()
     per_round = round_size(config.federation, num_hospitals)
@@ -123,7 +123,7 @@ def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
         with config_path.open("wb") as handle:
             tomli_w.dump(config.to_dict(), handle)
         say(f"Recording each hospital's plaintext delta and the coordinator's view in {views} "
-            "(simulation only, for security research).")  # fmt: skip
+            "(simulation only, for security research).")
     prepare_secure_aggregation(config, plan.num_hospitals, say)
     work = plan.run_dir / ".flower"
     app_dir = write_app_bundle(work / "app")

@@ -200,7 +200,7 @@ def run_simulation(
         cli = subprocess.Popen(  # unbuffered, else the log arrives in one block at the end
             command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-        )  # fmt: skip
+        )
         tail: deque[str] = deque(maxlen=40)
         run_id = _pump_output(cli, on_line, tail, deadline, spec.timeout_s)
         code = cli.wait()
@@ -274,12 +274,12 @@ def _start_superlink(env: dict[str, str], log_path: Path) -> tuple[subprocess.Po
             _tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(port),
             "--disable-runtime-dependency-installation",
-        ]  # fmt: skip
+        ]
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         if _wait_healthy(proc, port, log_path):
             return proc, port
         log_text = log_path.read_text(encoding="utf-8", errors="replace").lower()

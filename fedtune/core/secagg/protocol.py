@@ -212,11 +212,11 @@ def make_shares(
             state.inbox[peer] = (b_shares[index[peer] - 1], s_shares[index[peer] - 1])
             continue
         key = p.agree(state.c_secret, c_public, SHARE_PURPOSE, state.context,
-                      (state.hospital, peer))  # fmt: skip
+                      (state.hospital, peer))
         plaintext = p.frame(
             b"shares", state.hospital.encode(), peer.encode(),
             b_shares[index[peer] - 1], s_shares[index[peer] - 1],
-        )  # fmt: skip
+        )
         outbox[peer] = p.encrypt(key, plaintext, _share_aad(state.context, state.hospital, peer))
     state.stage = "shared"
     return outbox, self_mask_commitment(state.context, state.hospital, state.self_seed)
@@ -246,9 +246,9 @@ def accept_shares(
     for sender, ciphertext in inbox.items():
         c_public = state.participants[sender][0]
         key = p.agree(state.c_secret, c_public, SHARE_PURPOSE, state.context,
-                      (state.hospital, sender))  # fmt: skip
+                      (state.hospital, sender))
         plaintext = p.decrypt(key, ciphertext, _share_aad(state.context, sender, state.hospital),
-                              sender)  # fmt: skip
+                              sender)
         parts = _unframe(plaintext)
         if parts[:3] != [b"shares", sender.encode(), state.hospital.encode()] or len(parts) != 5:
             raise p.ShareRejected(f"the key shares from {sender} are not addressed to us")
@@ -266,7 +266,7 @@ def mask(state: HospitalRound, encoded: np.ndarray) -> np.ndarray:
         if peer == state.hospital:
             continue
         seed = p.agree(state.s_secret, state.participants[peer][1], MASK_PURPOSE,
-                       state.context, (state.hospital, peer))  # fmt: skip
+                       state.context, (state.hospital, peer))
         add_mask(masked, seed, _pair_sign(state.hospital, peer))
     state.stage = "masked"
     return masked
@@ -351,7 +351,7 @@ def unmask_sum(inputs: UnmaskInputs) -> np.ndarray:
             )
         for survivor in survivors:
             seed = p.agree(secret, inputs.adverts[survivor].s_public, MASK_PURPOSE,
-                           inputs.context, (name, survivor))  # fmt: skip
+                           inputs.context, (name, survivor))
             # The survivor added _pair_sign(survivor, name)·PRG; remove exactly that.
             add_mask(total, seed, -_pair_sign(survivor, name))
     return total

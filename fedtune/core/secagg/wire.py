@@ -42,14 +42,14 @@ def named(content: RecordDict, hospital: str) -> RecordDict:
 
 def advert_record(advert: Advertisement) -> ConfigRecord:
     return ConfigRecord({"hospital": advert.hospital, "c-public": advert.c_public,
-                         "s-public": advert.s_public, "signature": advert.signature})  # fmt: skip
+                         "s-public": advert.s_public, "signature": advert.signature})
 
 
 def parse_advert(message: Message) -> Advertisement:
     record = _config(message, ADVERT)
     try:
         return Advertisement(str(record["hospital"]), _bytes(record["c-public"]),
-                             _bytes(record["s-public"]), _bytes(record["signature"]))  # fmt: skip
+                             _bytes(record["s-public"]), _bytes(record["signature"]))
     except KeyError as exc:
         raise MalformedReply(f"the key advertisement has no {exc}") from None
 
@@ -80,7 +80,7 @@ def outbox_record(outbox: Mapping[str, bytes], commitment: bytes) -> ConfigRecor
     recipients = sorted(outbox)
     return ConfigRecord({"recipients": recipients,
                          "ciphertexts": [outbox[r] for r in recipients],
-                         "commitment": commitment})  # fmt: skip
+                         "commitment": commitment})
 
 
 def parse_outbox(message: Message) -> tuple[dict[str, bytes], bytes]:
@@ -99,7 +99,7 @@ def parse_outbox(message: Message) -> tuple[dict[str, bytes], bytes]:
 def inbox_record(mask_set: Sequence[str], inbox: Mapping[str, bytes]) -> ConfigRecord:
     senders = sorted(inbox)
     return ConfigRecord({"mask-set": list(mask_set), "senders": senders,
-                         "ciphertexts": [inbox[s] for s in senders]})  # fmt: skip
+                         "ciphertexts": [inbox[s] for s in senders]})
 
 
 def parse_inbox(message: Message) -> tuple[list[str], dict[str, bytes]]:
@@ -149,7 +149,7 @@ def parse_survivors(message: Message) -> tuple[list[str], list[str]]:
 
 def revealed_record(shares: Sequence[RevealedShare]) -> ConfigRecord:
     return ConfigRecord({"peers": [s.peer for s in shares], "kinds": [s.kind for s in shares],
-                         "shares": [s.share for s in shares]})  # fmt: skip
+                         "shares": [s.share for s in shares]})
 
 
 def parse_revealed(message: Message) -> list[RevealedShare]:
