@@ -17,12 +17,12 @@ sweep must never silently run the wrong grid.
 from __future__ import annotations
 
 import itertools
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedtune.core.config import ConfigError, RunConfig, parse_run_config, resolve_paths
+from fedtune.core.toml_files import check_tables, read_toml, scalar
 from fedtune.simulations.datasets import DATASETS, TASK_OF
 from fedtune.simulations.partition import PARTITION_METHODS
 from fedtune.simulations.results import ARMS, is_dp_arm
@@ -101,27 +101,9 @@ class Experiment:
 
 def load_experiment(path: Path) -> Experiment:
     """Read and validate an experiment file; relative paths are relative to its folder."""
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment file not found.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "experiment file")
     known = (*_EXPERIMENT_SECTIONS, *_RUN_SECTIONS)
-    for section, values in raw.items():
-        if section not in known:
-            raise ConfigError(
-                f"{path}: unknown section [{section}]; allowed: {', '.join(sorted(known))}."
-            )
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: [{section}] must be a table of settings.")
-        for key in values if section in _ALLOWED else ():
-            if key not in _ALLOWED[section]:
-                raise ConfigError(
-                    f"{path}: unknown key {key!r} in [{section}]; allowed: "
-                    f"{', '.join(sorted(_ALLOWED[section]))}."
-                )
+    check_tables(str(path), raw, {section: _ALLOWED.get(section) for section in known})
     run_raw = {section: dict(raw[section]) for section in _RUN_SECTIONS if section in raw}
     base = resolve_paths(parse_run_config(run_raw, origin=str(path)), path.parent)
     tables = {name: raw.get(name, {}) for name in _EXPERIMENT_SECTIONS}
@@ -131,11 +113,7 @@ def load_experiment(path: Path) -> Experiment:
         value = table.get(key, default)
         if value is _REQUIRED:
             raise ConfigError(f"{path}: [{where}] {key} is required.")
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: [{where}] {key} must be a {kind.__name__}, got {value!r}.")
-        return value
+        return scalar(str(path), where, key, value, kind)
 
     name = get(exp, "experiment", "name", str, path.stem)
     seeds = tuple(get(exp, "experiment", "seeds", list, [0]))

@@ -30,7 +30,7 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
 
 
 def test_unknown_section_is_refused():
-    with pytest.raises(ConfigError, match=r"unknown section '\[trian\]'; allowed: data"):
+    with pytest.raises(ConfigError, match=r"unknown section \[trian\]; allowed: data"):
         parse_run_config({"trian": {}}, origin="run.toml")
 
 
@@ -84,3 +84,31 @@ def test_relative_simulation_root_is_resolved_against_the_config_folder(tmp_path
     assert resolved.data.simulation_root == str((tmp_path / "data").resolve())
     absolute = parse_run_config({"data": {"simulation_root": "/srv/data"}}, origin="x")
     assert resolve_paths(absolute, tmp_path).data.simulation_root == "/srv/data"
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "section"),
+    [("run", "[train]\nlearning_rte = 0.1\n", "train"),
+     ("node", "[node]\nhospital_nam = 'x'\n", "node"),
+     ("experiment", "[dataset]\nnmae = 'x'\n", "dataset")],
+)
+def test_every_file_kind_refuses_a_typo_missing_file_and_bad_toml_in_the_same_words(
+    tmp_path: Path, kind: str, text: str, section: str
+):
+    """Run configuration, node file and experiment file share one reader (core/toml_files)."""
+    from fedtune.ops.deployment import load_node_settings
+    from fedtune.simulations.experiment import load_experiment
+
+    load = {"run": load_run_config, "node": load_node_settings, "experiment": load_experiment}[kind]
+    path = tmp_path / f"{kind}.toml"
+    path.write_text(text)
+    key = text.split("\n")[1].split(" ")[0]
+    with pytest.raises(ConfigError, match=rf"{kind}.toml: unknown key '{key}' in \[{section}\]; "
+                                          r"allowed: \w"):
+        load(path)
+    path.write_text("[oops]\nx = 1\n" if kind != "node" else "[node]\nx = \n")
+    with pytest.raises(ConfigError, match=rf"{kind}.toml: (unknown section \[oops\]; allowed: "
+                                          r"\w|not valid TOML)"):
+        load(path)
+    with pytest.raises(ConfigError, match=r"missing.toml: .* not found\."):
+        load(tmp_path / "missing.toml")

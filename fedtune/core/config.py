@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedtune.core.errors import ConfigError
+from fedtune.core.toml_files import check_tables, read_toml, unknown
 
 TASKS = ("classify", "instruct")
 DEVICES = ("auto", "cpu", "cuda")
@@ -26,10 +28,6 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 POOLINGS = ("cls", "mean")
 HEAD_INITS = ("random", "label-names")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "ffa-lora")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message says which and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -372,21 +370,14 @@ class RunConfig:
         merged = self.to_dict()
         for name, values in sections.items():
             if name not in merged:
-                raise ConfigError(_unknown("section", name, merged))
+                raise ConfigError(unknown(f"section [{name}]", merged))
             merged[name].update(values)
         return parse_run_config(merged, origin="overrides")
 
 
 def load_run_config(path: Path) -> RunConfig:
     """Read and validate a run configuration TOML file."""
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    config = parse_run_config(raw, origin=str(path))
+    config = parse_run_config(read_toml(path, "configuration file"), origin=str(path))
     try:
         config.secure_aggregation.require_threshold()
     except ConfigError as exc:
@@ -398,11 +389,8 @@ def parse_run_config(raw: dict[str, Any], origin: str) -> RunConfig:
     """Build a RunConfig from nested dicts, refusing unknown sections and keys."""
     sections: dict[str, Any] = {}
     known = {f.name: f for f in dataclasses.fields(RunConfig)}
+    check_tables(origin, raw, dict.fromkeys(known))  # keys: checked per section below
     for name, values in raw.items():
-        if name not in known:
-            raise ConfigError(f"{origin}: " + _unknown("section", f"[{name}]", known))
-        if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: [{name}] must be a table of settings.")
         section_type = _resolved_type(RunConfig, name)
         sections[name] = _build_section(section_type, name, values, origin)
     try:
@@ -416,7 +404,8 @@ def _build_section(cls: type, section: str, values: dict[str, Any], origin: str)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields_by_name:
-            raise ConfigError(f"{origin}: " + _unknown(f"key in [{section}]", key, fields_by_name))
+            what = f"key {key!r} in [{section}]"
+            raise ConfigError(f"{origin}: " + unknown(what, fields_by_name))
         kwargs[key] = _coerce(f"{section}.{key}", value, _resolved_type(cls, key), origin)
     try:
         return cls(**kwargs)
@@ -451,10 +440,6 @@ def _coerce(name: str, value: Any, expected: Any, origin: str) -> Any:
     if not isinstance(value, expected):
         raise ConfigError(f"{origin}: {name} must be of type {expected.__name__}, got {value!r}.")
     return value
-
-
-def _unknown(what: str, name: str, allowed: typing.Iterable[str]) -> str:
-    return f"unknown {what} {name!r}; allowed: {', '.join(sorted(allowed))}."
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -24,7 +24,6 @@ import ssl
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.core.config import ConfigError
+from fedtune.core.toml_files import check_tables, read_toml, scalar
 from fedtune.ops.simulation import (
     SimulationError,
     _final_status,
@@ -344,25 +344,13 @@ class NodeSettings:
 
 def load_node_settings(path: Path) -> NodeSettings:
     """Read a hospital's node file; every mistake names the key and the allowed ones."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: node configuration file not found.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "node configuration file")
     if set(raw) != {"node"}:
         raise ConfigError(f"{path}: a node file has exactly one section, [node].")
+    check_tables(str(path), raw, {"node": _NODE_KEYS})
     values: dict[str, Any] = {}
     for key, value in raw["node"].items():
-        if key not in _NODE_KEYS:
-            raise ConfigError(
-                f"{path}: unknown key {key!r} in [node]; allowed: {', '.join(sorted(_NODE_KEYS))}."
-            )
-        kind = _NODE_KEYS[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: [node] {key} must be a {kind.__name__}, got {value!r}.")
+        value = scalar(str(path), "node", key, value, _NODE_KEYS[key])
         if key in _NODE_PATHS:
             value = str((path.parent / str(value)).resolve()) if value else value
         values[key] = value
