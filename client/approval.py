@@ -16,61 +16,55 @@ all optional):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from fedtune.client.node_settings import NodeSettings, node_key
 from fedtune.core.app_code import app_code_sha256
 from fedtune.core.config import ConfigError, RunConfig
 from fedtune.core.lineage import model_sha256
 
-NODE_ALLOWED_MODEL_SHA_KEY = "allowed-model-sha256"
-NODE_ALLOWED_STRATEGIES_KEY = "allowed-strategies"
-NODE_MAX_EPSILON_KEY = "max-epsilon"
-NODE_ALLOWED_APP_KEY = "allowed-app-sha256"
 
 class RunNotApproved(ConfigError):
     """The coordinator asked for something this hospital's node settings do not allow."""
 
 
 def check_run_approved(
-    config: RunConfig, node_config: Mapping[str, Any], model_dir: Path | None = None,
+    config: RunConfig, node: NodeSettings, model_dir: Path | None = None,
     cache_dir: Path | None = None,
 ) -> None:
     """Raise RunNotApproved naming the pin and both values if the run is outside the pins."""
-    strategies = str(node_config.get(NODE_ALLOWED_STRATEGIES_KEY, "")).strip()
-    if strategies:
-        allowed = [s.strip() for s in strategies.split(",") if s.strip()]
-        if config.federation.strategy not in allowed:
-            raise RunNotApproved(
-                f"the coordinator asked for strategy {config.federation.strategy!r}, but this "
-                f"hospital only allows {', '.join(allowed)} (node setting "
-                f"'{NODE_ALLOWED_STRATEGIES_KEY}'); nothing was trained."
-            )
-    if NODE_MAX_EPSILON_KEY in node_config:
-        most = float(node_config[NODE_MAX_EPSILON_KEY])
+    allowed = node.allowed_strategies
+    if allowed and config.federation.strategy not in allowed:
+        raise RunNotApproved(
+            f"the coordinator asked for strategy {config.federation.strategy!r}, but this "
+            f"hospital only allows {', '.join(allowed)} (node setting "
+            f"'{node_key('allowed_strategies')}'); nothing was trained."
+        )
+    if node.max_epsilon is not None:
+        most = node.max_epsilon
         if not config.privacy.enabled:
             raise RunNotApproved(
                 f"the coordinator asked to train without differential privacy, but this "
-                f"hospital allows at most ε = {most:g} (node setting '{NODE_MAX_EPSILON_KEY}'); "
+                f"hospital allows at most ε = {most:g} (node setting '{node_key('max_epsilon')}'); "
                 "nothing was trained."
             )
         if config.privacy.target_epsilon > most:
             raise RunNotApproved(
                 f"the coordinator asked for ε = {config.privacy.target_epsilon:g}, above this "
-                f"hospital's maximum ε = {most:g} (node setting '{NODE_MAX_EPSILON_KEY}'); "
+                f"hospital's maximum ε = {most:g} (node setting '{node_key('max_epsilon')}'); "
                 "nothing was trained."
             )
-    pinned_app = str(node_config.get(NODE_ALLOWED_APP_KEY, "")).strip().lower()
+    pinned_app = node.allowed_app_sha256.lower()
     if pinned_app:
         running = app_code_sha256()
         if running != pinned_app:
             raise RunNotApproved(
                 f"this node's fedtune code has SHA-256 {running[:16]}…, not the "
-                f"{pinned_app[:16]}… its admin approved (node setting '{NODE_ALLOWED_APP_KEY}'); "
+                f"{pinned_app[:16]}… its admin approved (node setting "
+                f"'{node_key('allowed_app_sha256')}'); "
                 "update the pin after reviewing the new version, or reinstall the approved one."
             )
-    pinned_model = str(node_config.get(NODE_ALLOWED_MODEL_SHA_KEY, "")).strip().lower()
+    pinned_model = node.allowed_model_sha256.lower()
     if pinned_model:
         if model_dir is None or cache_dir is None:
             raise RunNotApproved("the base model's files could not be located to check its pin")
@@ -79,5 +73,5 @@ def check_run_approved(
             raise RunNotApproved(
                 f"the base model {config.model.source!r} has SHA-256 {actual[:16]}…, not the "
                 f"{pinned_model[:16]}… this hospital approved (node setting "
-                f"'{NODE_ALLOWED_MODEL_SHA_KEY}'); nothing was trained."
+                f"'{node_key('allowed_model_sha256')}'); nothing was trained."
             )

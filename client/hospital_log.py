@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedtune.client.node_settings import NodeSettings
 from fedtune.core.audit import AuditLog
-
-NODE_AUDIT_LOG_KEY = "audit-log"
-NODE_PII_ACK_KEY = "pii-acknowledged"
 
 log = logging.getLogger("fedtune.hospital")
 
 
-def record_hospital_event(node_config: Mapping[str, Any], event: str, data: dict[str, Any]) -> None:
+def record_hospital_event(node: NodeSettings, event: str, data: dict[str, Any]) -> None:
     """Append one event to this node's log, if it keeps one."""
-    path = str(node_config.get(NODE_AUDIT_LOG_KEY, "")).strip()
-    if path:
-        AuditLog(Path(path)).append(event, data)
+    if node.audit_log is not None:
+        AuditLog(node.audit_log).append(event, data)
 
 
 def bytes_sha256(payload: bytes) -> str:
@@ -42,7 +38,7 @@ class IdentifiersInData(ValueError):
 _checked: dict[tuple[str, int, int], str] = {}
 
 
-def check_identifiers(data_path: Path, node_config: Mapping[str, Any]) -> None:
+def check_identifiers(data_path: Path, node: NodeSettings) -> None:
     """Before training: refuse data with likely identifiers unless the admin acknowledged
     them (`pii_acknowledged = true`); the report names kinds and lines, never the values.
     Checked once per file version in a process; the finding is written to the hospital's log.
@@ -55,9 +51,9 @@ def check_identifiers(data_path: Path, node_config: Mapping[str, Any]) -> None:
         report = scan_for_identifiers(data_path)
         _checked[key] = report.summary() if report.found else ""
         if report.found:
-            record_hospital_event(node_config, "identifier-check", report.to_dict())
+            record_hospital_event(node, "identifier-check", report.to_dict())
     if not _checked[key]:
         return
-    if not bool(node_config.get(NODE_PII_ACK_KEY, False)):
+    if not node.pii_acknowledged:
         raise IdentifiersInData(_checked[key])
     log.warning("training on data with acknowledged identifiers: %s", data_path)

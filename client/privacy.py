@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fedtune.client.dp_train import DPPlan, poisson_sample_rate
+from fedtune.client.node_settings import NodeSettings, node_key
 from fedtune.client.privacy_ledger import (
     PrivacyLedger,
     RunPlan,
@@ -30,10 +30,6 @@ from fedtune.client.privacy_ledger import (
 from fedtune.client.session import HospitalIdentity
 from fedtune.client.train import planned_steps
 from fedtune.core.config import ConfigError, RunConfig
-
-# Node configuration keys a hospital admin sets (deployment); they override the coordinator.
-NODE_BUDGET_KEY = "privacy-epsilon-budget"
-NODE_LEDGER_KEY = "privacy-ledger"
 
 
 @dataclass(frozen=True)
@@ -74,16 +70,15 @@ def choose_delta(requested: float, num_examples: int, path: Path) -> float:
     return default_delta(num_examples)
 
 
-def ledger_path(
-    config: RunConfig, identity: HospitalIdentity, node_config: Mapping[str, Any]
-) -> Path:
+def ledger_path(config: RunConfig, identity: HospitalIdentity, node: NodeSettings) -> Path:
     """Where this hospital's ledger lives: its admin's choice, else next to the simulation data."""
-    if NODE_LEDGER_KEY in node_config:
-        return Path(str(node_config[NODE_LEDGER_KEY])).expanduser()
+    if node.privacy_ledger is not None:
+        return node.privacy_ledger
     if not identity.simulated:
         raise ConfigError(
-            f"DP is on but this node has no '{NODE_LEDGER_KEY}' in its node configuration: set "
-            "it to a file on the hospital's disk where the privacy ledger is kept."
+            f"DP is on but this node has no '{node_key('privacy_ledger')}' in its node "
+            "configuration: set it to a file on the hospital's disk where the privacy ledger "
+            "is kept."
         )
     folder = config.privacy.ledger_dir or str(Path(config.data.simulation_root) / "privacy-ledgers")
     return Path(folder) / f"{identity.name}.json"
@@ -91,13 +86,13 @@ def ledger_path(
 
 @contextlib.contextmanager
 def ledger_lock(
-    identity: HospitalIdentity, config: RunConfig, node_config: Mapping[str, Any]
+    identity: HospitalIdentity, config: RunConfig, node: NodeSettings
 ) -> Iterator[None]:
     """Exclusive lock on the hospital's ledger (a `.lock` file beside it); none without DP."""
-    if not config.privacy.enabled and node_budget(node_config) is None:
+    if not config.privacy.enabled and node.privacy_epsilon_budget is None:
         yield
         return
-    path = ledger_path(config, identity, node_config)
+    path = ledger_path(config, identity, node)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.with_name(path.name + ".lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -107,25 +102,10 @@ def ledger_lock(
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def node_budget(node_config: Mapping[str, Any]) -> float | None:
-    """The ε budget the hospital's admin configured on the node, if any."""
-    if NODE_BUDGET_KEY not in node_config:
-        return None
-    try:
-        budget = float(node_config[NODE_BUDGET_KEY])
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{NODE_BUDGET_KEY} must be a number, got {node_config[NODE_BUDGET_KEY]!r}."
-        ) from None
-    if not budget > 0:
-        raise ConfigError(f"{NODE_BUDGET_KEY} must be > 0, got {budget}.")
-    return budget
-
-
 def plan_round(
     config: RunConfig,
     identity: HospitalIdentity,
-    node_config: Mapping[str, Any],
+    node: NodeSettings,
     num_examples: int,
     run_id: str,
 ) -> RoundPrivacy | None:
@@ -134,7 +114,7 @@ def plan_round(
     Raises PrivacyBudgetExhausted when the round would exceed the budget (nothing trains),
     and LedgerError when the ledger on disk cannot be trusted.
     """
-    own_budget = node_budget(node_config)
+    own_budget = node.privacy_epsilon_budget
     settings = config.privacy
     if not settings.enabled and own_budget is None:
         return None
@@ -147,7 +127,7 @@ def plan_round(
             "train.grad_accumulation must be 1 with DP: raise train.batch_size instead (DP "
             "batches are Poisson-sampled; privacy.max_physical_batch_size bounds memory)."
         )
-    path = ledger_path(config, identity, node_config)
+    path = ledger_path(config, identity, node)
     delta = choose_delta(settings.target_delta, num_examples, path)
     ledger = PrivacyLedger.open(path, identity.name, settings.accountant, delta)
     sample_rate = poisson_sample_rate(config.train.batch_size, num_examples)

@@ -19,14 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune.client.hospital_log import bytes_sha256, record_hospital_event
+from fedtune.client.local_round import train_local_update
+from fedtune.client.node_settings import NodeSettings, node_key, parse_node_settings
 from fedtune.client.outgoing import prepare_update
 from fedtune.client.secure_views import refuse_recording_outside_simulation
-from fedtune.client.session import (
-    NODE_NAME_KEY,
-    HospitalIdentity,
-    apply_node_settings,
-    hospital_identity,
-)
+from fedtune.client.session import HospitalIdentity, apply_node_settings, hospital_identity
 from fedtune.core.config import ConfigError, RunConfig
 from fedtune.core.secagg import protocol
 from fedtune.core.secagg.encoding import encode_values
@@ -53,11 +50,6 @@ from fedtune.core.secagg.wire import (
 from fedtune.core.update_rules import secure_codec, update_weight
 from fedtune.core.wire import JOB, LINEAGE, METRICS, Job, lineage_record, parse_request
 
-# Node configuration keys of a deployed hospital (paths on the hospital's machine).
-NODE_IDENTITY_KEY = "identity-key"  # its Ed25519 private key (`fedtune keys generate`)
-NODE_ENROLLMENT_KEY = "enrollment"  # the coordinator's list of enrolled hospitals' public keys
-NODE_MIN_THRESHOLD_KEY = "secagg-min-threshold"  # the lowest threshold this hospital accepts
-
 _STATE = "secagg-round"  # context.state record holding this round's secrets
 _USED = "secagg-attempts"  # context.state record: every (run, round, attempt) keyed so far
 # Training metrics that reveal the number of training examples (the masked weight).
@@ -70,10 +62,11 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     """Stage 1: fresh round keys, signed with this hospital's identity key."""
     started = time.perf_counter()
     job = _job(msg)
-    apply_node_settings(job.config, context.node_config)  # refused before any key is made
-    identity = hospital_identity(context.node_config, job.config.data)
+    node = parse_node_settings(context.node_config)
+    apply_node_settings(job.config, node)  # refused before any key is made
+    identity = hospital_identity(node, job.config.data)
     refuse_recording_outside_simulation(job.config, identity)
-    signing_key, _ = hospital_keys(context.node_config, job.config, identity)
+    signing_key, _ = hospital_keys(node, job.config, identity)
     _refuse_reused_attempt(context, job)
     state, advert = protocol.advertise(
         signing_key, identity.name, job.run_id, job.server_round, job.attempt
@@ -86,8 +79,9 @@ def share_keys(msg: Message, context: Context) -> Message:
     """Stage 2: check every hospital's signed keys, send each an encrypted share pair."""
     started = time.perf_counter()
     job = _job(msg)
-    identity = hospital_identity(context.node_config, job.config.data)
-    _, enrollment = hospital_keys(context.node_config, job.config, identity)
+    node = parse_node_settings(context.node_config)
+    identity = hospital_identity(node, job.config.data)
+    _, enrollment = hospital_keys(node, job.config, identity)
     state, spent = _load(context, job)
     adverts = parse_participants(msg)
     try:  # refuse impossible settings now, not after training
@@ -96,7 +90,7 @@ def share_keys(msg: Message, context: Context) -> Message:
         raise ConfigError(f"secure aggregation: {exc}") from None
     outbox, commitment = protocol.make_shares(
         state, adverts, enrollment, job.config.secure_aggregation.threshold,
-        minimum_threshold(context.node_config, identity, enrollment),
+        minimum_threshold(node, identity, enrollment),
     )
     _save(context, state, job, spent + time.perf_counter() - started)
     return _reply(msg, identity, {OUTBOX: outbox_record(outbox, commitment)})
@@ -104,16 +98,15 @@ def share_keys(msg: Message, context: Context) -> Message:
 
 def masked_input(msg: Message, context: Context) -> Message:
     """Stage 3: accept the relayed shares, train, and send the masked, weighted delta."""
-    from fedtune.client.app import train_local_update  # the ClientApp module registers this handler
-
     started = time.perf_counter()
     global_adapter, job = parse_request(msg)
-    identity = hospital_identity(context.node_config, job.config.data)
+    node = parse_node_settings(context.node_config)
+    identity = hospital_identity(node, job.config.data)
     state, spent = _load(context, job)
     mask_set, inbox = parse_inbox(msg)
     protocol.accept_shares(state, mask_set, inbox)
     spent += time.perf_counter() - started
-    update = train_local_update(global_adapter, job, context)
+    update = train_local_update(global_adapter, job, node)
     started = time.perf_counter()
     config = job.config
     weight = update_weight(config, update.num_examples)
@@ -133,7 +126,7 @@ def masked_input(msg: Message, context: Context) -> Message:
         **prepared.metrics,
         "secagg-seconds": spent,
     }
-    record_hospital_event(context.node_config, "sent-update", {
+    record_hospital_event(node, "sent-update", {
         "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
         "masked_input_sha256": bytes_sha256(masked.tobytes()), "mode": "masked",
         "lineage": update.lineage,
@@ -147,7 +140,7 @@ def masked_input(msg: Message, context: Context) -> Message:
 def reveal_shares(msg: Message, context: Context) -> Message:
     """Stage 4: shares of survivors' self-masks and dropped hospitals' mask keys, once."""
     job = _job(msg)
-    identity = hospital_identity(context.node_config, job.config.data)
+    identity = hospital_identity(parse_node_settings(context.node_config), job.config.data)
     state, spent = _load(context, job)
     survivors, dropped = parse_survivors(msg)
     shares = protocol.reveal(state, survivors, dropped)
@@ -156,7 +149,7 @@ def reveal_shares(msg: Message, context: Context) -> Message:
 
 
 def minimum_threshold(
-    node_config: Mapping[str, Any], identity: HospitalIdentity, enrollment: Mapping[str, Any]
+    node: NodeSettings, identity: HospitalIdentity, enrollment: Mapping[str, Any]
 ) -> int:
     """The lowest threshold this hospital accepts, whatever the coordinator asks.
 
@@ -164,20 +157,15 @@ def minimum_threshold(
     `secagg-min-threshold` (e.g. lower, for federations that sample hospitals per round; it
     is never below 2). Simulated hospitals are the researcher's own: 2.
     """
-    if NODE_MIN_THRESHOLD_KEY in node_config:
-        value = node_config[NODE_MIN_THRESHOLD_KEY]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ConfigError(
-                f"node setting {NODE_MIN_THRESHOLD_KEY} must be a whole number >= 2, got {value!r}"
-            )
-        return value
+    if node.secagg_min_threshold is not None:  # >= 2, checked when parsed
+        return node.secagg_min_threshold
     if identity.simulated:
         return 2
     return max(2, len(enrollment) // 2 + 1)
 
 
 def hospital_keys(
-    node_config: Mapping[str, Any], config: RunConfig, identity: HospitalIdentity
+    node: NodeSettings, config: RunConfig, identity: HospitalIdentity
 ) -> tuple[Ed25519PrivateKey, dict[str, Ed25519PublicKey]]:
     """This hospital's identity key and the enrolled hospitals' public keys."""
     if identity.simulated:
@@ -186,30 +174,30 @@ def hospital_keys(
         )
         key_path, enrollment_path = simulated_identity_paths(Path(folder), identity.name)
     else:
-        missing = [k for k in (NODE_IDENTITY_KEY, NODE_ENROLLMENT_KEY) if k not in node_config]
-        if missing:
+        if node.identity_key is None or node.enrollment is None:
+            missing = [node_key(field) for field in ("identity_key", "enrollment")
+                       if getattr(node, field) is None]
             raise ConfigError(
                 f"secure aggregation needs this node's identity key and the enrollment list, "
                 f"but its node configuration has no {' or '.join(repr(k) for k in missing)}; "
                 f"create a key with `fedtune keys generate`, get the enrollment file from the "
                 f"coordinator, and start the node with --node-config "
-                f"\"{NODE_IDENTITY_KEY}='/path/hospital.key' "
-                f"{NODE_ENROLLMENT_KEY}='/path/enrollment.json' ...\""
+                f"\"{node_key('identity_key')}='/path/hospital.key' "
+                f"{node_key('enrollment')}='/path/enrollment.json' ...\""
             )
-        key_path = Path(str(node_config[NODE_IDENTITY_KEY])).expanduser()
-        enrollment_path = Path(str(node_config[NODE_ENROLLMENT_KEY])).expanduser()
+        key_path, enrollment_path = node.identity_key, node.enrollment
     signing_key, enrollment = load_identity_key(key_path), load_enrollment(enrollment_path)
     # Local set-up mistakes are reported as such here, not later as a peer's bad signature.
     if identity.name not in enrollment:
         raise ConfigError(
             f"this hospital's name {identity.name!r} is not in the enrollment list "
-            f"{enrollment_path}; set the node setting '{NODE_NAME_KEY}' to the name this "
+            f"{enrollment_path}; set the node setting '{node_key('name')}' to the name this "
             f"hospital was enrolled with (enrolled: {', '.join(sorted(enrollment))})"
         )
     if raw_public(signing_key.public_key()) != raw_public(enrollment[identity.name]):
         raise ConfigError(
             f"the identity key {key_path} is not the key enrolled for {identity.name!r} in "
-            f"{enrollment_path}; check the node setting '{NODE_IDENTITY_KEY}' (or enroll "
+            f"{enrollment_path}; check the node setting '{node_key('identity_key')}' (or enroll "
             "this key's .pub file with the coordinator)"
         )
     return signing_key, enrollment

@@ -9,7 +9,6 @@ model object between hospitals cannot leak one hospital's training into another'
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from fedtune.client.approval import NODE_ALLOWED_MODEL_SHA_KEY, RunNotApproved, check_run_approved
+from fedtune.client.approval import RunNotApproved, check_run_approved
 from fedtune.client.data import (
     Example,
     HospitalDataset,
@@ -27,6 +26,7 @@ from fedtune.client.data import (
     split_examples,
 )
 from fedtune.client.encoding import encode_classification, encode_generation
+from fedtune.client.node_settings import NodeSettings, node_key
 from fedtune.core.config import ConfigError, DataSettings, RunConfig
 from fedtune.core.lineage import DataFingerprint, data_fingerprint
 from fedtune.core.model import (
@@ -37,37 +37,26 @@ from fedtune.core.model import (
     select_device,
 )
 
-# Node configuration keys a hospital admin sets on its node (deployment).
-NODE_NAME_KEY = "hospital-name"
-NODE_DATA_KEY = "data-path"
-# Set by Flower's simulation engine for each virtual hospital.
-SIM_PARTITION_KEY = "partition-id"
-# The hospital's own choices, which the coordinator's run configuration cannot override.
-NODE_DEVICE_KEY = "device"  # where this node trains: auto, cpu or cuda
-NODE_ALLOWED_MODEL_KEY = "allowed-model"  # the only base model this hospital agrees to run
 
-
-def apply_node_settings(config: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
+def apply_node_settings(config: RunConfig, node: NodeSettings) -> RunConfig:
     """The run configuration as this hospital will execute it.
 
     The coordinator asks; the hospital decides: a node pinned to a base model refuses any
     other (a coordinator must not swap the model that hospital data trains), and the node's
     device replaces the coordinator's (only the hospital knows its hardware).
     """
-    allowed = str(node_config.get(NODE_ALLOWED_MODEL_KEY, ""))
-    if allowed and config.model.source != allowed:
+    if node.allowed_model and config.model.source != node.allowed_model:
         raise RunNotApproved(
             f"the coordinator asked to train base model {config.model.source!r}, but this "
-            f"hospital only allows {allowed!r} (node setting '{NODE_ALLOWED_MODEL_KEY}'); "
-            "nothing was trained."
+            f"hospital only allows {node.allowed_model!r} (node setting "
+            f"'{node_key('allowed_model')}'); nothing was trained."
         )
     model_dir = None
-    if node_config.get(NODE_ALLOWED_MODEL_SHA_KEY):
+    if node.allowed_model_sha256:
         model_dir = resolve_model_source(config.model)[0]
-    check_run_approved(config, node_config, model_dir, model_cache_root())
-    device = str(node_config.get(NODE_DEVICE_KEY, ""))
-    if device and device != config.model.device:
-        return config.with_overrides(model={"device": device})
+    check_run_approved(config, node, model_dir, model_cache_root())
+    if node.device and node.device != config.model.device:
+        return config.with_overrides(model={"device": node.device})
     return config
 
 
@@ -80,25 +69,22 @@ class HospitalIdentity:
     simulated: bool
 
 
-def hospital_identity(node_config: Mapping[str, Any], data: DataSettings) -> HospitalIdentity:
-    """Resolve who this node is: its admin's node config first, simulation second."""
-    if NODE_DATA_KEY in node_config:
-        path = Path(str(node_config[NODE_DATA_KEY])).expanduser()
-        name = str(node_config.get(NODE_NAME_KEY, path.stem))
-        return HospitalIdentity(name=name, data_path=path, simulated=False)
-    if SIM_PARTITION_KEY in node_config:
+def hospital_identity(node: NodeSettings, data: DataSettings) -> HospitalIdentity:
+    """Resolve who this node is: its admin's node settings first, simulation second."""
+    if node.data_path is not None:
+        return HospitalIdentity(name=node.display_name, data_path=node.data_path, simulated=False)
+    if node.partition_id is not None:
         if not data.simulation_root:
             raise ConfigError(
                 "This is a simulated hospital but data.simulation_root is not set in the run "
                 "configuration, so it does not know where its data is."
             )
-        number = int(node_config[SIM_PARTITION_KEY]) + 1
-        name = f"hospital-{number}"
+        name = node.display_name
         path = Path(data.simulation_root) / f"{name}.jsonl"
         return HospitalIdentity(name=name, data_path=path, simulated=True)
     raise ConfigError(
-        f"This node has no '{NODE_DATA_KEY}' in its node configuration; start it with "
-        f"--node-config \"{NODE_NAME_KEY}='...' {NODE_DATA_KEY}='/path/to/data.jsonl'\"."
+        f"This node has no '{node_key('data_path')}' in its node configuration; start it with "
+        f"--node-config \"{node_key('name')}='...' {node_key('data_path')}='/path/to/data.jsonl'\"."
     )
 
 

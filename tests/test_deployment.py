@@ -37,17 +37,20 @@ def free_port() -> int:
 class Processes:
     """Starts fedtune commands in their own sessions; stops them all, whatever happens."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, site: Path) -> None:
         self.root = root
+        self.site = site
         self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(self, name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.root / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # From the installed wheel, not the checkout: its folder first on the path, and a
+        # working directory outside the checkout (python -m puts the cwd first).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(self.site)}
         with log.open("ab") as handle:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fedtune.ops.cli", *args], stdout=handle,
-                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.root,
             )
         self.started.append((proc, log))
         return proc, log
@@ -67,8 +70,8 @@ class Processes:
 
 
 @pytest.fixture()
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path)
+def processes(tmp_path: Path, installed_wheel: Path) -> Iterator[Processes]:
+    started = Processes(tmp_path, installed_wheel)
     try:
         yield started
     finally:

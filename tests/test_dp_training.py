@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
 from fedtune.client.encoding import collate
 from fedtune.client.losses import PerExampleLoss, model_inputs
+from fedtune.client.node_settings import NodeSettings
 from fedtune.client.session import ModelHandle, data_for, hospital_identity
 from fedtune.core.config import RunConfig, TrainSettings
 from fedtune.core.model import attach_lora, get_adapter, load_base_model, set_adapter
@@ -63,7 +64,7 @@ class Setup:
         self.task = config.model.task
         self.pad = int(tokenizer.pad_token_id)
         handle = ModelHandle(model=self.model, tokenizer=tokenizer, device=device)
-        identity = hospital_identity({"partition-id": 0}, config.data)
+        identity = hospital_identity(NodeSettings(partition_id=0), config.data)
         self.features: list[Any] = data_for(config, identity, handle).features["train"]
         # LoRA starts with B = 0, where every gradient of A is exactly zero: a comparison
         # of zeros proves nothing. Move the adapter somewhere generic first.

@@ -12,6 +12,7 @@ from tiny import deployed_nodes, replace_section
 from fedtune.client.approval import RunNotApproved, check_run_approved
 from fedtune.client.data import load_hospital_data, split_examples
 from fedtune.client.privacy_ledger import read_ledger_file
+from fedtune.client.node_settings import parse_node_settings
 from fedtune.client.session import apply_node_settings, example_record
 from fedtune.core.adapters import adapter_sha256
 from fedtune.core.app_code import APP_PACKAGES, app_code_sha256
@@ -73,12 +74,12 @@ def test_a_hospital_refuses_a_run_outside_what_its_admin_pinned(
 def test_pins_that_match_let_the_run_through(classify_config: RunConfig, tmp_path: Path):
     config = replace_section(classify_config, "privacy", enabled=True, target_epsilon=4.0)
     model_dir = Path(config.model.source)
-    pins = {
+    pins = parse_node_settings({
         "allowed-strategies": "fedavg, fedprox",
         "max-epsilon": 4.0,
         "allowed-model-sha256": model_fingerprint(model_dir).sha256,
         "allowed-app-sha256": app_code_sha256(),
-    }
+    })
     check_run_approved(config, pins, model_dir, tmp_path / "cache")
     assert apply_node_settings(config, pins) == config
     with pytest.raises(RunNotApproved, match="without differential privacy"):
@@ -221,9 +222,20 @@ def test_a_node_file_carries_the_hospitals_pins_to_its_clientapp(tmp_path: Path)
     )
     text = node_config_string(load_node_settings(node))
     for expected in (f'allowed-model-sha256="{"a" * 64}"', 'allowed-strategies="fedavg,fedprox"',
-                     "max-epsilon=4.0", "pii-acknowledged=true", "share-data-summary=false",
+                     "max-epsilon=4.0", "pii-acknowledged=true",
                      f'audit-log="{tmp_path / "st-anna-audit.jsonl"}"'):
         assert expected in text, text
+    # What the SuperNode parses from that string is what the ClientApp then reads, typed.
+    from flwr.common.config import parse_config_args
+
+    from fedtune.client.node_settings import parse_node_settings
+
+    settings = parse_node_settings(parse_config_args([text]))
+    assert settings.name == "st-anna" and settings.data_path == tmp_path / "ward.jsonl"
+    assert settings.allowed_strategies == ("fedavg", "fedprox")
+    assert settings.max_epsilon == 4.0 and settings.privacy_epsilon_budget == 8.0
+    assert settings.pii_acknowledged and not settings.share_data_summary
+    assert settings.allowed_model_sha256 == "a" * 64 and not settings.allow_plain_updates
     node.write_text(node.read_text() + "allowed_models = 'x'\n")
     with pytest.raises(ConfigError, match="unknown key 'allowed_models'.*allowed_strategies"):
         load_node_settings(node)

@@ -15,8 +15,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -32,20 +30,8 @@ def _tree_builder():
     return module.build
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(REPO)],
-        check=True, cwd=out,
-    )
-    (built,) = out.glob("fedtune-*.whl")
-    return built
-
-
-def test_the_wheel_installs_only_the_fedtune_package(wheel: Path):
-    with zipfile.ZipFile(wheel) as archive:
+def test_the_wheel_installs_only_the_fedtune_package(fedtune_wheel: Path):
+    with zipfile.ZipFile(fedtune_wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
         names = set(archive.namelist())
     assert tops == {"fedtune", "fedtune-0.1.0.dist-info"}, tops
@@ -56,12 +42,10 @@ def test_the_wheel_installs_only_the_fedtune_package(wheel: Path):
         assert module in names, module
 
 
-def test_the_installed_wheel_runs_and_bundles_its_own_code(wheel: Path, tmp_path: Path):
+def test_the_installed_wheel_runs_and_bundles_its_own_code(installed_wheel: Path, tmp_path: Path):
     """Outside the checkout, `fedtune` and every subpackage come from the wheel, and the app
     bundle written there hashes exactly like that install's code (what a hospital pins)."""
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(target), str(wheel)], check=True, cwd=tmp_path)
+    target = installed_wheel
     probe = (
         "import fedtune, fedtune.client.app, fedtune.server.app, fedtune.core.app_code as c;"
         "from fedtune.ops.flower_app import write_app_bundle;"

@@ -153,11 +153,12 @@ def test_the_ledger_is_locked_from_budget_check_to_record(
     """A second holder (another process of the node) cannot take the lock meanwhile."""
     import fcntl
 
+    from fedtune.client.node_settings import NodeSettings
     from fedtune.client.privacy import ledger_lock, ledger_path
     from fedtune.client.session import hospital_identity
 
     config = _dp(classify_config, tmp_path / "ledgers")
-    node = {"partition-id": 0}
+    node = NodeSettings(partition_id=0)
     identity = hospital_identity(node, config.data)
     lock_file = ledger_path(config, identity, node).with_suffix(".json.lock")
     with (

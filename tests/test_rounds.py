@@ -203,7 +203,7 @@ def test_a_nan_example_count_is_refused_for_that_hospital_only(
 def test_an_unexpected_error_at_a_hospital_is_reported_with_its_name(
     classify_config: RunConfig, tmp_path, monkeypatch
 ):
-    import fedtune.client.app as client_app_module
+    import fedtune.client.local_round as client_app_module
 
     real = client_app_module.train_locally
 

@@ -20,6 +20,7 @@ from fake_grid import SECURE_STAGES, InProcessGrid
 from flwr.app import ConfigRecord, Message
 from tiny import deployed_nodes, in_clear, replace_section
 
+from fedtune.client.node_settings import NodeSettings
 from fedtune.client.session import data_for, hospital_identity, model_for
 from fedtune.core.adapters import Adapter, adapter_sha256
 from fedtune.core.config import RunConfig
@@ -79,7 +80,7 @@ def _train_weights(config: RunConfig, hospitals: list[str]) -> dict[str, int]:
     weights = {}
     for name in hospitals:
         partition = int(name.rsplit("-", 1)[1]) - 1
-        identity = hospital_identity({"partition-id": partition}, config.data)
+        identity = hospital_identity(NodeSettings(partition_id=partition), config.data)
         weights[name] = min(len(data_for(config, identity, handle).features["train"]),
                             config.secure_aggregation.max_weight)
     return weights

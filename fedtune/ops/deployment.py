@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.client.node_settings import NodeSettings as HospitalNodeSettings
 from fedtune.core.config import ConfigError
 from fedtune.core.toml_files import check_tables, read_toml, scalar
 from fedtune.ops.simulation import (
@@ -368,32 +369,35 @@ def load_node_settings(path: Path) -> NodeSettings:
     return NodeSettings(**values)
 
 
-def node_config_string(settings: NodeSettings) -> str:
-    """The SuperNode's --node-config: the hospital's settings, read by its ClientApp."""
-    entries: dict[str, Any] = {
-        "hospital-name": settings.hospital,
-        "data-path": settings.data,
-        "privacy-ledger": settings.privacy_ledger,
-        "privacy-epsilon-budget": settings.privacy_epsilon_budget,
-        "device": settings.device,
-        "allow-plain-updates": settings.allow_plain_updates,
-    }
-    if settings.identity_key:
-        entries["identity-key"] = settings.identity_key
-        entries["enrollment"] = settings.enrollment
-    if settings.allowed_model:
-        entries["allowed-model"] = settings.allowed_model
-    pins = {"allowed-model-sha256": settings.allowed_model_sha256,
-            "allowed-strategies": settings.allowed_strategies,
-            "allowed-app-sha256": settings.allowed_app_sha256}
-    entries.update({key: value for key, value in pins.items() if value})
-    if settings.max_epsilon > 0:
-        entries["max-epsilon"] = settings.max_epsilon
-    entries["pii-acknowledged"] = settings.pii_acknowledged
-    entries["share-data-summary"] = settings.share_data_summary
-    entries["audit-log"] = settings.audit_log or str(
-        Path(settings.privacy_ledger).with_name(f"{settings.hospital}-audit.jsonl")
+def hospital_node_settings(settings: NodeSettings) -> HospitalNodeSettings:
+    """What the node file decides for the ClientApp, as the ClientApp's own settings object."""
+    return HospitalNodeSettings(
+        name=settings.hospital,
+        data_path=Path(settings.data),
+        privacy_ledger=Path(settings.privacy_ledger),
+        privacy_epsilon_budget=settings.privacy_epsilon_budget,
+        device=settings.device,
+        allow_plain_updates=settings.allow_plain_updates,
+        allowed_model=settings.allowed_model,
+        allowed_model_sha256=settings.allowed_model_sha256,
+        allowed_strategies=tuple(
+            name.strip() for name in settings.allowed_strategies.split(",") if name.strip()
+        ),
+        max_epsilon=settings.max_epsilon if settings.max_epsilon > 0 else None,
+        allowed_app_sha256=settings.allowed_app_sha256,
+        identity_key=Path(settings.identity_key) if settings.identity_key else None,
+        enrollment=Path(settings.enrollment) if settings.enrollment else None,
+        pii_acknowledged=settings.pii_acknowledged,
+        share_data_summary=settings.share_data_summary,
+        audit_log=Path(settings.audit_log or Path(settings.privacy_ledger).with_name(
+            f"{settings.hospital}-audit.jsonl")),
     )
+
+
+def node_config_string(settings: NodeSettings) -> str:
+    """The SuperNode's --node-config: the hospital's settings, read back by its ClientApp with
+    `parse_node_settings` (one schema for both ends)."""
+    entries = hospital_node_settings(settings).to_node_config()
     return " ".join(f"{key}={format_config_value(value)}" for key, value in entries.items())
 
 
