@@ -15,6 +15,7 @@ from statistics import mean
 
 from fedtune.benchmarks.runner import BenchResult
 from fedtune.ops.demo import DemoOptions, run_demo
+from fedtune.server.records import completed_rounds
 from fedtune.server.run_dir import RunDirectory
 
 
@@ -29,14 +30,11 @@ def bench_round(work_dir: Path) -> BenchResult:
 def round_overhead(run_dir: RunDirectory) -> BenchResult:
     """Overhead ratios from a finished run's metrics (its configuration is described)."""
     config = run_dir.config()
-    rounds = [
-        r for r in run_dir.read_metrics() if r["event"] == "round" and not r.get("aborted")
-    ]
     rows = []
-    for record in rounds:
-        wall = float(record["train_phase_seconds"])
-        slowest = max(float(m["train-seconds"]) for m in record["train"].values())
-        rows.append((record["round"], wall, slowest, (wall - slowest) / wall))
+    for record in completed_rounds(run_dir.records()):
+        wall = float(record.train_phase_seconds)
+        slowest = max(float(m["train-seconds"]) for m in record.train.values())
+        rows.append((record.round, wall, slowest, (wall - slowest) / wall))
     steady = [ratio for number, _, _, ratio in rows if number > 1] or [rows[0][3]]
     numbers = {
         "round_overhead_ratio": mean(steady),

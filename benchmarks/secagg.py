@@ -65,6 +65,7 @@ from fedtune.core.secagg.wire import (
 )
 from fedtune.core.wire import METRICS, TRAIN, train_reply_content
 from fedtune.ops.demo import DemoOptions, run_demo
+from fedtune.server.records import completed_rounds
 from fedtune.server.run_dir import RunDirectory
 
 HOSPITALS = 10
@@ -279,18 +280,16 @@ def _wire_bytes(content: RecordDict, message_type: str) -> int:
 def round_shares(run_dir: RunDirectory) -> list[dict[str, Any]]:
     """Per round of a finished secure run: secure-aggregation seconds against wall seconds."""
     rows = []
-    for record in run_dir.read_metrics():
-        if record["event"] != "round" or record.get("aborted"):
-            continue
-        details = record["secure_aggregation"]
+    for record in completed_rounds(run_dir.records()):
+        details = record.secure_aggregation
         if not details.get("secure_aggregation"):
-            raise ValueError(f"round {record['round']} did not use secure aggregation")
+            raise ValueError(f"round {record.round} did not use secure aggregation")
         stages = ("keys", "shares", "unmask")
         exchanges = sum(details[f"secagg_{stage}_seconds"] for stage in stages)
-        hospitals = max(float(m["secagg-seconds"]) for m in record["train"].values())
+        hospitals = max(float(m["secagg-seconds"]) for m in record.train.values())
         secure = exchanges + details["unmask_compute_seconds"] + hospitals
-        wall = float(record["seconds"])
-        rows.append({"round": record["round"], "exchanges": exchanges,
+        wall = float(record.seconds or 0.0)
+        rows.append({"round": record.round, "exchanges": exchanges,
                      "unmask": details["unmask_compute_seconds"], "hospitals": hospitals,
                      "secure": secure, "wall": wall, "share": secure / wall})
     if not rows:

@@ -23,6 +23,7 @@ from fedtune.core.adapters import Adapter
 from fedtune.core.secagg.encoding import layout_size
 from fedtune.core.uploads import FFA_LORA, lora_upload_bytes, uploaded_tensors
 from fedtune.ops.demo import DemoOptions, run_demo
+from fedtune.server.records import RoundRecord
 from fedtune.server.run_dir import RunDirectory
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", FFA_LORA)
@@ -81,13 +82,13 @@ def _upload_bytes(adapter: Adapter, strategy: str) -> int:
 
 def _arm(run_dir: RunDirectory, summary: dict[str, Any], strategy: str) -> dict[str, Any]:
     config = run_dir.config()
-    rounds = [r for r in run_dir.read_metrics() if r["event"] == "round"]
-    aborted = [r["round"] for r in rounds if r.get("aborted")]
+    rounds = [r for r in run_dir.records() if isinstance(r, RoundRecord)]
+    aborted = [r.round for r in rounds if r.aborted]
     if aborted:
         raise RuntimeError(f"{strategy}: round(s) {aborted} aborted; see {run_dir.path}")
     epsilons = [v["epsilon"] for v in summary["privacy"]["per_hospital"].values()]
     return {
-        "validation": [float(r["validation"]["weighted"]["accuracy"]) for r in rounds],
+        "validation": [float((r.validation or {})["weighted"]["accuracy"]) for r in rounds],
         "base_test_accuracy": summary["base_test"]["weighted"]["accuracy"],
         "test_accuracy": summary["final_test"]["weighted"]["accuracy"],
         "test_loss": summary["final_test"]["weighted"]["loss"],

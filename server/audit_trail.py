@@ -15,6 +15,7 @@ from typing import Any
 from fedtune.core.adapters import Adapter, adapter_norm, adapter_sha256
 from fedtune.core.audit import AuditLog, canonical_sha256
 from fedtune.core.config import RunConfig
+from fedtune.server.records import RoundRecord
 from fedtune.server.run_dir import RunDirectory
 
 AUDIT_FILE = "audit.jsonl"
@@ -58,16 +59,16 @@ class CoordinatorAudit:
                                      "global_adapter_sha256": adapter_sha256(adapter),
                                      "sampled": sampled})
 
-    def participants(self, record: dict[str, Any]) -> None:
+    def participants(self, record: RoundRecord) -> None:
         """Who trained, who refused (with the hospital's reason), and their fingerprints."""
         self._append("participants", {
-            "round": record["round"], "attempt": record["attempt"],
-            "used": record["hospitals_used"], "refused": record["refused"],
-            "lineage": record.get("lineage", {}),
+            "round": record.round, "attempt": record.attempt,
+            "used": record.hospitals_used, "refused": record.refused,
+            "lineage": record.lineage,
         })
 
-    def aborted(self, record: dict[str, Any], reason: str) -> None:
-        self._append("round-aborted", {"round": record["round"], "attempt": record["attempt"],
+    def aborted(self, record: RoundRecord, reason: str) -> None:
+        self._append("round-aborted", {"round": record.round, "attempt": record.attempt,
                                        "reason": reason})
 
     def aggregate(self, server_round: int, mean_delta: Adapter, contributors: int) -> None:

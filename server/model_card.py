@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.core.config import RunConfig
+from fedtune.server.records import completed_rounds
 from fedtune.server.report import headline_metric
 from fedtune.server.run_dir import RunDirectory
 from fedtune.server.versions import list_versions
@@ -32,10 +33,8 @@ def model_card(
     """The card's Markdown (with YAML front matter) for the adapter of `server_round`."""
     config = run_dir.config()
     summary = run_dir.summary() if (run_dir.path / "summary.json").is_file() else {}
-    rounds = [r for r in run_dir.read_metrics() if r.get("event") == "round"]
-    completed = [r for r in rounds if not r.get("aborted")]
-    trained = [r for r in completed if r["round"] <= server_round]
-    hospitals = sorted({h for r in trained for h in r.get("hospitals_used", [])})
+    trained = [r for r in completed_rounds(run_dir.records()) if r.round <= server_round]
+    hospitals = sorted({h for r in trained for h in r.hospitals_used})
     everyone = set(hospitals)
     for split in ("base_test", "final_test"):
         everyone.update(summary.get(split, {}).get("per_hospital", {}))
@@ -43,8 +42,8 @@ def model_card(
     privacy: dict[str, Any] = {}
     lineage: dict[str, Any] = {}
     for record in trained:
-        privacy.update(record.get("privacy_per_hospital", {}))
-        lineage.update(record.get("lineage", {}))
+        privacy.update(record.privacy_per_hospital or {})
+        lineage.update(record.lineage)
     version = next((v for v in list_versions(run_dir) if v.server_round == server_round), None)
     metric = headline_metric(config.model.task)
     lines = [

@@ -1,42 +1,26 @@
-"""Resuming a stopped run: the last saved round's adapter, strategy state and base metrics."""
+"""Resuming a stopped run: its saved coordinator state, and the adapter and strategy state of
+the state's last completed round (nothing is replayed from metrics.jsonl)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from fedtune.core.adapters import Adapter
-from fedtune.server.collect import EvaluationResult
 from fedtune.server.run_dir import RunDirectory
+from fedtune.server.state import CoordinatorState
 from fedtune.strategies.registry import Strategy
 
 
 def restore_run(
     run_dir: RunDirectory, strategy: Strategy, say: Callable[[str], None]
-) -> tuple[int, Adapter, EvaluationResult]:
-    """The round to start at, the global adapter and the base evaluation of a stopped run."""
-    last = max(run_dir.saved_rounds(), default=-1)
-    if last < 0:
-        raise FileNotFoundError(f"{run_dir.path} has no saved round to resume from")
+) -> tuple[CoordinatorState, Adapter]:
+    """The coordinator state of a stopped run and its global adapter; the strategy's state
+    (e.g. FedAdam's moments) is loaded into `strategy`."""
+    state = run_dir.load_state()
+    last = state.completed_round
+    adapter = run_dir.load_adapter(last)  # names the saved rounds if this one is missing
     if last > 0:
         strategy.load_state_dict(run_dir.load_strategy_state(last))
-    base = EvaluationResult()
-    for record in run_dir.read_metrics():
-        if record.get("event") == "evaluate" and record.get("round") == 0:
-            base.per_hospital = record.get("per_hospital", {})
     say(f"Resuming {run_dir.path} after round {last}: global adapter and "
         f"{strategy.name} state restored.")
-    return last + 1, run_dir.load_adapter(last), base
-
-
-def attempts_started(run_dir: RunDirectory) -> dict[int, int]:
-    """Round → the highest attempt a run already started at it (from its round-start events).
-
-    A resumed run tries a round under the next attempt number, so no secure-aggregation
-    keys of a try the crashed coordinator started are ever asked for again.
-    """
-    started: dict[int, int] = {}
-    for record in run_dir.read_metrics():
-        if record.get("event") == "round-start":
-            server_round = int(record["round"])
-            started[server_round] = max(started.get(server_round, 0), int(record["attempt"]))
-    return started
+    return state, adapter

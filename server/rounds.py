@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
-from flwr.serverapp import Grid
 
 from fedtune.core.adapters import (
     Adapter,
@@ -33,8 +31,6 @@ from fedtune.core.wire import (
     EVALUATE,
     TRAIN,
     Job,
-    MalformedReply,
-    check_reply_size,
     parse_lineage,
     parse_metrics,
     parse_train_reply,
@@ -43,11 +39,14 @@ from fedtune.core.wire import (
 from fedtune.server.audit_trail import CoordinatorAudit
 from fedtune.server.client_privacy import client_level_guarantee
 from fedtune.server.collect import EvaluationResult, HospitalNames, Refusal, RoundCollection
+from fedtune.server.exchange import HospitalGrid, exchange, grid_node_ids
+from fedtune.server.records import EarlyStop, Evaluation, RoundRecord, RoundStarted, SumRevealed
 from fedtune.server.report import RoundReport, headline_metric
-from fedtune.server.resume import attempts_started, restore_run
+from fedtune.server.resume import restore_run
 from fedtune.server.run_dir import RunDirectory
 from fedtune.server.sampling import hospitals_for_round
 from fedtune.server.secure_round import collect_secure
+from fedtune.server.state import CoordinatorState
 from fedtune.server.tracking import ExperimentTracker
 from fedtune.server.versions import best_round, prune_versions
 from fedtune.server.views import ViewRecorder
@@ -60,7 +59,7 @@ class NotEnoughHospitals(RuntimeError):
 
 
 def run_federation(
-    grid: Grid,
+    grid: HospitalGrid,
     config: RunConfig,
     run_dir: RunDirectory,
     initial_adapter: Adapter,
@@ -69,17 +68,14 @@ def run_federation(
 ) -> dict[str, Any]:
     """Run all planned rounds; return (and save) the summary.
 
-    With `resume`, continue a run directory that stopped early: the global adapter and the
-    strategy's state (e.g. FedAdam's moments) of its last saved round are restored and the
-    next round starts; the base-model evaluation of the first start is reused.
+    With `resume`, continue a run directory that stopped early from its saved coordinator
+    state (server/state.py): the global adapter and the strategy's state (e.g. FedAdam's
+    moments) of its last completed round, its attempts, releases and base-model evaluation.
     """
     strategy = build_strategy(config.federation)
     settings = config.federation
     report = RoundReport(task=config.model.task, say=say)
     names = HospitalNames()
-    guarantees: dict[str, dict[str, float]] = {}  # latest (ε, δ) each hospital reported
-    participation: list[int] = []  # hospitals sampled per completed round (client-level ε)
-    connected: list[int] = []
 
     views = _view_recorder(config, initial_adapter)
     if not config.secure_aggregation.enabled:
@@ -91,50 +87,36 @@ def run_federation(
     else:
         config.secure_aggregation.require_threshold()
     if resume:
-        first_round, global_adapter, base = restore_run(run_dir, strategy, say)
-        for past in run_dir.read_metrics():
-            if past.get("event") == "sum-revealed":
-                participation.append(int(past["hospitals_sampled"]))
-                connected.append(int(past["hospitals_connected"]))
-            if past.get("event") == "round":
-                guarantees.update(past.get("privacy_per_hospital", {}))
+        state, global_adapter = restore_run(run_dir, strategy, say)
     else:
-        first_round, global_adapter = 1, initial_adapter
+        state, global_adapter = CoordinatorState(), initial_adapter
         run_dir.save_adapter(0, global_adapter)
         _wait_for_hospitals(grid, settings.min_hospitals, settings.wait_for_hospitals_s, say)
         base = _evaluate(grid, global_adapter, config, run_dir.run_id, 0, "test", names)
         report.evaluation("base model (before round 1), test split", base.per_hospital)
         _log_refusals(base.refusals, say)
-        run_dir.append_metrics({"event": "evaluate", "round": 0, "split": "test", **_flat(base)})
+        run_dir.log(_evaluation_record(base, 0, "test"))
+        state.base_test = _flat(base)
+        run_dir.save_state(state)
 
-    federation = _Federation(
-        grid, config, run_dir, strategy, names, views, report, say, guarantees, participation,
-        connected,
-    )
-    if resume:
-        for past in run_dir.read_metrics():
-            if past.get("event") == "round" and not past.get("aborted"):
-                federation.lineage.update(past.get("lineage", {}))
+    federation = _Federation(grid, config, run_dir, strategy, names, views, report, say, state)
     federation.audit.run_start(config, run_dir.run_id, resume)
-    tried = attempts_started(run_dir) if resume else {}
-    completed = first_round - 1
-    for server_round in range(first_round, settings.rounds + 1):
+    for server_round in range(state.completed_round + 1, settings.rounds + 1):
         # An aborted round is tried again (`federation.round_retries`) from the same global
         # adapter, once enough hospitals are connected: a hospital that dropped out and came
         # back takes part. Every try is a new attempt with fresh secure-aggregation keys.
         for _ in range(settings.round_retries + 1):
-            attempt = tried.get(server_round, 0) + 1
-            tried[server_round] = attempt
+            attempt = state.next_attempt(server_round)
             if attempt > 1:
                 say(f"Round {server_round}: attempt {attempt} (the previous one was aborted).")
             updated = federation.try_round(server_round, attempt, global_adapter)
             if updated is not None:
-                global_adapter, completed = updated, server_round
+                global_adapter = updated
                 break
         else:
             say(
                 f"Round {server_round} could not be completed in {settings.round_retries + 1} "
-                f"attempt(s); the global adapter stays that of round {completed} "
+                f"attempt(s); the global adapter stays that of round {state.completed_round} "
                 "(federation.round_retries sets how often an aborted round is tried again)."
             )
             continue
@@ -145,28 +127,26 @@ def run_federation(
             say(f"Early stopping after round {server_round}: the validation "
                 f"{headline_metric(config.model.task)} has not improved for {patience} "
                 f"round(s); the best is round {best} (what `fedtune export` takes).")
-            run_dir.append_metrics({"event": "early-stop", "round": server_round,
-                                    "best_round": best})
+            run_dir.log(EarlyStop(round=server_round, best_round=best))
             federation.audit.event("early-stop", {"round": server_round, "best_round": best})
             break
 
     final = _evaluate(grid, global_adapter, config, run_dir.run_id, settings.rounds, "test", names)
     _log_refusals(final.refusals, say)
-    run_dir.append_metrics(
-        {"event": "evaluate", "round": settings.rounds, "split": "test", **_flat(final)}
-    )
+    run_dir.log(_evaluation_record(final, settings.rounds, "test"))
+    client_level = client_level_guarantee(config, state.participation, state.connected)
     summary = {
         "task": config.model.task,
         "rounds": settings.rounds,
         "final_round": max(run_dir.saved_rounds()),
         "best_round": best_round(run_dir),
-        "lineage": federation.lineage,
-        "base_test": _flat(base),
+        "lineage": state.lineage,
+        "base_test": state.base_test,
         "final_test": _flat(final),
         "privacy": {
             "accountant": config.privacy.accountant,
-            "per_hospital": guarantees,
-            "client_level": client_level_guarantee(config, participation, connected),
+            "per_hospital": state.guarantees,
+            "client_level": client_level,
         },
     }
     federation.audit.event("run-end", {"final_round": summary["final_round"],
@@ -176,18 +156,19 @@ def run_federation(
     summary["audit_head"] = federation.audit.head
     federation.tracker.close()
     run_dir.save_summary(summary)
-    report.summary(base.per_hospital, final.per_hospital)
-    report.privacy(guarantees, config.privacy.accountant)
-    report.client_privacy(client_level_guarantee(config, participation, connected))
+    report.summary(state.base_test.get("per_hospital", {}), final.per_hospital)
+    report.privacy(state.guarantees, config.privacy.accountant)
+    report.client_privacy(client_level)
     return summary
 
 
 class _Federation:
-    """One run's coordinator state; `try_round` is one attempt at a round, top to bottom."""
+    """One run's collaborators around its `CoordinatorState`; `try_round` is one attempt at a
+    round, top to bottom."""
 
     def __init__(
         self,
-        grid: Grid,
+        grid: HospitalGrid,
         config: RunConfig,
         run_dir: RunDirectory,
         strategy: Strategy,
@@ -195,31 +176,28 @@ class _Federation:
         views: ViewRecorder | None,
         report: RoundReport,
         say: Callable[[str], None],
-        guarantees: dict[str, dict[str, float]],
-        participation: list[int],
-        connected: list[int],
+        state: CoordinatorState,
     ) -> None:
         self.grid, self.config, self.run_dir, self.strategy = grid, config, run_dir, strategy
         self.names, self.views, self.report, self.say = names, views, report, say
-        self.guarantees, self.participation, self.connected = guarantees, participation, connected
-        # Latest fingerprints of each hospital's training data and base model.
-        self.lineage: dict[str, dict[str, Any]] = {}
+        self.state = state
         self.audit = CoordinatorAudit(run_dir)
         self.tracker = ExperimentTracker(config.tracking, run_dir.run_id, config.to_dict())
 
     def try_round(self, server_round: int, attempt: int, global_adapter: Adapter) -> Adapter | None:
         """Train, aggregate, check, save and validate; None (adapter untouched) if aborted."""
         config, settings, run_dir, say = self.config, self.config.federation, self.run_dir, self.say
+        state = self.state
         started = time.perf_counter()
         available = _wait_for_hospitals(
             self.grid, settings.min_hospitals, settings.wait_for_hospitals_s, say
         )
         node_ids = hospitals_for_round(available, settings, config.train.seed, server_round)
         job = Job(server_round, config, run_dir.run_id, attempt=attempt)
-        # Logged before anyone is asked: a resumed run continues the attempt numbering.
-        start_record = {"event": "round-start", "round": server_round, "attempt": attempt,
-                        "global_adapter_sha256": adapter_sha256(global_adapter)}
-        run_dir.append_metrics(start_record)
+        # Saved before anyone is asked: a resumed run continues the attempt numbering.
+        run_dir.save_state(state)
+        run_dir.log(RoundStarted(round=server_round, attempt=attempt,
+                                 global_adapter_sha256=adapter_sha256(global_adapter)))
         self.audit.round_start(server_round, attempt, global_adapter,
                                [self.names.known(n) for n in node_ids])
         if config.secure_aggregation.enabled:
@@ -234,32 +212,29 @@ class _Federation:
         train_phase_seconds = time.perf_counter() - started
         _log_refusals(refusals, say)
         self._note_hospital_reports(train_metrics)
-        record: dict[str, Any] = {
-            "event": "round",
-            "round": server_round,
-            "attempt": attempt,
-            "hospitals_asked": len(node_ids),
-            "hospitals_connected": len(available),
-            "hospitals_sampled": len(node_ids),
-            "sampled_nodes": node_ids,
-            "sampled_hospitals": [self.names.known(n) for n in node_ids],
-            "hospitals_used": sorted(train_metrics),
-            "refused": {r.hospital: r.reason for r in refusals},
-            "train": train_metrics,
-            "train_phase_seconds": train_phase_seconds,
-            "secure_aggregation": collected.details,
-            "lineage": collected.lineage,
-        }
-        self.lineage.update(collected.lineage)
+        record = RoundRecord(
+            round=server_round,
+            attempt=attempt,
+            hospitals_asked=len(node_ids),
+            hospitals_connected=len(available),
+            hospitals_sampled=len(node_ids),
+            sampled_nodes=node_ids,
+            sampled_hospitals=[self.names.known(n) for n in node_ids],
+            hospitals_used=sorted(train_metrics),
+            refused={r.hospital: r.reason for r in refusals},
+            train=train_metrics,
+            train_phase_seconds=train_phase_seconds,
+            secure_aggregation=collected.details,
+            lineage=collected.lineage,
+        )
         self.audit.participants(record)
         if collected.sum_revealed:
-            # Logged before anything else can fail: a crash after this line and a resumed
+            # Saved before anything else can fail: a crash after this line and a resumed
             # run that redoes the round count as two releases, as they are.
-            self.participation.append(len(node_ids))
-            self.connected.append(len(available))
-            run_dir.append_metrics({"event": "sum-revealed", "round": server_round,
-                                    "hospitals_sampled": len(node_ids),
-                                    "hospitals_connected": len(available)})
+            state.released(server_round, len(node_ids), len(available))
+            run_dir.save_state(state)
+            run_dir.log(SumRevealed(round=server_round, hospitals_sampled=len(node_ids),
+                                    hospitals_connected=len(available)))
         if collected.update is None:
             self._abort(record, collected.abort_reason)
             return None
@@ -269,7 +244,7 @@ class _Federation:
                 "keys; their masks were removed with the other hospitals' shares")
         try:
             global_adapter = self.strategy.apply(global_adapter, update)
-            record["aggregate_seconds"] = time.perf_counter() - started - train_phase_seconds
+            record.aggregate_seconds = time.perf_counter() - started - train_phase_seconds
         except UpdateRejected as exc:
             self._abort(record, str(exc))
             return None
@@ -278,30 +253,29 @@ class _Federation:
         run_dir.save_strategy_state(server_round, self.strategy.state_dict())
         run_dir.save_adapter(server_round, global_adapter)
         self.audit.checkpoint(server_round, global_adapter)
-        record["privacy_per_hospital"] = {
-            h: self.guarantees[h] for h in train_metrics if h in self.guarantees
+        record.privacy_per_hospital = {
+            h: state.guarantees[h] for h in train_metrics if h in state.guarantees
         }
-        client_level = client_level_guarantee(config, self.participation, self.connected)
+        client_level = client_level_guarantee(config, state.participation, state.connected)
         if client_level:
-            record["client_level_privacy"] = client_level
-        self.audit.privacy(server_round, record["privacy_per_hospital"], client_level)
+            record.client_level_privacy = client_level
+        self.audit.privacy(server_round, record.privacy_per_hospital, client_level)
         validation = _evaluate(
             self.grid, global_adapter, config, run_dir.run_id, server_round, "validation",
             self.names,
         )
         _log_refusals(validation.refusals, say)
+        # The new resume point: its adapter and strategy state are on disk.
+        state.completed(server_round, validation.weighted, collected.lineage)
+        run_dir.save_state(state)
         seconds = time.perf_counter() - started
-        record.update(
-            {
-                "aggregate_norm": adapter_norm(update.mean_delta()),
-                "global_adapter_sha256": adapter_sha256(global_adapter),
-                "validation": _flat(validation),
-                "seconds": seconds,
-            }
-        )
-        run_dir.append_metrics(record)
+        record.aggregate_norm = adapter_norm(update.mean_delta())
+        record.global_adapter_sha256 = adapter_sha256(global_adapter)
+        record.validation = _flat(validation)
+        record.seconds = seconds
+        run_dir.log(record)
         self.audit.validation(server_round, dict(validation.weighted))
-        epsilons = [g["epsilon"] for g in record["privacy_per_hospital"].values()]
+        epsilons = [g["epsilon"] for g in record.privacy_per_hospital.values()]
         self.tracker.log_round(server_round, {
             **{f"validation/{k}": float(v) for k, v in validation.weighted.items()},
             "round/seconds": seconds, "round/hospitals": float(len(train_metrics)),
@@ -310,9 +284,10 @@ class _Federation:
         self.report.round(server_round, train_metrics, validation.per_hospital, seconds)
         return global_adapter
 
-    def _abort(self, record: dict[str, Any], reason: str) -> None:
-        self.say(f"Round {record['round']} aborted: {reason}. The global adapter is unchanged.")
-        self.run_dir.append_metrics({**record, "aborted": True, "reason": reason})
+    def _abort(self, record: RoundRecord, reason: str) -> None:
+        self.say(f"Round {record.round} aborted: {reason}. The global adapter is unchanged.")
+        record.aborted, record.reason = True, reason
+        self.run_dir.log(record)
         self.audit.aborted(record, reason)
 
     def _note_hospital_reports(self, train_metrics: dict[str, dict[str, float]]) -> None:
@@ -320,7 +295,7 @@ class _Federation:
         clip, cap = secure.clip_norm, secure.max_weight
         for hospital, metrics in sorted(train_metrics.items()):
             if metrics.get("dp", 0.0) > 0:
-                self.guarantees[hospital] = {
+                self.state.guarantees[hospital] = {
                     key: metrics[key] for key in ("epsilon", "delta", "epsilon-budget")
                 }
             if metrics.get("skipped-lines", 0) > 0:
@@ -335,7 +310,7 @@ class _Federation:
 
 
 def _collect_plain(
-    grid: Grid,
+    grid: HospitalGrid,
     node_ids: list[int],
     reference: Adapter,
     job: Job,
@@ -344,38 +319,24 @@ def _collect_plain(
 ) -> RoundCollection:
     """Secure aggregation off: every delta arrives in clear and is summed here."""
     global_adapter, reference = reference, uploaded(reference, job.config)
-    messages = [
-        Message(
-            request_content(global_adapter, job),
-            dst_node_id=node_id,
-            message_type=TRAIN,
-            group_id=str(job.server_round),
-        )
-        for node_id in node_ids
-    ]
-    replies = grid.send_and_receive(messages, timeout=job.config.federation.round_timeout_s)
-    out = RoundCollection(details={"secure_aggregation": False})
+
+    def parse(reply: Any) -> tuple[Adapter, dict[str, float], dict[str, Any]]:
+        delta, reply_metrics = parse_train_reply(reply)
+        lineage = parse_lineage(reply)
+        check_update(delta, reference, names.of(reply))
+        return delta, reply_metrics, lineage
+
+    content = request_content(global_adapter, job)
+    result = exchange(
+        grid, names, dict.fromkeys(node_ids, content), TRAIN, str(job.server_round),
+        job.config.federation.round_timeout_s, job.config.federation.max_reply_mb, parse,
+        stage="training",
+    )
+    out = RoundCollection(details={"secure_aggregation": False}, refusals=result.refusals)
     deltas: list[Adapter] = []
     weights: list[float] = []
-    for reply in replies:
-        hospital = names.of(reply)
-        if reply.has_error():
-            out.refusals.append(
-                Refusal(hospital, reply.error.reason or f"error {reply.error.code}")
-            )
-            continue
-        try:
-            check_reply_size(reply, job.config.federation.max_reply_mb)
-            delta, reply_metrics = parse_train_reply(reply)
-            lineage = parse_lineage(reply)
-            check_update(delta, reference, hospital)
-        except (MalformedReply, UpdateRejected) as exc:
-            reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
-            out.refusals.append(Refusal(hospital, reason))
-            continue
-        if hospital in out.train_metrics:
-            out.refusals.append(Refusal(hospital, "sent more than one update this round"))
-            continue
+    for hospital, answer in result.answers.items():
+        delta, reply_metrics, lineage = answer.parsed
         if views is not None:
             buffer = io.BytesIO()
             np.save(buffer, flatten(delta, reference).astype(np.float32))
@@ -412,7 +373,7 @@ def _view_recorder(config: RunConfig, reference: Adapter) -> ViewRecorder | None
 
 
 def _evaluate(
-    grid: Grid,
+    grid: HospitalGrid,
     adapter: Adapter,
     config: RunConfig,
     run_id: str,
@@ -420,36 +381,23 @@ def _evaluate(
     split: str,
     names: HospitalNames,
 ) -> EvaluationResult:
-    messages = [
-        Message(
-            request_content(adapter, Job(server_round, config, run_id, split=split)),
-            dst_node_id=node_id,
-            message_type=EVALUATE,
-            group_id=f"{server_round}-{split}",
-        )
-        for node_id in grid.get_node_ids()
-    ]
-    result = EvaluationResult()
-    for reply in grid.send_and_receive(messages, timeout=config.federation.round_timeout_s):
-        hospital = names.of(reply)
-        if reply.has_error():
-            result.refusals.append(Refusal(hospital, reply.error.reason or "evaluation failed"))
-            continue
-        try:
-            check_reply_size(reply, config.federation.max_reply_mb)
-            result.per_hospital[hospital] = parse_metrics(reply)
-        except MalformedReply as exc:
-            result.refusals.append(Refusal(hospital, str(exc)))
-    return result
+    content = request_content(adapter, Job(server_round, config, run_id, split=split))
+    result = exchange(
+        grid, names, dict.fromkeys(grid_node_ids(grid), content), EVALUATE,
+        f"{server_round}-{split}", config.federation.round_timeout_s,
+        config.federation.max_reply_mb, parse_metrics, stage=f"{split} evaluation",
+    )
+    per_hospital = {hospital: answer.parsed for hospital, answer in result.answers.items()}
+    return EvaluationResult(per_hospital=per_hospital, refusals=result.refusals)
 
 
 def _wait_for_hospitals(
-    grid: Grid, minimum: int, timeout_s: float, say: Callable[[str], None]
+    grid: HospitalGrid, minimum: int, timeout_s: float, say: Callable[[str], None]
 ) -> list[int]:
     deadline = time.monotonic() + timeout_s
     announced = False
     while True:
-        node_ids = sorted(grid.get_node_ids())
+        node_ids = grid_node_ids(grid)
         if len(node_ids) >= minimum:
             return node_ids
         if time.monotonic() > deadline:
@@ -461,6 +409,10 @@ def _wait_for_hospitals(
             say(f"Waiting for hospitals: {len(node_ids)} of at least {minimum} connected...")
             announced = True
         time.sleep(1.0)
+
+
+def _evaluation_record(result: EvaluationResult, server_round: int, split: str) -> Evaluation:
+    return Evaluation(round=server_round, split=split, **_flat(result))
 
 
 def _flat(result: EvaluationResult) -> dict[str, Any]:

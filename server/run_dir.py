@@ -7,7 +7,8 @@
   strategy/round-0001.json          the strategy's state after each round: its JSON
   strategy/round-0001.safetensors   metadata, and its moment arrays (if it has any)
   strategy-state.json      the same JSON as strategy/round-NNNN.json of the latest round
-  metrics.jsonl            one JSON object per round and per evaluation
+  coordinator-state.json   the coordinator's state (server/state.py): what resume loads
+  metrics.jsonl            one JSON object per round and per evaluation (server/records.py)
   summary.json             base vs final metrics, per hospital and weighted
 ```
 Every file is written to a temporary name and renamed into place, so a coordinator killed
@@ -29,6 +30,8 @@ from safetensors.numpy import load, load_file, save, save_file
 
 from fedtune.core.adapters import Adapter
 from fedtune.core.config import RunConfig
+from fedtune.server.records import LogRecord, record_from_json, record_to_json
+from fedtune.server.state import CoordinatorState, StateError
 
 _ROUND_FILE = re.compile(r"^round-(\d{4})\.safetensors$")
 _STRATEGY_FILE = re.compile(r"^round-(\d{4})\.json$")
@@ -152,16 +155,47 @@ class RunDirectory:
         rounds = (_STRATEGY_FILE.match(p.name) for p in self.strategy_dir.iterdir())
         return sorted(int(m.group(1)) for m in rounds if m)
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        """One JSON line per event; appended, so a crash loses at most the last line."""
+    def log(self, record: LogRecord) -> None:
+        """One JSON line per record; appended, so a crash loses at most the last line."""
         with self.metrics_file.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.write(json.dumps(record_to_json(record), sort_keys=True) + "\n")
+
+    def records(self) -> list[LogRecord]:
+        """The metrics log as typed records, in the order they happened."""
+        where = str(self.metrics_file)
+        return [record_from_json(line, f"{where}:{number}")
+                for number, line in enumerate(self.read_metrics(), start=1)]
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The metrics log's raw JSON objects (for tools that print or export it)."""
         if not self.metrics_file.is_file():
             return []
         lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line.strip()]
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "coordinator-state.json"
+
+    def save_state(self, state: CoordinatorState) -> None:
+        """Atomically replace the saved coordinator state."""
+        text = json.dumps(state.state_dict(), indent=2, sort_keys=True, allow_nan=False)
+        _atomic_write(self.state_file, text.encode())
+
+    def load_state(self) -> CoordinatorState:
+        """The saved coordinator state (a run that never got past its set-up has none)."""
+        if not self.state_file.is_file():
+            raise StateError(
+                f"{self.path} has no coordinator-state.json: the run stopped before its first "
+                "evaluation, or an earlier fedtune release started it; start a new run"
+            )
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise StateError(f"{self.state_file} is not valid JSON: {exc}") from None
+        state = CoordinatorState()
+        state.load_state_dict(saved)
+        return state
 
     def save_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2).encode())

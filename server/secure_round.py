@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MetricRecord
-from flwr.serverapp import Grid
 
 from fedtune.core.adapters import Adapter, adapter_norm
 from fedtune.core.config import RunConfig
@@ -51,24 +49,24 @@ from fedtune.core.secagg.wire import (
 from fedtune.core.update_rules import honest_sum_norm_bound, secure_codec, uploaded
 from fedtune.core.wire import (
     GLOBAL_ADAPTER,
-    METRICS,
     Job,
-    MalformedReply,
     adapter_to_record,
-    check_reply_size,
     parse_lineage,
+    parse_optional_metrics,
 )
 from fedtune.server.collect import HospitalNames, Refusal, RoundCollection
+from fedtune.server.exchange import HospitalGrid, Reply, exchange
 from fedtune.server.views import ViewRecorder
 from fedtune.strategies.aggregate import AggregateUpdate
 
 
 class _Stage:
-    """Sends one stage's messages and sorts the replies into answers and refusals."""
+    """One secure-aggregation stage's exchange (server.exchange), its refusals and timing
+    recorded in the round's collection."""
 
     def __init__(
         self,
-        grid: Grid,
+        grid: HospitalGrid,
         names: HospitalNames,
         server_round: int,
         out: RoundCollection,
@@ -82,52 +80,22 @@ class _Stage:
         requests: dict[int, Any],
         message_type: str,
         timeout: float,
-        parse: Callable[[Message], Any],
-    ) -> dict[str, tuple[int, Any, Message]]:
+        parse: Callable[[Reply], Any],
+    ) -> dict[str, tuple[int, Any, Reply]]:
         """hospital → (node id, parsed reply, reply) for every usable reply."""
-        messages = [
-            Message(
-                content, dst_node_id=node_id, message_type=message_type, group_id=str(self.round)
-            )
-            for node_id, content in requests.items()
-        ]
-        started = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        answers: dict[str, tuple[int, Any, Message]] = {}
-        for reply in replies:
-            hospital = self.names.of(reply)
-            node_id = reply.metadata.src_node_id
-            if node_id not in requests:
-                continue  # not asked in this stage: ignore, never trust
-            if reply.has_error():
-                reason = reply.error.reason or f"error {reply.error.code}"
-                self.out.refusals.append(Refusal(hospital, reason))
-                continue
-            try:
-                check_reply_size(reply, self.max_reply_mb)
-                parsed = parse(reply)
-            except (MalformedReply, ValueError, KeyError, TypeError) as exc:
-                self.out.refusals.append(
-                    Refusal(hospital, f"malformed {message_type} reply: {exc}")
-                )
-                continue
-            if hospital in answers:
-                self.out.refusals.append(Refusal(hospital, "answered twice in one stage"))
-                continue
-            answers[hospital] = (node_id, parsed, reply)
-        answered = {reply.metadata.src_node_id for reply in replies}
-        for node_id in sorted(set(requests) - answered):
-            stage = message_type.split(".")[-1].removeprefix("secagg_")
-            self.out.refusals.append(
-                Refusal(self.names.known(node_id), f"no reply in the {stage} stage (dropped out)")
-            )
-        key = message_type.split(".")[-1] + "_seconds"
-        self.out.details[key] = time.perf_counter() - started
-        return answers
+        name = message_type.split(".")[-1]
+        result = exchange(
+            self.grid, self.names, requests, message_type, str(self.round), timeout,
+            self.max_reply_mb, parse, stage=name.removeprefix("secagg_"),
+            malformed=lambda exc: f"malformed {message_type} reply: {exc}",
+        )
+        self.out.refusals.extend(result.refusals)
+        self.out.details[name + "_seconds"] = result.seconds
+        return {h: (a.node_id, a.parsed, a.reply) for h, a in result.answers.items()}
 
 
 def collect_secure(
-    grid: Grid,
+    grid: HospitalGrid,
     node_ids: Sequence[int],
     global_adapter: Adapter,
     job: Job,
@@ -186,13 +154,13 @@ def collect_secure(
         content = job_content(job, **{INBOX: inbox_record(mask_set, inbox)})
         content[GLOBAL_ADAPTER] = adapter_to_record(global_adapter)
         requests[node_of[hospital]] = content
-    def masked_input(reply: Message) -> np.ndarray:
+    def masked_input(reply: Reply) -> np.ndarray:
         parse_lineage(reply)  # a malformed fingerprint record refuses the reply too
         return parse_masked(reply, length)
 
     masked = stage.exchange(requests, MASKED, slow, masked_input)
     for hospital, (_, _, reply) in masked.items():
-        out.train_metrics[hospital] = _metrics(reply)
+        out.train_metrics[hospital] = parse_optional_metrics(reply)
         out.lineage[hospital] = parse_lineage(reply)
         if views is not None:
             views.received(job.server_round, hospital, masked_payload_bytes(reply), "uint32")
@@ -233,11 +201,11 @@ def collect_secure(
 def _unmask(
     job: Job,
     threshold: int,
-    adverts: dict[str, tuple[int, Advertisement, Message]],
+    adverts: dict[str, tuple[int, Advertisement, Reply]],
     mask_set: list[str],
-    outboxes: dict[str, tuple[int, Any, Message]],
-    masked: dict[str, tuple[int, Any, Message]],
-    revealed: dict[str, tuple[int, Any, Message]],
+    outboxes: dict[str, tuple[int, Any, Reply]],
+    masked: dict[str, tuple[int, Any, Reply]],
+    revealed: dict[str, tuple[int, Any, Reply]],
 ) -> np.ndarray:
     return unmask_sum(
         UnmaskInputs(
@@ -250,11 +218,6 @@ def _unmask(
             revealed={h: r for h, (_, r, _) in revealed.items()},
         )
     )
-
-
-def _metrics(reply: Message) -> dict[str, float]:
-    record: MetricRecord | None = reply.content.metric_records.get(METRICS)
-    return {k: float(v) for k, v in (record or {}).items()}  # type: ignore[arg-type]
 
 
 def _too_few(count: int, needed: int, what: str) -> str:

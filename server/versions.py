@@ -12,13 +12,13 @@ cost, as they must.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from fedtune.core.adapters import adapter_sha256
 from fedtune.server.audit_trail import CoordinatorAudit
+from fedtune.server.records import Rollback
 from fedtune.server.report import headline_metric
 from fedtune.server.run_dir import RunDirectory
 
@@ -38,11 +38,11 @@ class AdapterVersion:
 
 
 def _validation_by_round(run_dir: RunDirectory) -> dict[int, dict[str, float]]:
-    validation: dict[int, dict[str, float]] = {}
-    for record in run_dir.read_metrics():
-        if record.get("event") == "round" and "validation" in record:
-            validation[int(record["round"])] = dict(record["validation"].get("weighted", {}))
-    return validation
+    """Weighted validation per completed round, from the coordinator state (none before the
+    run's first evaluation)."""
+    if not run_dir.state_file.is_file():
+        return {}
+    return run_dir.load_state().validation
 
 
 def list_versions(run_dir: RunDirectory) -> list[AdapterVersion]:
@@ -136,15 +136,18 @@ def roll_back(run_dir: RunDirectory, to_round: int) -> list[int]:
         state = run_dir.strategy_dir / f"round-{to_round:04d}.json"
         if state.is_file():
             (run_dir.path / "strategy-state.json").write_bytes(state.read_bytes())
-    record: dict[str, Any] = {
-        "event": "rollback",
-        "to_round": to_round,
-        "moved_rounds": later,
-        "moved_to": str(aside.relative_to(run_dir.path)) if later else None,
-        "adapter_sha256": adapter_sha256(run_dir.load_adapter(to_round)),
-    }
-    run_dir.append_metrics(record)
-    CoordinatorAudit(run_dir).event("rollback", {k: v for k, v in record.items() if k != "event"})
+    record = Rollback(
+        to_round=to_round,
+        moved_rounds=later,
+        moved_to=str(aside.relative_to(run_dir.path)) if later else None,
+        adapter_sha256=adapter_sha256(run_dir.load_adapter(to_round)),
+    )
+    if run_dir.state_file.is_file():  # a resumed run continues from to_round
+        coordinator = run_dir.load_state()
+        coordinator.rolled_back(to_round)
+        run_dir.save_state(coordinator)
+    run_dir.log(record)
+    CoordinatorAudit(run_dir).event("rollback", asdict(record))
     return later
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.core.update_rules import secure_codec
+from fedtune.server.records import RoundRecord
 from fedtune.server.run_dir import RunDirectory
 from fedtune.simulations.results import ArmResult
 
@@ -58,9 +59,9 @@ def compare_round_one(plain_dir: Path, secure_dir: Path) -> SecaggComparison:
         raise ValueError(f"{plain_dir} and {secure_dir} have different adapter tensors")
     difference = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     config = secure.config()
-    first = next(r for r in plain.read_metrics() if r.get("event") == "round")
-    used = first["hospitals_used"]
-    weight_sum = sum(first["train"][h]["num-examples"] for h in used)
+    first = next(r for r in plain.records() if isinstance(r, RoundRecord))
+    used = first.hospitals_used
+    weight_sum = sum(first.train[h]["num-examples"] for h in used)
     weight_sum = min(weight_sum, len(used) * config.secure_aggregation.max_weight)
     codec = secure_codec(config, len(used))
     step = config.federation.server_learning_rate

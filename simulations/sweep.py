@@ -392,6 +392,7 @@ def _run_federated(
 ) -> None:
     from fedtune.client.session import model_for
     from fedtune.ops.launch import LaunchPlan, launch
+    from fedtune.server.records import completed_rounds
     from fedtune.server.run_dir import RunDirectory
     from fedtune.simulations.baselines import load_test_set, score
 
@@ -424,12 +425,10 @@ def _run_federated(
         raise ConfigError("no round completed (every round was aborted); see the run's log")
     result.final_metric = result.curve[-1][1]
     result.test_fingerprint = test.fingerprint
-    for record in directory.read_metrics():
-        if record.get("event") != "round" or record.get("aborted"):
-            continue
-        for hospital, privacy in record.get("privacy_per_hospital", {}).items():
+    for record in completed_rounds(directory.records()):
+        for hospital, privacy in (record.privacy_per_hospital or {}).items():
             result.hospital_epsilon.setdefault(hospital, []).append(
-                (int(record["round"]), float(privacy["epsilon"]))
+                (record.round, float(privacy["epsilon"]))
             )
     spent = [eps for points in result.hospital_epsilon.values() for _r, eps in points]
     result.achieved_epsilon = max(spent) if spent else None

@@ -218,7 +218,7 @@ def test_a_node_file_carries_the_hospitals_pins_to_its_clientapp(tmp_path: Path)
         '[node]\nhospital = "st-anna"\ncoordinator = "127.0.0.1:9443"\ninsecure = true\n'
         'data = "ward.jsonl"\nprivacy_ledger = "ledger.json"\nprivacy_epsilon_budget = 8\n'
         f'allowed_model_sha256 = "{"a" * 64}"\nallowed_strategies = "fedavg,fedprox"\n'
-        'max_epsilon = 4.0\npii_acknowledged = true\n'
+        'max_epsilon = 4.0\npii_acknowledged = true\nsecagg_min_threshold = 3\n'
     )
     text = node_config_string(load_node_settings(node))
     for expected in (f'allowed-model-sha256="{"a" * 64}"', 'allowed-strategies="fedavg,fedprox"',
@@ -236,7 +236,12 @@ def test_a_node_file_carries_the_hospitals_pins_to_its_clientapp(tmp_path: Path)
     assert settings.max_epsilon == 4.0 and settings.privacy_epsilon_budget == 8.0
     assert settings.pii_acknowledged and not settings.share_data_summary
     assert settings.allowed_model_sha256 == "a" * 64 and not settings.allow_plain_updates
-    node.write_text(node.read_text() + "allowed_models = 'x'\n")
+    assert settings.secagg_min_threshold == 3
+    text = node.read_text()
+    node.write_text(text.replace("secagg_min_threshold = 3", "secagg_min_threshold = 1"))
+    with pytest.raises(ConfigError, match="node.toml: .node. node setting secagg-min-threshold"):
+        load_node_settings(node)
+    node.write_text(text + "allowed_models = 'x'\n")
     with pytest.raises(ConfigError, match="unknown key 'allowed_models'.*allowed_strategies"):
         load_node_settings(node)
 

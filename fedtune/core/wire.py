@@ -174,6 +174,13 @@ def parse_metrics(message: Message) -> dict[str, float]:
     return {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]
 
 
+def parse_optional_metrics(message: Message) -> dict[str, float]:
+    """The metrics record of a reply, or {} when it sent none (a masked-input reply may)."""
+    if METRICS not in message.content.metric_records:
+        return {}
+    return parse_metrics(message)
+
+
 def lineage_record(lineage: dict[str, str | int]) -> ConfigRecord:
     """A hospital's fingerprints (hashes, and counts only where its admin shares them)."""
     return ConfigRecord(dict(lineage))

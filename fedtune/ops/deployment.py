@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.client.node_settings import NodeSettings as HospitalNodeSettings
+from fedtune.client.node_settings import parse_node_settings
 from fedtune.core.config import ConfigError
 from fedtune.core.toml_files import check_tables, read_toml, scalar
 from fedtune.ops.simulation import (
@@ -287,7 +288,7 @@ _NODE_KEYS = {
     "allow_plain_updates": bool, "allowed_model": str, "insecure": bool,
     "join_timeout_s": float, "allowed_model_sha256": str, "allowed_strategies": str,
     "max_epsilon": float, "allowed_app_sha256": str, "pii_acknowledged": bool,
-    "audit_log": str, "share_data_summary": bool,
+    "audit_log": str, "share_data_summary": bool, "secagg_min_threshold": int,
 }
 _NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
 _NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
@@ -341,6 +342,9 @@ class NodeSettings:
     # The hospital's own log of what it sent and refused (hashes only); default: beside the
     # privacy ledger.
     audit_log: str = ""
+    # The lowest secure-aggregation threshold this node accepts; 0 = a majority of the
+    # enrolled hospitals (lower it only for federations that sample hospitals per round).
+    secagg_min_threshold: int = 0
 
 
 def load_node_settings(path: Path) -> NodeSettings:
@@ -366,7 +370,12 @@ def load_node_settings(path: Path) -> NodeSettings:
         )
     if values["privacy_epsilon_budget"] <= 0:
         raise ConfigError(f"{path}: [node] privacy_epsilon_budget must be > 0.")
-    return NodeSettings(**values)
+    settings = NodeSettings(**values)
+    try:  # what the ClientApp will check, checked now: the node refuses to start instead
+        parse_node_settings(hospital_node_settings(settings).to_node_config())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: [node] {exc}") from None
+    return settings
 
 
 def hospital_node_settings(settings: NodeSettings) -> HospitalNodeSettings:
@@ -389,6 +398,7 @@ def hospital_node_settings(settings: NodeSettings) -> HospitalNodeSettings:
         enrollment=Path(settings.enrollment) if settings.enrollment else None,
         pii_acknowledged=settings.pii_acknowledged,
         share_data_summary=settings.share_data_summary,
+        secagg_min_threshold=settings.secagg_min_threshold or None,
         audit_log=Path(settings.audit_log or Path(settings.privacy_ledger).with_name(
             f"{settings.hospital}-audit.jsonl")),
     )
