@@ -4,8 +4,8 @@ Three measurements, side by side in one run:
 
 1. Upload bytes. 10 hospitals, a 10 MB fp32 delta each (2,621,440 values in ten LoRA-like
    tensors: r=64 A/B pairs of a 4096-wide model on five layers). The pure protocol runs in
-   memory and every hospital's four stage replies are built with the same wire helpers the
-   ClientApp uses (`fedtune.secagg_wire`), then serialized the way Flower 1.41 ships a
+   memory and every hospital's five stage replies are built with the same wire helpers the
+   ClientApp uses (`fedtune.core.secagg.wire`), then serialized the way Flower 1.41 ships a
    reply: the message is deflated into its object tree (Message → RecordDict → records →
    Arrays → 5 MB ArrayChunks, `get_all_nested_objects`), and the bytes of every object are
    summed. The plain-mode train reply (`fedtune.core.wire.train_reply_content`, same delta and
@@ -21,7 +21,7 @@ Three measurements, side by side in one run:
    the plain weighted sum every time.
 3. Round share. The demo (3 hospitals, DP-SGD and secure aggregation on, 2 rounds) on the
    real Flower simulation engine; from the coordinator's metrics, per round, secure
-   aggregation time = the three extra stage exchanges + unmask computation + the slowest
+   aggregation time = the four extra stage exchanges + unmask computation + the slowest
    hospital's own crypto time, against the whole round's wall time.
 """
 
@@ -50,6 +50,7 @@ from fedtune.core.secagg.fixed_point import FixedPointCodec, clip_to_norm
 from fedtune.core.secagg.primitives import round_context
 from fedtune.core.secagg.wire import (
     ADVERT,
+    CONFIRM,
     KEYS,
     MASKED,
     MASKED_INPUT,
@@ -57,11 +58,13 @@ from fedtune.core.secagg.wire import (
     REVEALED,
     SHARES,
     UNMASK,
+    VIEW_SIGNATURE,
     advert_record,
     masked_record,
     named,
     outbox_record,
     revealed_record,
+    view_signature_record,
 )
 from fedtune.core.wire import METRICS, TRAIN, train_reply_content
 from fedtune.ops.demo import DemoOptions, run_demo
@@ -76,6 +79,8 @@ DELTA_NORM = 3.5  # measured demo deltas have norm 2.8-4.2: no clipping
 REPEATS = 3  # complete rounds (fresh keys, shares and masks) per configuration
 UNMASK_REPEATS = 3  # unmasking of each round's inputs, timed this often (best kept)
 RUN_ID = "bench-secagg"
+CONFIG_SHA256 = hashlib.sha256(b"bench run configuration").hexdigest()
+ADAPTER_SHA256 = hashlib.sha256(b"bench global adapter").hexdigest()
 # Five layers × (lora_A r=64 × 4096, lora_B 4096 × r=64) = 2,621,440 values = 10 MiB fp32.
 SHAPES = {
     f"base_model.model.layers.{layer}.self_attn.q_proj.lora_{part}.weight": shape
@@ -126,6 +131,11 @@ def bench_secagg(work_dir: Path) -> BenchResult:
         "secagg_unmask_seconds": min(r.unmask_seconds for r in full),
         "secagg_unmask_seconds_one_dropout": min(r.unmask_seconds for r in one_out),
         "secagg_round_share": mean(row["share"] for row in shares),
+        # Stage 3b per hospital: sign the view + verify all survivors' views (in reveal).
+        "secagg_consistency_ms": 1000 * mean(
+            r.consistency_seconds[h] + r.reveal_seconds[h] for r in full
+            for h in r.consistency_seconds
+        ),
     }
     return BenchResult(numbers, _markdown(numbers, upload, full, one_out, shares))
 
@@ -137,6 +147,8 @@ class _Round:
     setup_seconds: dict[str, float] = field(default_factory=dict)
     mask_seconds: dict[str, float] = field(default_factory=dict)
     reveal_seconds: dict[str, float] = field(default_factory=dict)
+    # Stage 3b: signing the view; verifying all survivors' signatures is part of `reveal`.
+    consistency_seconds: dict[str, float] = field(default_factory=dict)
     unmask_seconds: float = 0.0
     replies: dict[str, dict[str, RecordDict]] = field(default_factory=dict)  # stage → name
     max_error: float = 0.0
@@ -152,8 +164,8 @@ def _secure_round(
     dropped: set[str],
     server_round: int,
 ) -> _Round:
-    """Run the four stages for every hospital and unmask; raise if the sum is wrong."""
-    out = _Round(replies={KEYS: {}, SHARES: {}, MASKED: {}, UNMASK: {}})
+    """Run the five stages for every hospital and unmask; raise if the sum is wrong."""
+    out = _Round(replies={KEYS: {}, SHARES: {}, MASKED: {}, CONFIRM: {}, UNMASK: {}})
     names = sorted(identities)
     enrollment = {name: key.public_key() for name, key in identities.items()}
     codec = FixedPointCodec(CLIP_NORM, MAX_WEIGHT, len(names))
@@ -161,7 +173,7 @@ def _secure_round(
     for name in names:
         started = time.perf_counter()
         states[name], adverts[name] = protocol.advertise(
-            identities[name], name, RUN_ID, server_round, 1
+            identities[name], name, RUN_ID, server_round, 1, CONFIG_SHA256
         )
         out.setup_seconds[name] = time.perf_counter() - started
         out.replies[KEYS][name] = named(RecordDict({ADVERT: advert_record(adverts[name])}), name)
@@ -184,7 +196,7 @@ def _secure_round(
         out.setup_seconds[name] += time.perf_counter() - started
         started = time.perf_counter()
         encoded = encode_input(deltas[name], reference, weights[name], codec)
-        masked[name] = protocol.mask(states[name], encoded.ring)
+        masked[name] = protocol.mask(states[name], encoded.ring, ADAPTER_SHA256)
         out.mask_seconds[name] = time.perf_counter() - started
         metrics: dict[str, int | float | list[int] | list[float]] = {
             **TRAIN_METRICS,
@@ -196,10 +208,19 @@ def _secure_round(
             {MASKED_INPUT: masked_record(masked[name]), METRICS: MetricRecord(metrics)}
         )
         out.replies[MASKED][name] = named(content, name)
+    signatures = {}
+    for name in survivors:  # stage 3b: each survivor signs its view of the round
+        started = time.perf_counter()
+        signatures[name] = protocol.confirm_view(states[name], identities[name], survivors,
+                                                 sorted(dropped), minimum_survivors=3)
+        out.consistency_seconds[name] = time.perf_counter() - started
+        content = RecordDict({VIEW_SIGNATURE: view_signature_record(signatures[name])})
+        out.replies[CONFIRM][name] = named(content, name)
     revealed = {}
     for name in survivors:
         started = time.perf_counter()
-        revealed[name] = protocol.reveal(states[name], survivors, sorted(dropped))
+        revealed[name] = protocol.reveal(states[name], survivors, sorted(dropped), signatures,
+                                         enrollment)
         out.reveal_seconds[name] = time.perf_counter() - started
         content = RecordDict({REVEALED: revealed_record(revealed[name])})
         out.replies[UNMASK][name] = named(content, name)
@@ -284,7 +305,7 @@ def round_shares(run_dir: RunDirectory) -> list[dict[str, Any]]:
         details = record.secure_aggregation
         if not details.get("secure_aggregation"):
             raise ValueError(f"round {record.round} did not use secure aggregation")
-        stages = ("keys", "shares", "unmask")
+        stages = ("keys", "shares", "confirm", "unmask")
         exchanges = sum(details[f"secagg_{stage}_seconds"] for stage in stages)
         hospitals = max(float(m["secagg-seconds"]) for m in record.train.values())
         secure = exchanges + details["unmask_compute_seconds"] + hospitals
@@ -313,7 +334,9 @@ def _markdown(
     stage_rows = "\n".join(
         f"| {label} (`{stage}`) | {upload[stage]:,.0f} | {upload[stage + '.proto']:,.0f} |"
         for label, stage in (("1 round keys", KEYS), ("2 encrypted shares", SHARES),
-                             ("3 masked input + metrics", MASKED), ("4 revealed shares", UNMASK))
+                             ("3 masked input + metrics", MASKED),
+                             ("3b signed view of the round", CONFIRM),
+                             ("4 revealed shares", UNMASK))
     )
     reveal = mean(s for r in full for s in r.reveal_seconds.values())
     share_rows = "\n".join(
@@ -329,7 +352,9 @@ def _markdown(
          "decrypt inbox", numbers["secagg_setup_seconds"]),
         ("hospital masking: clip, weight, fixed-point encode, self + 9 pairwise ChaCha20 "
          "masks", numbers["secagg_mask_seconds"]),
-        ("hospital revealing its shares", reveal),
+        ("hospital signing its view of the round (consistency check)",
+         mean(s for r in full for s in r.consistency_seconds.values())),
+        ("hospital verifying every survivor's signed view, then revealing its shares", reveal),
         ("coordinator unmask + decode, no dropout", numbers["secagg_unmask_seconds"]),
         ("coordinator unmask + decode, one hospital dropped after sharing",
          numbers["secagg_unmask_seconds_one_dropout"]),
@@ -338,7 +363,7 @@ def _markdown(
     return f"""## Secure aggregation (`fedtune bench secagg`)
 
 **Upload.** {HOSPITALS} hospitals, each with a 10 MiB fp32 delta ({PARAMETERS:,} values in
-{len(SHAPES)} LoRA-like tensors, r=64 × 4096). Each hospital's four stage replies are built
+{len(SHAPES)} LoRA-like tensors, r=64 × 4096). Each hospital's five stage replies are built
 with the ClientApp's wire helpers from an in-memory protocol run and sized as Flower 1.41
 ships them (the reply's deflated object tree: message, records, arrays, 5 MiB chunks);
 the plain-mode train reply (same delta and metrics) likewise. Protobuf `ByteSize()` of the
@@ -347,7 +372,7 @@ contents as a cross-check. Mean bytes per hospital:
 | reply | bytes on the wire | content protobuf bytes |
 |---|---|---|
 {stage_rows}
-| **all four secure stages** | {upload["secure_total"]:,.0f} | {upload["secure_total.proto"]:,.0f} |
+| **all five secure stages** | {upload["secure_total"]:,.0f} | {upload["secure_total.proto"]:,.0f} |
 | plain train reply (fp32 delta) | {upload["plain"]:,.0f} | {upload["plain.proto"]:,.0f} |
 | raw fp32 delta (4 × {PARAMETERS:,}) | {4 * PARAMETERS:,} | |
 
@@ -371,20 +396,24 @@ sum matched the plain weighted sum every time (largest error {error:.2e}, codec 
 `secagg_setup_seconds` = {numbers["secagg_setup_seconds"]:.4f};
 `secagg_mask_seconds` = **{numbers["secagg_mask_seconds"]:.3f}** (per hospital);
 `secagg_unmask_seconds` (goal ≤ 1 s) = **{numbers["secagg_unmask_seconds"]:.3f}**;
-`secagg_unmask_seconds_one_dropout` = **{numbers["secagg_unmask_seconds_one_dropout"]:.3f}**.
+`secagg_unmask_seconds_one_dropout` = **{numbers["secagg_unmask_seconds_one_dropout"]:.3f}**;
+`secagg_consistency_ms` (the consistency check per hospital: signing its view, then
+verifying all {HOSPITALS} survivors' signed views before revealing) =
+**{numbers["secagg_consistency_ms"]:.2f}**; its reply is the "3b" row above.
 
 **Round share.** The demo (3 hospitals, all-MiniLM-L6-v2 + LoRA r=8, DP-SGD and secure
 aggregation on, 2 rounds) on the Flower simulation engine. Per round, secure-aggregation
-time = the key, share and unmask stage exchanges + the coordinator's unmask computation +
+time = the key, share, confirm and unmask stage exchanges + the coordinator's unmask
+computation +
 the slowest hospital's own crypto time (key setup, share decryption, encoding and masking);
 wall = the whole round, evaluation included:
 
-| round | 3 extra exchanges (s) | unmask (s) | hospital crypto (s) | total (s) | wall (s) | share |
+| round | 4 extra exchanges (s) | unmask (s) | hospital crypto (s) | total (s) | wall (s) | share |
 |---|---|---|---|---|---|---|
 {share_rows}
 
 `secagg_round_share` (mean over rounds, goal ≤ 0.02) = **{numbers["secagg_round_share"]:.4f}**.
-The three extra exchanges dominate it, and they are dominated by the simulation engine's
+The four extra exchanges dominate it, and they are dominated by the simulation engine's
 message polling: Flower's `InMemoryGrid` checks for replies every 0.1 s (`pull_interval`),
 so each exchange costs about one interval whatever its payload. The cryptography itself
 takes milliseconds for the demo's small adapter.

@@ -227,4 +227,5 @@ def _settings_for_refusal(context: Context) -> NodeSettings:
 app.train("secagg_keys")(_refusing_on_problems(secure_stages.advertise_keys))
 app.train("secagg_shares")(_refusing_on_problems(secure_stages.share_keys))
 app.train("secagg_masked")(_refusing_on_problems(secure_stages.masked_input))
+app.train("secagg_confirm")(_refusing_on_problems(secure_stages.confirm_view))
 app.train("secagg_unmask")(_refusing_on_problems(secure_stages.reveal_shares))

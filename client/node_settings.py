@@ -56,6 +56,7 @@ class NodeSettings:
     identity_key: Path | None = None
     enrollment: Path | None = None
     secagg_min_threshold: int | None = None
+    secagg_min_survivors: int | None = None  # fewest survivors to unmask with (>= 3)
     # Governance: identifier-check findings accepted; data summary shared; own audit log.
     pii_acknowledged: bool = False
     share_data_summary: bool = False
@@ -108,6 +109,7 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "identity-key": ("identity_key", Path),
     "enrollment": ("enrollment", Path),
     "secagg-min-threshold": ("secagg_min_threshold", int),
+    "secagg-min-survivors": ("secagg_min_survivors", int),
     "pii-acknowledged": ("pii_acknowledged", bool),
     "share-data-summary": ("share_data_summary", bool),
     "audit-log": ("audit_log", Path),
@@ -146,6 +148,12 @@ def parse_node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
         raise NodeSettingsError(
             f"node setting {node_key('secagg_min_threshold')} must be a whole number >= 2, "
             f"got {settings.secagg_min_threshold}."
+        )
+    if settings.secagg_min_survivors is not None and settings.secagg_min_survivors < 3:
+        raise NodeSettingsError(
+            f"node setting {node_key('secagg_min_survivors')} must be a whole number >= 3 "
+            f"(with two survivors each can compute the other's update), got "
+            f"{settings.secagg_min_survivors}."
         )
     if settings.device not in _DEVICES:
         raise NodeSettingsError(

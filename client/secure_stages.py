@@ -1,4 +1,4 @@
-"""The hospital's side of secure aggregation: four ClientApp actions around one protocol.
+"""The hospital's side of secure aggregation: five ClientApp actions around one protocol.
 
 Each handler reads the stage's request, runs the pure protocol step, keeps the round's
 secrets in the node's own `context.state` (they never leave the hospital) and replies.
@@ -24,6 +24,8 @@ from fedtune.client.node_settings import NodeSettings, node_key, parse_node_sett
 from fedtune.client.outgoing import prepare_update
 from fedtune.client.secure_views import refuse_recording_outside_simulation
 from fedtune.client.session import HospitalIdentity, apply_node_settings, hospital_identity
+from fedtune.core.adapters import adapter_sha256
+from fedtune.core.audit import canonical_sha256
 from fedtune.core.config import ConfigError, RunConfig
 from fedtune.core.secagg import protocol
 from fedtune.core.secagg.encoding import encode_values
@@ -38,6 +40,7 @@ from fedtune.core.secagg.wire import (
     MASKED_INPUT,
     OUTBOX,
     REVEALED,
+    VIEW_SIGNATURE,
     advert_record,
     masked_record,
     named,
@@ -45,7 +48,9 @@ from fedtune.core.secagg.wire import (
     parse_inbox,
     parse_participants,
     parse_survivors,
+    parse_view_signatures,
     revealed_record,
+    view_signature_record,
 )
 from fedtune.core.update_rules import secure_codec, update_weight
 from fedtune.core.wire import JOB, LINEAGE, METRICS, Job, lineage_record, parse_request
@@ -69,7 +74,8 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     signing_key, _ = hospital_keys(node, job.config, identity)
     _refuse_reused_attempt(context, job)
     state, advert = protocol.advertise(
-        signing_key, identity.name, job.run_id, job.server_round, job.attempt
+        signing_key, identity.name, job.run_id, job.server_round, job.attempt,
+        canonical_sha256(job.config.to_dict()),
     )
     _save(context, state, job, time.perf_counter() - started)
     return _reply(msg, identity, {ADVERT: advert_record(advert)})
@@ -112,7 +118,8 @@ def masked_input(msg: Message, context: Context) -> Message:
     weight = update_weight(config, update.num_examples)
     prepared = prepare_update(update.delta, global_adapter, config, weight)
     codec = secure_codec(config, len(mask_set))
-    masked = protocol.mask(state, encode_values(prepared.values, weight, codec))
+    masked = protocol.mask(state, encode_values(prepared.values, weight, codec),
+                           adapter_sha256(global_adapter))
     spent += time.perf_counter() - started
     _save(context, state, job, spent)
     if weight < update.num_examples and not config.privacy.client_level:
@@ -137,13 +144,30 @@ def masked_input(msg: Message, context: Context) -> Message:
     )
 
 
-def reveal_shares(msg: Message, context: Context) -> Message:
-    """Stage 4: shares of survivors' self-masks and dropped hospitals' mask keys, once."""
+def confirm_view(msg: Message, context: Context) -> Message:
+    """Stage 3b: check who the coordinator says survived, and sign this hospital's view."""
     job = _job(msg)
-    identity = hospital_identity(parse_node_settings(context.node_config), job.config.data)
+    node = parse_node_settings(context.node_config)
+    identity = hospital_identity(node, job.config.data)
+    signing_key, _ = hospital_keys(node, job.config, identity)
     state, spent = _load(context, job)
     survivors, dropped = parse_survivors(msg)
-    shares = protocol.reveal(state, survivors, dropped)
+    signature = protocol.confirm_view(state, signing_key, survivors, dropped,
+                                      minimum_survivors(node, identity))
+    _save(context, state, job, spent)
+    return _reply(msg, identity, {VIEW_SIGNATURE: view_signature_record(signature)})
+
+
+def reveal_shares(msg: Message, context: Context) -> Message:
+    """Stage 4: shares of survivors' self-masks and dropped hospitals' mask keys, once, and
+    only after every survivor's signed view of the round matches this hospital's."""
+    job = _job(msg)
+    node = parse_node_settings(context.node_config)
+    identity = hospital_identity(node, job.config.data)
+    _, enrollment = hospital_keys(node, job.config, identity)
+    state, spent = _load(context, job)
+    survivors, dropped = parse_survivors(msg)
+    shares = protocol.reveal(state, survivors, dropped, parse_view_signatures(msg), enrollment)
     _save(context, state, job, spent)
     return _reply(msg, identity, {REVEALED: revealed_record(shares)})
 
@@ -162,6 +186,18 @@ def minimum_threshold(
     if identity.simulated:
         return 2
     return max(2, len(enrollment) // 2 + 1)
+
+
+def minimum_survivors(node: NodeSettings, identity: HospitalIdentity) -> int:
+    """The fewest survivors with which this hospital lets a round be unmasked.
+
+    Two survivors could each compute the other's update from the next global adapter, so a
+    deployed hospital needs 3 (or its admin's higher `secagg-min-survivors`). Simulated
+    hospitals are the researcher's own: 2.
+    """
+    if node.secagg_min_survivors is not None:  # >= 3, checked when parsed
+        return node.secagg_min_survivors
+    return 2 if identity.simulated else 3
 
 
 def hospital_keys(
@@ -238,7 +274,8 @@ def _save(context: Context, state: protocol.HospitalRound, job: Job, seconds: fl
 
 
 def _load(context: Context, job: Job) -> tuple[protocol.HospitalRound, float]:
-    """This round's secrets; a stage for a round this hospital never advertised is refused."""
+    """This round's secrets; a stage for a round this hospital never advertised, or under
+    another run configuration than it advertised with, is refused."""
     record = context.state.config_records.get(_STATE)
     if (
         record is None
@@ -253,7 +290,9 @@ def _load(context: Context, job: Job) -> tuple[protocol.HospitalRound, float]:
         )
     secrets = record["secrets"]
     assert isinstance(secrets, bytes)
-    return protocol.HospitalRound.from_bytes(secrets), float(record["seconds"])  # type: ignore[arg-type]
+    state = protocol.HospitalRound.from_bytes(secrets)
+    protocol.check_run_config(state, canonical_sha256(job.config.to_dict()))
+    return state, float(record["seconds"])  # type: ignore[arg-type]
 
 
 def _reply(msg: Message, identity: HospitalIdentity, records: dict[str, Any]) -> Message:

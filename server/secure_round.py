@@ -1,7 +1,8 @@
 """The coordinator's side of secure aggregation: relay, collect, unmask the sum only.
 
-Four message exchanges per round (see fedtune/core/secagg/protocol.py): round keys, encrypted
-shares, masked inputs (the hospitals train in this stage), unmasking. The coordinator holds
+Five message exchanges per round (see fedtune/core/secagg/protocol.py): round keys,
+encrypted shares, masked inputs (the hospitals train in this stage), the survivors' signed
+views of the round, unmasking. The coordinator holds
 no secret at any point; it relays what hospitals send each other and, at the end, removes
 the masks of the survivors from their sum. A hospital that refuses or drops out at any stage
 is named and left out; if fewer than the threshold remain, the round is aborted and the
@@ -29,6 +30,7 @@ from fedtune.core.secagg.protocol import (
     unmask_sum,
 )
 from fedtune.core.secagg.wire import (
+    CONFIRM,
     INBOX,
     KEYS,
     MASKED,
@@ -36,6 +38,7 @@ from fedtune.core.secagg.wire import (
     SHARES,
     SURVIVORS,
     UNMASK,
+    VIEW_SIGNATURES,
     inbox_record,
     job_content,
     masked_payload_bytes,
@@ -43,8 +46,10 @@ from fedtune.core.secagg.wire import (
     parse_masked,
     parse_outbox,
     parse_revealed,
+    parse_view_signature,
     participants_record,
     survivors_record,
+    view_signatures_record,
 )
 from fedtune.core.update_rules import honest_sum_norm_bound, secure_codec, uploaded
 from fedtune.core.wire import (
@@ -169,8 +174,20 @@ def collect_secure(
     if reason := _too_few(len(survivors), needed, "sent their masked update"):
         return _abort(out, reason)
 
-    # Stage 4: survivors reveal what removes the masks, and nothing more.
+    # Stage 3b: every survivor signs its view of the round (mask set, survivors, dropped,
+    # threshold, configuration, global adapter); all must sign for anyone to reveal.
     request = job_content(job, **{SURVIVORS: survivors_record(survivors, dropped)})
+    confirmed = stage.exchange({node_of[h]: request for h in survivors}, CONFIRM, fast,
+                           parse_view_signature)
+    unconfirmed = sorted(set(survivors) - set(confirmed))
+    if unconfirmed:
+        return _abort(out, f"{', '.join(unconfirmed)} did not confirm the round's view; "
+                           "every survivor must, before any share is revealed")
+    signatures = {h: signature for h, (_, signature, _) in confirmed.items()}
+
+    # Stage 4: survivors reveal what removes the masks, and nothing more.
+    request = job_content(job, **{SURVIVORS: survivors_record(survivors, dropped),
+                                  VIEW_SIGNATURES: view_signatures_record(signatures)})
     revealed = stage.exchange({node_of[h]: request for h in survivors}, UNMASK, fast,
                               parse_revealed)
     if reason := _too_few(len(revealed), threshold, "answered the unmasking stage"):

@@ -18,13 +18,13 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.client.app import app as client_app
-from fedtune.core.secagg.wire import KEYS, MASKED, SHARES, UNMASK
+from fedtune.core.secagg.wire import CONFIRM, KEYS, MASKED, SHARES, UNMASK
 from fedtune.core.wire import JOB
 
 Tamper = Callable[[int, Message], Message]
 
 # The secure-aggregation stages of one round, in the order the coordinator sends them.
-SECURE_STAGES = (KEYS, SHARES, MASKED, UNMASK)
+SECURE_STAGES = (KEYS, SHARES, MASKED, CONFIRM, UNMASK)
 
 
 class InProcessGrid(Grid):

@@ -78,18 +78,36 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     assert leftovers == [], [p.cmdline() for p in leftovers if psutil.pid_exists(p.pid)]
 
 
-def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(tmp_path: Path):
-    """The README's main job, shortened: real MiniLM, real ICD-10-CM data, 3 hospitals,
+def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(
+    installed_wheel: Path, tmp_path: Path
+):
+    """The README's main job, shortened, run as a user runs it: `fedtune demo` from the
+    installed wheel (not the checkout), real MiniLM, real ICD-10-CM data, 3 hospitals,
     differential privacy on by default (ε = 8 per hospital for the whole run)."""
-    from fedtune.client.privacy_ledger import read_ledger_file
-    from fedtune.ops.demo import DemoOptions, run_demo
+    import json
+    import os
+    import subprocess
+    import sys
 
-    lines: list[str] = []
-    summary = run_demo(
-        DemoOptions(task="classify", hospitals=3, rounds=2, examples_per_hospital=400,
-                    run_dir=tmp_path / "demo"),
-        say=lines.append,
+    from fedtune.client.privacy_ledger import read_ledger_file
+    from fedtune.core.app_code import app_code_sha256
+
+    env = {**os.environ, "PYTHONPATH": str(installed_wheel)}
+    demo = subprocess.run(
+        [sys.executable, "-m", "fedtune.ops.cli", "demo", "--rounds", "2",
+         "--examples-per-hospital", "400", "--run-dir", "demo"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    lines = demo.stdout.splitlines()
+    run_dir = tmp_path / "demo"
+    # The simulation's app bundle and the coordinator's recorded code are the wheel's.
+    bundle = run_dir / ".flower" / "app"
+    installed = app_code_sha256(installed_wheel)
+    assert app_code_sha256(bundle) == installed
+    start = json.loads((run_dir / "audit.jsonl").read_text().splitlines()[0])
+    assert start["data"]["code"]["app_code_sha256"] == installed
+    summary = json.loads((run_dir / "summary.json").read_text())
     base, final = summary["base_test"]["weighted"], summary["final_test"]["weighted"]
     assert final["accuracy"] > base["accuracy"] + 0.05
     assert final["loss"] < base["loss"]
@@ -98,7 +116,7 @@ def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(tmp_path: Pa
     assert set(guarantees) == {"hospital-1", "hospital-2", "hospital-3"}
     for hospital, values in guarantees.items():
         assert 0 < values["epsilon"] <= 8.0
-        ledger = read_ledger_file(tmp_path / "demo" / "ledgers" / f"{hospital}.json")
+        ledger = read_ledger_file(run_dir / "ledgers" / f"{hospital}.json")
         assert ledger.epsilon_spent() == values["epsilon"]
         assert [entry.server_round for entry in ledger.entries] == [1, 2]
     assert any("hospital-2: (ε = " in line for line in lines)

@@ -37,6 +37,8 @@ from fedtune.core.secagg.fixed_point import (
 from fedtune.core.secagg.protocol import Advertisement, HospitalRound, ProtocolAbort
 
 RUN_ID = "run-test"
+CONFIG = "c0" * 32  # SHA-256 of the round's run configuration (what the node hashes)
+ADAPTER = "a0" * 32  # SHA-256 of the global adapter the hospitals trained from
 STAGES = ("advertise", "make_shares", "mask")  # drop_after values, in protocol order
 RING = 2**32
 
@@ -123,7 +125,7 @@ def run_protocol(
     states: dict[str, HospitalRound] = {}
     adverts: dict[str, Advertisement] = {}
     for name in names:  # stage 1
-        states[name], adverts[name] = P.advertise(ids[name], name, RUN_ID, server_round, 1)
+        states[name], adverts[name] = P.advertise(ids[name], name, RUN_ID, server_round, 1, CONFIG)
     outboxes: dict[str, dict[str, bytes]] = {}
     commitments: dict[str, bytes] = {}
     for name in names:  # stage 2: everyone who advertised is relayed to everyone
@@ -136,14 +138,17 @@ def run_protocol(
     for name in mask_set:  # stage 3
         if drop_after.get(name) != "make_shares":
             P.accept_shares(states[name], mask_set, inbox_for(outboxes, mask_set, name))
-            masked[name] = P.mask(states[name], inputs[name])
+            masked[name] = P.mask(states[name], inputs[name], ADAPTER)
     survivors = sorted(masked)
     dropped = sorted(set(mask_set) - set(survivors))
-    revealed = {  # stage 4
-        name: P.reveal(states[name], survivors, dropped)
-        for name in survivors
-        if reveal and drop_after.get(name) != "mask"
-    }
+    revealed: dict[str, list[P.RevealedShare]] = {}
+    if reveal:  # stage 3b, then 4
+        signatures = confirm_all(states, ids, survivors, dropped)
+        revealed = {
+            name: P.reveal(states[name], survivors, dropped, signatures, enrollment)
+            for name in survivors
+            if drop_after.get(name) != "mask"
+        }
     run = Run(
         states[names[0]].context, threshold, ids, states, adverts, outboxes, commitments,
         mask_set, masked, revealed, None,
@@ -151,6 +156,18 @@ def run_protocol(
     if unmask:
         run.total = P.unmask_sum(run.unmask_inputs())
     return run
+
+
+def confirm_all(
+    states: Mapping[str, HospitalRound], identities: Mapping[str, Ed25519PrivateKey],
+    survivors: Sequence[str], dropped: Sequence[str], minimum_survivors: int = 2,
+) -> dict[str, bytes]:
+    """Stage 3b: every survivor signs its view of the round."""
+    return {
+        name: P.confirm_view(states[name], identities[name], survivors, dropped,
+                             minimum_survivors)
+        for name in survivors
+    }
 
 
 def random_rings(names: Sequence[str], length: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -168,7 +185,7 @@ def ring_sum(rings: Sequence[np.ndarray]) -> np.ndarray:
 def assert_no_masked_input(state: HospitalRound) -> None:
     """The hospital can no longer produce a masked input this round: nothing of it is merged."""
     with pytest.raises(ProtocolAbort):
-        P.mask(state, np.zeros(4, dtype=np.uint32))
+        P.mask(state, np.zeros(4, dtype=np.uint32), ADAPTER)
 
 
 def signed_advert(
@@ -300,7 +317,8 @@ def test_too_few_masked_inputs_abort_on_both_sides() -> None:
     coordinator cannot unmask with the shares it has."""
     names = hospital_names(5)
     drops = dict.fromkeys(["hospital-1", "hospital-2", "hospital-5"], "make_shares")
-    with pytest.raises(ProtocolAbort, match=r"only 2 hospitals survived; the threshold is 3"):
+    with pytest.raises(ProtocolAbort, match=r"only 2 hospitals survived; this hospital needs "
+                                            r"at least 3 \(threshold 3"):
         run_protocol(random_rings(names, 8), 3, drop_after=drops)
     run = run_protocol(random_rings(names, 8), 3, drop_after=drops, reveal=False, unmask=False)
     assert run.survivors == ["hospital-3", "hospital-4"]
@@ -309,8 +327,11 @@ def test_too_few_masked_inputs_abort_on_both_sides() -> None:
     # Even if both survivors (wrongly) answered, the coordinator alone refuses.
     for name in run.survivors:
         run.states[name].threshold = 2
+    gone = ["hospital-1", "hospital-2", "hospital-5"]
+    signatures = confirm_all(run.states, run.identities, run.survivors, gone)
+    enrollment = enrollment_of(run.identities)
     revealed = {
-        n: P.reveal(run.states[n], run.survivors, ["hospital-1", "hospital-2", "hospital-5"])
+        n: P.reveal(run.states[n], run.survivors, gone, signatures, enrollment)
         for n in run.survivors
     }
     with pytest.raises(ProtocolAbort, match=r"only 2 hospitals answered .* 3 are needed"):
@@ -472,7 +493,7 @@ def advertised(
 ) -> SharedRound:
     states, adverts = {}, {}
     for name, key in identities.items():
-        states[name], adverts[name] = P.advertise(key, name, RUN_ID, server_round, attempt)
+        states[name], adverts[name] = P.advertise(key, name, RUN_ID, server_round, attempt, CONFIG)
     return SharedRound(dict(identities), states, adverts, {})
 
 
@@ -585,7 +606,7 @@ def test_an_unenrolled_or_duplicated_hospital_aborts() -> None:
     """Keys of a hospital missing from the enrollment list (even correctly self-signed) are
     refused, and so is a hospital listed twice."""
     round_ = advertised(new_identities(NAMES3))
-    _, intruder = P.advertise(Ed25519PrivateKey.generate(), "intruder", RUN_ID, 1, 1)
+    _, intruder = P.advertise(Ed25519PrivateKey.generate(), "intruder", RUN_ID, 1, 1, CONFIG)
     with pytest.raises(ProtocolAbort, match="intruder is not in this hospital's enrollment"):
         P.make_shares(
             round_.states[H1],
@@ -630,7 +651,7 @@ def test_the_recipients_own_keys_must_be_relayed_unchanged() -> None:
         P.make_shares(round_.states[H1], others, round_.enrollment, 2, minimum_threshold=2)
     assert_no_masked_input(round_.states[H1])
 
-    _, stale = P.advertise(identities[H1], H1, RUN_ID, 1, 1)
+    _, stale = P.advertise(identities[H1], H1, RUN_ID, 1, 1, CONFIG)
     with pytest.raises(ProtocolAbort, match="own round keys"):
         P.make_shares(
             round_.states[H1], [*others, stale], round_.enrollment, 2, minimum_threshold=2
@@ -669,8 +690,7 @@ def test_an_inconsistent_mask_set_or_inbox_aborts() -> None:
 
 def masked_round(n: int = 5, threshold: int = 3) -> Run:
     names = hospital_names(n)
-    return run_protocol(random_rings(names, 8), threshold, drop_after=dict.fromkeys(names, "mask"),
-                        unmask=False)
+    return run_protocol(random_rings(names, 8), threshold, reveal=False, unmask=False)
 
 
 def test_reveal_gives_one_share_per_peer_and_only_once() -> None:
@@ -680,7 +700,9 @@ def test_reveal_gives_one_share_per_peer_and_only_once() -> None:
     run = masked_round()
     state = run.states["hospital-1"]
     survivors, dropped = ["hospital-1", "hospital-2", "hospital-3", "hospital-4"], ["hospital-5"]
-    shares = P.reveal(state, survivors, dropped)
+    signatures = confirm_all(run.states, run.identities, survivors, dropped)
+    enrollment = enrollment_of(run.identities)
+    shares = P.reveal(state, survivors, dropped, signatures, enrollment)
     assert [(s.peer, s.kind) for s in shares] == [
         *[(name, P.SELF_MASK) for name in survivors],
         ("hospital-5", P.MASK_KEY),
@@ -688,9 +710,11 @@ def test_reveal_gives_one_share_per_peer_and_only_once() -> None:
     for s in shares:
         assert s.share == state.inbox[s.peer][0 if s.kind == P.SELF_MASK else 1]
     with pytest.raises(ProtocolAbort, match="twice"):
-        P.reveal(state, survivors[:3], ["hospital-4", "hospital-5"])
+        P.reveal(state, survivors[:3], ["hospital-4", "hospital-5"], signatures, enrollment)
     with pytest.raises(ProtocolAbort, match="twice"):
-        P.reveal(state, survivors, dropped)
+        P.reveal(state, survivors, dropped, signatures, enrollment)
+    with pytest.raises(ProtocolAbort, match="out of order"):  # a view is confirmed once
+        P.confirm_view(state, run.identities["hospital-1"], survivors, dropped, 2)
 
 
 @pytest.mark.parametrize(
@@ -704,25 +728,30 @@ def test_reveal_gives_one_share_per_peer_and_only_once() -> None:
         (["hospital-1", "hospital-2", "hospital-3"], ["hospital-4", "hospital-5", "hospital-6"],
          "inconsistent"),
         (["hospital-1", "hospital-2"], ["hospital-3", "hospital-4", "hospital-5"],
-         r"only 2 hospitals survived; the threshold is 3"),
+         r"only 2 hospitals survived; this hospital needs at least 3"),
     ],
     ids=["peer-in-both", "omits-itself", "misses-a-peer", "unknown-peer", "below-threshold"],
 )
 def test_an_unsafe_unmasking_request_is_refused(
     survivors: list[str], dropped: list[str], message: str
 ) -> None:
-    """Refused without revealing anything: the hospital can still answer a correct request."""
-    state = masked_round().states["hospital-1"]
+    """Refused before signing anything: the hospital can still answer a correct request."""
+    run = masked_round()
+    state = run.states["hospital-1"]
     with pytest.raises(ProtocolAbort, match=message):
-        P.reveal(state, survivors, dropped)
+        P.confirm_view(state, run.identities["hospital-1"], survivors, dropped, 2)
     assert state.stage == "masked"
-    assert len(P.reveal(state, hospital_names(5), [])) == 5
+    names = hospital_names(5)
+    signatures = confirm_all(run.states, run.identities, names, [])
+    assert len(P.reveal(state, names, [], signatures, enrollment_of(run.identities))) == 5
 
 
 def test_reveal_before_masking_is_refused() -> None:
     round_ = shared(advertised(new_identities(NAMES3)))
     with pytest.raises(ProtocolAbort, match="out of order"):
-        P.reveal(round_.states[H1], NAMES3, [])
+        P.confirm_view(round_.states[H1], round_.identities[H1], NAMES3, [], 2)
+    with pytest.raises(ProtocolAbort, match="out of order"):
+        P.reveal(round_.states[H1], NAMES3, [], {}, round_.enrollment)
 
 
 # --- 6. threshold rule -------------------------------------------------------------------------
@@ -814,7 +843,7 @@ def test_mask_uses_no_numpy_or_system_randomness(monkeypatch: pytest.MonkeyPatch
     P.accept_shares(state, names, inbox_for(round_.outboxes, names, names[0]))
     copy = HospitalRound.from_bytes(state.to_bytes())
     encoded = np.arange(500, dtype=np.uint32)
-    expected = P.mask(state, encoded)
+    expected = P.mask(state, encoded, ADAPTER)
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("masking must not draw randomness")
@@ -827,7 +856,7 @@ def test_mask_uses_no_numpy_or_system_randomness(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(secrets, "randbits", refuse)
     with pytest.raises(AssertionError):
         np.random.default_rng(0)
-    np.testing.assert_array_equal(P.mask(copy, encoded), expected)
+    np.testing.assert_array_equal(P.mask(copy, encoded, ADAPTER), expected)
     np.testing.assert_array_equal(encoded, np.arange(500, dtype=np.uint32))  # not in place
 
 
@@ -981,7 +1010,7 @@ def test_hospital_round_survives_to_bytes_between_every_stage(names: list[str]) 
 
     states, adverts = {}, {}
     for name in names:
-        state, adverts[name] = P.advertise(identities[name], name, RUN_ID, 3, 1)
+        state, adverts[name] = P.advertise(identities[name], name, RUN_ID, 3, 1, CONFIG)
         states[name] = reload(state)
     outboxes, commitments = {}, {}
     for name in names:
@@ -999,10 +1028,16 @@ def test_hospital_round_survives_to_bytes_between_every_stage(names: list[str]) 
     for name in names:
         P.accept_shares(states[name], names, inbox_for(outboxes, names, name))
         states[name] = reload(states[name])
-        masked[name] = P.mask(states[name], inputs[name])
+        masked[name] = P.mask(states[name], inputs[name], ADAPTER)
         states[name] = reload(states[name])
         assert states[name].stage == "masked"
-    revealed = {name: P.reveal(states[name], names, []) for name in names}
+    signatures = {}
+    for name in names:
+        signatures[name] = P.confirm_view(states[name], identities[name], names, [], 2)
+        states[name] = reload(states[name])
+        assert states[name].stage == "confirmed" and states[name].survivors == names
+    revealed = {name: P.reveal(states[name], names, [], signatures, enrollment)
+                for name in names}
     for name in names:
         assert reload(states[name]).stage == "revealed"
     context = states[names[0]].context
@@ -1022,7 +1057,7 @@ def test_a_hospital_refuses_a_threshold_below_its_own_floor() -> None:
     victim, colluder = names[0], names[1]
     states, adverts = {}, {}
     for name in (victim, colluder):
-        states[name], adverts[name] = P.advertise(identities[name], name, "run-floor", 1, 1)
+        states[name], adverts[name] = P.advertise(identities[name], name, "run-floor", 1, 1, CONFIG)
     with pytest.raises(P.ProtocolAbort, match="below this hospital's minimum of 4"):
         P.make_shares(states[victim], list(adverts.values()), enrollment, 2,
                       minimum_threshold=len(enrollment) // 2 + 1)

@@ -31,6 +31,7 @@ from fedtune.core.secagg.prg import add_mask
 from fedtune.core.secagg.primitives import agree, new_x25519
 from fedtune.core.secagg.protocol import MASK_PURPOSE, HospitalRound
 from fedtune.core.secagg.wire import (
+    CONFIRM,
     INBOX,
     KEYS,
     MASKED,
@@ -111,28 +112,30 @@ def _assert_secure_mean(
 def test_secure_and_plain_rounds_give_the_same_weighted_mean(
     classify_config: RunConfig, tmp_path: Path
 ):
-    """Unequal hospitals (48 vs fewer training examples), so weighting matters."""
+    """Unequal deployed hospitals (48 vs fewer training examples), so weighting matters;
+    three of them, the fewest a deployed hospital unmasks with."""
     source = Path(classify_config.data.simulation_root)
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join((source / "hospital-2.jsonl").read_text().splitlines()[:30]) + "\n")
     nodes = deployed_nodes(tmp_path / "keys", {0: ("Big", str(source / "hospital-1.jsonl")),
-                                               1: ("Small", str(small))})
+                                               1: ("Small", str(small)),
+                                               2: ("Third", str(source / "hospital-3.jsonl"))})
     for node in nodes.values():
         node["allow-plain-updates"] = True  # the plain arm of the comparison
     config = _secure(classify_config)
-    plain_a = _run(in_clear(config), InProcessGrid(2, node_configs=nodes), tmp_path / "plain-a")
-    plain_b = _run(in_clear(config), InProcessGrid(2, node_configs=nodes), tmp_path / "plain-b")
-    secure = _run(config, InProcessGrid(2, node_configs=nodes), tmp_path / "secure")
+    plain_a = _run(in_clear(config), InProcessGrid(3, node_configs=nodes), tmp_path / "plain-a")
+    plain_b = _run(in_clear(config), InProcessGrid(3, node_configs=nodes), tmp_path / "plain-b")
+    secure = _run(config, InProcessGrid(3, node_configs=nodes), tmp_path / "secure")
 
     start, plain, masked = plain_a.load_adapter(0), plain_a.load_adapter(1), secure.load_adapter(1)
     assert _same(plain, plain_b.load_adapter(1))  # training is deterministic: compare exactly
     (record,) = _rounds(plain_a)
-    weights = [record["train"][h]["num-examples"] for h in ("Big", "Small")]
+    weights = [record["train"][h]["num-examples"] for h in ("Big", "Small", "Third")]
     assert weights[0] > weights[1]
     (secure_record,) = _rounds(secure)
-    assert secure_record["secure_aggregation"]["survivors"] == ["Big", "Small"]
+    assert secure_record["secure_aggregation"]["survivors"] == ["Big", "Small", "Third"]
     assert all(m["delta-clipped"] == 0 for m in secure_record["train"].values())
-    bound = FixedPointCodec(1.0, 64, 2).error_bound(2) / sum(weights)
+    bound = FixedPointCodec(1.0, 64, 3).error_bound(3) / sum(weights)
     for name in start:
         np.testing.assert_allclose(masked[name], plain[name], rtol=4 * EPS32, atol=bound + 1e-9)
     assert not _same(masked, start)
@@ -146,7 +149,8 @@ def test_secure_and_plain_rounds_give_the_same_weighted_mean(
     [
         (KEYS, ["hospital-1", "hospital-3"]),  # never in the masks
         (SHARES, ["hospital-1", "hospital-3"]),  # its pairwise masks removed via its s-shares
-        (MASKED, ["hospital-1", "hospital-2", "hospital-3"]),  # its input is in the sum
+        # confirmed its view, then gone: its input is in the sum (the others reveal its b)
+        (CONFIRM, ["hospital-1", "hospital-2", "hospital-3"]),
     ],
 )
 def test_a_hospital_dropping_after_a_stage_leaves_a_correct_round_of_the_others(
@@ -162,7 +166,7 @@ def test_a_hospital_dropping_after_a_stage_leaves_a_correct_round_of_the_others(
     (record,) = _rounds(run_dir)
     assert sorted(record["hospitals_used"]) == counted
     assert record["secure_aggregation"]["survivors"] == counted
-    next_stage = {KEYS: "shares", SHARES: "masked", MASKED: "unmask"}[last_stage]
+    next_stage = {KEYS: "shares", SHARES: "masked", CONFIRM: "unmask"}[last_stage]
     # A silent hospital is named, with the stage it missed.
     assert record["refused"] == {"hospital-2": f"no reply in the {next_stage} stage (dropped out)"}
     mask_set = 2 if last_stage == KEYS else 3
@@ -181,7 +185,8 @@ def test_a_hospital_dropping_after_a_stage_leaves_a_correct_round_of_the_others(
     ("threshold", "drop_after", "reason"),
     [
         (3, {H2: KEYS}, "only 2 hospital(s) exchanged key shares; at least 3 are needed"),
-        (3, {H2: MASKED}, "only 2 hospital(s) answered the unmasking stage; at least 3"),
+        (3, {H2: MASKED}, "hospital-2 did not confirm the round's view; every survivor must"),
+        (3, {H2: CONFIRM}, "only 2 hospital(s) answered the unmasking stage; at least 3"),
         (2, {H2: SHARES, H3: SHARES}, "only 1 hospital(s) sent their masked update"),
     ],
 )
@@ -401,10 +406,11 @@ def test_a_substituted_round_key_is_refused_by_every_hospital(
 def test_a_coordinator_lowering_the_threshold_is_refused_by_the_hospitals(
     classify_config: RunConfig, tmp_path: Path
 ):
-    """The coordinator checks its own threshold; the hospitals check the one they are sent."""
+    """The coordinator checks its own threshold; the hospitals check the one they are sent
+    (from the first stage on: a configuration changed later in the round is refused too)."""
 
     def lower(node_id: int, message: Message) -> Message:
-        if message.metadata.message_type == SHARES:
+        if message.metadata.message_type in (KEYS, SHARES):
             job = Job.from_record(message.content.config_records[JOB])
             forged = replace_section(job.config, "secure_aggregation", threshold=1)
             message.content.config_records[JOB]["run-config"] = forged.to_json()

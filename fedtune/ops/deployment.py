@@ -289,6 +289,7 @@ _NODE_KEYS = {
     "join_timeout_s": float, "allowed_model_sha256": str, "allowed_strategies": str,
     "max_epsilon": float, "allowed_app_sha256": str, "pii_acknowledged": bool,
     "audit_log": str, "share_data_summary": bool, "secagg_min_threshold": int,
+    "secagg_min_survivors": int,
 }
 _NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
 _NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
@@ -345,6 +346,9 @@ class NodeSettings:
     # The lowest secure-aggregation threshold this node accepts; 0 = a majority of the
     # enrolled hospitals (lower it only for federations that sample hospitals per round).
     secagg_min_threshold: int = 0
+    # The fewest survivors this node unmasks with; 0 = 3 (never fewer: with two, each could
+    # compute the other's update from the result).
+    secagg_min_survivors: int = 0
 
 
 def load_node_settings(path: Path) -> NodeSettings:
@@ -399,6 +403,7 @@ def hospital_node_settings(settings: NodeSettings) -> HospitalNodeSettings:
         pii_acknowledged=settings.pii_acknowledged,
         share_data_summary=settings.share_data_summary,
         secagg_min_threshold=settings.secagg_min_threshold or None,
+        secagg_min_survivors=settings.secagg_min_survivors or None,
         audit_log=Path(settings.audit_log or Path(settings.privacy_ledger).with_name(
             f"{settings.hospital}-audit.jsonl")),
     )

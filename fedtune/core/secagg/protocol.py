@@ -9,9 +9,24 @@ One round, four stages (the coordinator relays every message; it never holds a s
               one share pair for each peer under a key only that peer can derive.
 3. mask       each hospital decrypts its inbox, then sends y = x + PRG(b) ± Σ PRG(s_ij)
               mod 2^32, where x is its clipped, weighted, fixed-point delta and weight.
-4. unmask     survivors reveal b-shares of survivors and s-shares of dropped peers (never
+3b. confirm   (Bonawitz et al.'s ConsistencyCheck, extended) each survivor signs its view
+              of the round: the mask set, who survived, who dropped, the threshold, and the
+              SHA-256 of the run configuration and of the global adapter it trained from.
+4. unmask     a survivor reveals only after every survivor's signature verifies over its
+              *own* view; then b-shares of survivors and s-shares of dropped peers (never
               both for one peer, and only once per round); the coordinator removes the
               masks and learns Σ x over survivors, nothing about any single x.
+
+Without 3b a coordinator could tell hospitals different stories (X: "the mask set is
+{X, Y, Z}"; V, W: "Y and Z dropped"; Y: "Z dropped"; Z: "Y dropped") and collect b_X, s_Y
+and s_Z, so X's input, with every hospital's own checks passing; or send one hospital a
+different configuration or adapter than the others (e.g. everyone else learning rate
+10^-30) so that the "sum" is that hospital's update alone. With 3b both are refused before
+anything is revealed: the honest hospitals' signed views differ.
+
+The run configuration is also fixed for the whole round: every stage's request must carry
+the configuration the hospital advertised under (so the threshold its shares were split
+for is the one its noise share and checks use).
 
 The hospital's secrets live in `HospitalRound`, which the Flower edge keeps in the node's
 own state between stages; nothing here imports Flower.
@@ -26,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedtune.core.secagg import primitives as p
@@ -69,11 +85,15 @@ class HospitalRound:
     c_secret: bytes
     s_secret: bytes
     stage: str = "advertised"
+    run_config_sha256: str = ""  # the configuration of this round (fixed at stage 1)
     threshold: int = 0
     self_seed: bytes = b""
     participants: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # name→(c, s)
     mask_set: list[str] = field(default_factory=list)
     inbox: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # sender→(b, s shares)
+    adapter_sha256: str = ""  # the global adapter this hospital trained from (stage 3)
+    survivors: list[str] = field(default_factory=list)  # the view it signed (stage 3b)
+    dropped: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         """JSON with every byte field hex-encoded by name (hospital names are free text)."""
@@ -84,11 +104,15 @@ class HospitalRound:
                 "c_secret": self.c_secret.hex(),
                 "s_secret": self.s_secret.hex(),
                 "stage": self.stage,
+                "run_config_sha256": self.run_config_sha256,
                 "threshold": self.threshold,
                 "self_seed": self.self_seed.hex(),
                 "participants": {k: [c.hex(), s.hex()] for k, (c, s) in self.participants.items()},
                 "mask_set": list(self.mask_set),
                 "inbox": {k: [b.hex(), s.hex()] for k, (b, s) in self.inbox.items()},
+                "adapter_sha256": self.adapter_sha256,
+                "survivors": list(self.survivors),
+                "dropped": list(self.dropped),
             }
         ).encode()
 
@@ -106,11 +130,15 @@ class HospitalRound:
             c_secret=bytes.fromhex(raw["c_secret"]),
             s_secret=bytes.fromhex(raw["s_secret"]),
             stage=str(raw["stage"]),
+            run_config_sha256=str(raw["run_config_sha256"]),
             threshold=int(raw["threshold"]),
             self_seed=bytes.fromhex(raw["self_seed"]),
             participants={k: pair(v) for k, v in raw["participants"].items()},
             mask_set=[str(name) for name in raw["mask_set"]],
             inbox={k: pair(v) for k, v in raw["inbox"].items()},
+            adapter_sha256=str(raw["adapter_sha256"]),
+            survivors=[str(name) for name in raw["survivors"]],
+            dropped=[str(name) for name in raw["dropped"]],
         )
 
 
@@ -134,15 +162,28 @@ def positions(names: Sequence[str]) -> dict[str, int]:
 
 
 def advertise(
-    identity: Ed25519PrivateKey, hospital: str, run_id: str, server_round: int, attempt: int
+    identity: Ed25519PrivateKey, hospital: str, run_id: str, server_round: int, attempt: int,
+    run_config_sha256: str,
 ) -> tuple[HospitalRound, Advertisement]:
-    """Stage 1: fresh round keys, signed (bound to this attempt at the round)."""
+    """Stage 1: fresh round keys, signed (bound to this attempt at the round); the round's
+    run configuration is fixed from here on (`check_run_config`)."""
     context = p.round_context(run_id, server_round, attempt)
     c_secret, c_public = p.new_x25519()
     s_secret, s_public = p.new_x25519()
     payload = p.advertisement_payload(context, hospital, c_public, s_public)
-    state = HospitalRound(hospital, context, c_secret, s_secret)
+    state = HospitalRound(hospital, context, c_secret, s_secret,
+                          run_config_sha256=run_config_sha256)
     return state, Advertisement(hospital, c_public, s_public, p.sign(identity, payload))
+
+
+def check_run_config(state: HospitalRound, run_config_sha256: str) -> None:
+    """Every stage of a round must carry the configuration the hospital advertised under."""
+    if run_config_sha256 != state.run_config_sha256:
+        raise ProtocolAbort(
+            "the coordinator changed the run configuration in the middle of a secure round "
+            f"(SHA-256 {run_config_sha256[:12]}… instead of {state.run_config_sha256[:12]}…); "
+            "a round is one configuration for every hospital and every stage"
+        )
 
 
 def verify_advertisements(
@@ -256,10 +297,14 @@ def accept_shares(
     state.mask_set = sorted(members)
 
 
-def mask(state: HospitalRound, encoded: np.ndarray) -> np.ndarray:
-    """Stage 3, second half: y = x + PRG(b) + Σ ±PRG(s_ij) mod 2^32 over the mask set."""
+def mask(state: HospitalRound, encoded: np.ndarray, adapter_sha256: str) -> np.ndarray:
+    """Stage 3, second half: y = x + PRG(b) + Σ ±PRG(s_ij) mod 2^32 over the mask set.
+
+    `adapter_sha256` is the global adapter the input was trained from: it goes into the
+    view this hospital signs in stage 3b."""
     if state.stage != "shared" or not state.mask_set:
         raise ProtocolAbort(f"cannot mask before the key shares are accepted ({state.stage})")
+    state.adapter_sha256 = adapter_sha256
     masked = np.array(encoded, dtype=np.uint32, copy=True)
     add_mask(masked, state.self_seed, +1)
     for peer in state.mask_set:
@@ -272,28 +317,90 @@ def mask(state: HospitalRound, encoded: np.ndarray) -> np.ndarray:
     return masked
 
 
-def reveal(
-    state: HospitalRound, survivors: Sequence[str], dropped: Sequence[str]
-) -> list[RevealedShare]:
-    """Stage 4: b-shares of survivors, s-shares of dropped peers; never both, only once."""
+def consistency_payload(state: HospitalRound, survivors: Sequence[str],
+                        dropped: Sequence[str]) -> bytes:
+    """The view of the round every survivor signs; identical for all honest survivors."""
+    return p.frame(
+        b"round-view", state.context,
+        json.dumps(sorted(state.mask_set)).encode(),
+        json.dumps(sorted(survivors)).encode(), json.dumps(sorted(dropped)).encode(),
+        str(state.threshold).encode(), state.run_config_sha256.encode(),
+        state.adapter_sha256.encode(),
+    )
+
+
+def confirm_view(
+    state: HospitalRound, identity: Ed25519PrivateKey, survivors: Sequence[str],
+    dropped: Sequence[str], minimum_survivors: int,
+) -> bytes:
+    """Stage 3b: check the coordinator's survivor list against this hospital's mask set and
+    sign the resulting view (once per round). Signing reveals nothing.
+
+    `minimum_survivors` is the hospital's own floor: with two survivors each could compute
+    the other's update from the next global adapter, so a deployed hospital needs three.
+    """
     if state.stage != "masked":
         raise ProtocolAbort(
-            "unmasking requested twice or out of order in one round; refusing (revealing "
-            "twice could expose both secrets of one hospital)"
+            f"the round's view was asked to be confirmed out of order (stage {state.stage})"
         )
     alive, gone = set(survivors), set(dropped)
-    if alive & gone or (alive | gone) != set(state.mask_set) or state.hospital not in alive:
+    if (alive & gone or (alive | gone) != set(state.mask_set) or state.hospital not in alive
+            or len(alive) != len(survivors) or len(gone) != len(dropped)):
         raise ProtocolAbort(
             "the coordinator's list of survivors and dropped hospitals is inconsistent with "
             "the hospitals that masked this round"
         )
-    if len(alive) < state.threshold:
+    needed = max(state.threshold, minimum_survivors)
+    if len(alive) < needed:
         raise ProtocolAbort(
-            f"only {len(alive)} hospitals survived; the threshold is {state.threshold}"
+            f"only {len(alive)} hospitals survived; this hospital needs at least {needed} "
+            f"(threshold {state.threshold}; with fewer than {minimum_survivors} survivors one "
+            "could compute another's update from the result)"
         )
+    state.survivors, state.dropped = sorted(alive), sorted(gone)
+    state.stage = "confirmed"
+    return p.sign(identity, consistency_payload(state, state.survivors, state.dropped))
+
+
+def reveal(
+    state: HospitalRound, survivors: Sequence[str], dropped: Sequence[str],
+    signatures: Mapping[str, bytes], enrollment: Mapping[str, Ed25519PublicKey],
+) -> list[RevealedShare]:
+    """Stage 4: b-shares of survivors, s-shares of dropped peers; never both, only once, and
+    only when every survivor signed exactly the view this hospital signed."""
+    if state.stage != "confirmed":
+        raise ProtocolAbort(
+            "unmasking requested twice or out of order in one round; refusing (revealing "
+            "twice could expose both secrets of one hospital)"
+        )
+    if sorted(survivors) != state.survivors or sorted(dropped) != state.dropped:
+        raise ProtocolAbort(
+            "the coordinator's survivor list for unmasking differs from the one this hospital "
+            "confirmed; nothing is revealed"
+        )
+    payload = consistency_payload(state, state.survivors, state.dropped)
+    missing = sorted(set(state.survivors) - set(signatures))
+    if missing:
+        raise ProtocolAbort(
+            f"no signed view of this round from {', '.join(missing)}; every survivor must "
+            "confirm the same view before anything is revealed"
+        )
+    for hospital in state.survivors:
+        key = enrollment.get(hospital)
+        try:
+            if key is None:
+                raise InvalidSignature
+            key.verify(signatures[hospital], payload)
+        except InvalidSignature:
+            raise ProtocolAbort(
+                f"{hospital}'s signed view of this round differs from this hospital's (mask "
+                "set, survivors, threshold, run configuration or global adapter): the "
+                "coordinator told hospitals different stories; nothing is revealed"
+            ) from None
     state.stage = "revealed"
-    shares = [RevealedShare(peer, SELF_MASK, state.inbox[peer][0]) for peer in sorted(alive)]
-    shares += [RevealedShare(peer, MASK_KEY, state.inbox[peer][1]) for peer in sorted(gone)]
+    alive, gone = state.survivors, state.dropped
+    shares = [RevealedShare(peer, SELF_MASK, state.inbox[peer][0]) for peer in alive]
+    shares += [RevealedShare(peer, MASK_KEY, state.inbox[peer][1]) for peer in gone]
     return shares
 
 

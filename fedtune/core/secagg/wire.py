@@ -1,6 +1,6 @@
 """Secure-aggregation messages on the wire: Flower record names and conversions.
 
-The four stages are ClientApp actions (`train.<action>` message types). Each request carries
+The stages are ClientApp actions (`train.<action>` message types). Each request carries
 the round's JOB record (fedtune.core.wire) plus the stage's own record below; each reply carries
 the hospital's name. Payload conversions live here so the protocol code stays Flower-free.
 """
@@ -19,14 +19,18 @@ from fedtune.core.wire import HOSPITAL, JOB, Job, MalformedReply
 KEYS = "train.secagg_keys"  # stage 1: advertise signed round keys
 SHARES = "train.secagg_shares"  # stage 2: verified keys in, encrypted shares out
 MASKED = "train.secagg_masked"  # stage 3: inbox + global adapter in, masked input out
-UNMASK = "train.secagg_unmask"  # stage 4: who survived in, revealed shares out
+CONFIRM = "train.secagg_confirm"  # stage 3b: who survived in, signed view of the round out
+UNMASK = "train.secagg_unmask"  # stage 4: who survived + every survivor's signature in,
+# revealed shares out
 
 ADVERT = "secagg-advert"  # reply of stage 1
 PARTICIPANTS = "secagg-participants"  # request of stage 2: every advertisement
 OUTBOX = "secagg-outbox"  # reply of stage 2: recipient → ciphertext, + commitment
 INBOX = "secagg-inbox"  # request of stage 3: sender → ciphertext, + the mask set
 MASKED_INPUT = "secagg-masked-input"  # reply of stage 3 (ArrayRecord)
-SURVIVORS = "secagg-survivors"  # request of stage 4
+SURVIVORS = "secagg-survivors"  # request of stages 3b and 4
+VIEW_SIGNATURE = "secagg-view-signature"  # reply of stage 3b
+VIEW_SIGNATURES = "secagg-view-signatures"  # request of stage 4: survivor → its signature
 REVEALED = "secagg-revealed"  # reply of stage 4
 
 
@@ -145,6 +149,31 @@ def survivors_record(survivors: Sequence[str], dropped: Sequence[str]) -> Config
 def parse_survivors(message: Message) -> tuple[list[str], list[str]]:
     record = message.content.config_records[SURVIVORS]
     return [str(s) for s in record["survivors"]], [str(s) for s in record["dropped"]]  # type: ignore[union-attr]
+
+
+def view_signature_record(signature: bytes) -> ConfigRecord:
+    return ConfigRecord({"signature": signature})
+
+
+def parse_view_signature(message: Message) -> bytes:
+    record = _config(message, VIEW_SIGNATURE)
+    if "signature" not in record:
+        raise MalformedReply("the signed view has no signature")
+    return _bytes(record["signature"])
+
+
+def view_signatures_record(signatures: Mapping[str, bytes]) -> ConfigRecord:
+    signers = sorted(signatures)
+    return ConfigRecord({"hospitals": signers, "signatures": [signatures[h] for h in signers]})
+
+
+def parse_view_signatures(message: Message) -> dict[str, bytes]:
+    record = message.content.config_records[VIEW_SIGNATURES]
+    signers = [str(h) for h in record["hospitals"]]  # type: ignore[union-attr]
+    signatures = [_bytes(sig) for sig in record["signatures"]]  # type: ignore[union-attr]
+    if len(signers) != len(signatures) or len(set(signers)) != len(signers):
+        raise ValueError("the relayed signed views are malformed")
+    return dict(zip(signers, signatures, strict=True))
 
 
 def revealed_record(shares: Sequence[RevealedShare]) -> ConfigRecord:
