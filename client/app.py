@@ -176,6 +176,10 @@ def evaluate(msg: Message, context: Context) -> Message:
             config.evaluation.generation_examples,
             config.evaluation.max_new_tokens,
         )
+    if not identity.simulated and config.secure_aggregation.enabled:
+        # The held-out split's size would tell the coordinator the data's size, which
+        # secure aggregation hides; its metrics are then averaged over hospitals unweighted.
+        metrics = {k: v for k, v in metrics.items() if k != "num-examples"}
     record_hospital_event(node, "sent-metrics", {
         "round": job.server_round, "split": job.split, "run_id": job.run_id,
         "global_adapter_sha256": adapter_sha256(global_adapter), "metrics": metrics,

@@ -56,7 +56,7 @@ class NodeSettings:
     identity_key: Path | None = None
     enrollment: Path | None = None
     secagg_min_threshold: int | None = None
-    secagg_min_survivors: int | None = None  # fewest survivors to unmask with (>= 3)
+    secagg_min_survivors: int | None = None  # fewest survivors to unmask with (default 3)
     # Governance: identifier-check findings accepted; data summary shared; own audit log.
     pii_acknowledged: bool = False
     share_data_summary: bool = False
@@ -149,11 +149,10 @@ def parse_node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
             f"node setting {node_key('secagg_min_threshold')} must be a whole number >= 2, "
             f"got {settings.secagg_min_threshold}."
         )
-    if settings.secagg_min_survivors is not None and settings.secagg_min_survivors < 3:
+    if settings.secagg_min_survivors is not None and settings.secagg_min_survivors < 2:
         raise NodeSettingsError(
-            f"node setting {node_key('secagg_min_survivors')} must be a whole number >= 3 "
-            f"(with two survivors each can compute the other's update), got "
-            f"{settings.secagg_min_survivors}."
+            f"node setting {node_key('secagg_min_survivors')} must be a whole number >= 2, "
+            f"got {settings.secagg_min_survivors}."
         )
     if settings.device not in _DEVICES:
         raise NodeSettingsError(

@@ -59,6 +59,14 @@ _STATE = "secagg-round"  # context.state record holding this round's secrets
 _USED = "secagg-attempts"  # context.state record: every (run, round, attempt) keyed so far
 # Training metrics that reveal the number of training examples (the masked weight).
 SIZE_REVEALING_METRICS = ("sample-rate", "noise-multiplier", "dp-steps", "train-steps")
+# A deployed hospital's exact ε and δ after a round are functions of its data size (q = B/n
+# with σ known from the plan), and so is its training time: they stay in its own ledger and
+# log; the coordinator learns only the run's planned ε bound, which the ledger enforces.
+DEPLOYED_HIDDEN_METRICS = ("epsilon", "delta", "epsilon-budget", "train-seconds")
+# What a deployed hospital's masked-input reply carries (README, threat model; tested).
+DEPLOYED_MASKED_METRICS = ("dp", "epsilon-target", "train-loss", "train-last-loss",
+                           "skipped-lines", "delta-clipped", "weight-capped",
+                           "noise-truncated", "client-dp", "secagg-seconds")
 
 log = logging.getLogger("fedtune.hospital")
 
@@ -128,6 +136,8 @@ def masked_input(msg: Message, context: Context) -> Message:
     # The weight is masked; metrics from which the coordinator could read this hospital's
     # data size (DP sampling rate, σ calibrated from it, step counts) stay here.
     shown = {k: v for k, v in update.metrics.items() if k not in SIZE_REVEALING_METRICS}
+    if not identity.simulated:
+        shown = deployed_view(shown)
     metrics: dict[str, int | float | list[int] | list[float]] = {
         **shown,
         **prepared.metrics,
@@ -188,14 +198,24 @@ def minimum_threshold(
     return max(2, len(enrollment) // 2 + 1)
 
 
+def deployed_view(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A deployed hospital's training metrics as the coordinator may see them: ε as the run's
+    planned bound ("epsilon-target"), nothing from which its data size can be computed."""
+    shown = {k: v for k, v in metrics.items() if k not in DEPLOYED_HIDDEN_METRICS}
+    if "epsilon-budget" in metrics:
+        shown["epsilon-target"] = metrics["epsilon-budget"]
+    return shown
+
+
 def minimum_survivors(node: NodeSettings, identity: HospitalIdentity) -> int:
     """The fewest survivors with which this hospital lets a round be unmasked.
 
     Two survivors could each compute the other's update from the next global adapter, so a
-    deployed hospital needs 3 (or its admin's higher `secagg-min-survivors`). Simulated
-    hospitals are the researcher's own: 2.
+    deployed hospital needs 3 unless its admin sets `secagg-min-survivors` (2 accepts that
+    risk, e.g. for two partners who trust each other). Simulated hospitals are the
+    researcher's own: 2.
     """
-    if node.secagg_min_survivors is not None:  # >= 3, checked when parsed
+    if node.secagg_min_survivors is not None:  # >= 2, checked when parsed
         return node.secagg_min_survivors
     return 2 if identity.simulated else 3
 

@@ -96,8 +96,11 @@ def model_card(
     for hospital in hospitals:
         guarantee = privacy.get(hospital, {})
         seen = lineage.get(hospital, {})
-        eps = f"{guarantee['epsilon']:.3f}" if "epsilon" in guarantee else "no DP"
-        delta = f"{guarantee['delta']:.0e}" if "delta" in guarantee else "-"
+        eps = (f"{guarantee['epsilon']:.3f}" if "epsilon" in guarantee
+               else f"≤ {guarantee['epsilon-target']:.3f}" if "epsilon-target" in guarantee
+               else "no DP")
+        delta = (f"{guarantee['delta']:.0e}" if "delta" in guarantee
+                 else "kept at the hospital" if "epsilon-target" in guarantee else "-")
         budget = f"{guarantee['epsilon-budget']:g}" if "epsilon-budget" in guarantee else "-"
         examples = seen.get("data_examples", "not disclosed")
         lines.append(

@@ -16,7 +16,15 @@ def headline_metric(task: str) -> str:
 
 
 def weighted_metrics(per_hospital: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Example-weighted mean of every metric the hospitals reported."""
+    """Example-weighted mean of every metric the hospitals reported; the plain mean over
+    hospitals when any of them keeps its count to itself (deployed, secure aggregation)."""
+    if per_hospital and any("num-examples" not in m for m in per_hospital.values()):
+        names = sorted({k for m in per_hospital.values() for k in m if k != "num-examples"})
+        return {
+            name: sum(m[name] for m in per_hospital.values()) / len(per_hospital)
+            for name in names
+            if all(name in m for m in per_hospital.values())
+        }
     total = sum(m.get("num-examples", 0.0) for m in per_hospital.values())
     if total <= 0:
         return {}
@@ -29,6 +37,16 @@ def weighted_metrics(per_hospital: Mapping[str, Mapping[str, float]]) -> dict[st
     }
     weighted["num-examples"] = total
     return weighted
+
+
+def epsilon_bound(metrics: Mapping[str, float]) -> float | None:
+    """The ε a hospital reported: its exact ε (simulated, or plain mode), else its run's
+    planned bound (a deployed hospital under secure aggregation); None without DP."""
+    if "epsilon" in metrics:
+        return float(metrics["epsilon"])
+    if "epsilon-target" in metrics:
+        return float(metrics["epsilon-target"])
+    return None
 
 
 @dataclass
@@ -56,7 +74,8 @@ class RoundReport:
             )
             self._header_done = True
         train_loss = _mean(m.get("train-loss") for m in train.values())
-        epsilons = [m["epsilon"] for m in train.values() if "epsilon" in m]
+        bounds = (epsilon_bound(m) for m in train.values())
+        epsilons = [e for e in bounds if e is not None]
         privacy = f"  ε ≤ {max(epsilons):.2f}" if epsilons else ""
         weighted = weighted_metrics(validation)
         cells = " ".join(f"{_fmt(validation[h].get(metric)):>12}" for h in hospitals)
@@ -104,6 +123,13 @@ class RoundReport:
             return
         self.say(f"Sample-level differential privacy per hospital ({accountant} accountant):")
         for hospital, values in sorted(guarantees.items()):
+            if "epsilon" not in values:  # a deployed hospital keeps its exact ε, δ at home
+                self.say(
+                    f"  {hospital}: ε ≤ {values['epsilon-target']:.3f} (its plan for this run, "
+                    "enforced by its own ledger; the exact ε and δ stay at the hospital: they "
+                    "would reveal its data size)"
+                )
+                continue
             self.say(
                 f"  {hospital}: (ε = {values['epsilon']:.3f}, δ = {values['delta']:.0e}), "
                 f"budget ε = {values['epsilon-budget']:.3f}"

@@ -41,7 +41,7 @@ from fedtune.server.client_privacy import client_level_guarantee
 from fedtune.server.collect import EvaluationResult, HospitalNames, Refusal, RoundCollection
 from fedtune.server.exchange import HospitalGrid, exchange, grid_node_ids
 from fedtune.server.records import EarlyStop, Evaluation, RoundRecord, RoundStarted, SumRevealed
-from fedtune.server.report import RoundReport, headline_metric
+from fedtune.server.report import RoundReport, epsilon_bound, headline_metric
 from fedtune.server.resume import restore_run
 from fedtune.server.run_dir import RunDirectory
 from fedtune.server.sampling import hospitals_for_round
@@ -275,7 +275,8 @@ class _Federation:
         record.seconds = seconds
         run_dir.log(record)
         self.audit.validation(server_round, dict(validation.weighted))
-        epsilons = [g["epsilon"] for g in record.privacy_per_hospital.values()]
+        bounds = (epsilon_bound(g) for g in record.privacy_per_hospital.values())
+        epsilons = [e for e in bounds if e is not None]
         self.tracker.log_round(server_round, {
             **{f"validation/{k}": float(v) for k, v in validation.weighted.items()},
             "round/seconds": seconds, "round/hospitals": float(len(train_metrics)),
@@ -295,9 +296,8 @@ class _Federation:
         clip, cap = secure.clip_norm, secure.max_weight
         for hospital, metrics in sorted(train_metrics.items()):
             if metrics.get("dp", 0.0) > 0:
-                self.state.guarantees[hospital] = {
-                    key: metrics[key] for key in ("epsilon", "delta", "epsilon-budget")
-                }
+                keys = ("epsilon", "delta", "epsilon-budget", "epsilon-target")
+                self.state.guarantees[hospital] = {k: metrics[k] for k in keys if k in metrics}
             if metrics.get("skipped-lines", 0) > 0:
                 self.say(f"  note: {hospital} skipped {int(metrics['skipped-lines'])} invalid "
                          "data line(s) (data.skip_bad_lines = true)")

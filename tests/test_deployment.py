@@ -42,11 +42,12 @@ class Processes:
         self.site = site
         self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(self, name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(self, name: str, *args: str, site: Path | None = None
+              ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.root / f"{name}.log"
         # From the installed wheel, not the checkout: its folder first on the path, and a
         # working directory outside the checkout (python -m puts the cwd first).
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(self.site)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(site or self.site)}
         with log.open("ab") as handle:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fedtune.ops.cli", *args], stdout=handle,
@@ -200,11 +201,55 @@ def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
     for record in trained:
         assert sorted(record["hospitals_used"]) == sorted(HOSPITALS)
         assert record["secure_aggregation"], "the round did not use secure aggregation"
-        for name in HOSPITALS:
-            assert 0 < record["privacy_per_hospital"][name]["epsilon"] <= 8.0
+        for name in HOSPITALS:  # the planned bound only: the exact ε would reveal n
+            assert record["privacy_per_hospital"][name] == {"epsilon-target": 8.0}
     for name in HOSPITALS:  # each hospital's own ledger, on its own disk
         ledger = json.loads((tmp_path / name / "ledger.json").read_text())
         assert len(ledger["entries"]) == 2
+        assert 0 < ledger["entries"][-1]["epsilon"] <= 8.0  # the exact ε, kept at home
+        # Every ClientApp ran through the node's own check of the coordinator's bundle.
+        assert "app bundle verified" in (tmp_path / f"{name}.log").read_text()
+
+
+def test_a_coordinator_shipping_modified_code_is_refused_by_every_node(
+    tmp_path: Path, federation: dict[str, Path], processes: Processes, installed_wheel: Path
+) -> None:
+    """The coordinator runs a modified fedtune (its ClientApp writes a canary file the moment
+    it is imported, as code reading the data or the identity key would run): the bundle it
+    ships is refused by every hospital's node before any of it runs."""
+    import shutil
+
+    evil = tmp_path / "evil-site"
+    shutil.copytree(installed_wheel, evil)
+    canary = tmp_path / "canary"
+    app = evil / "fedtune" / "client" / "app.py"
+    app.write_text(app.read_text() + f"\nopen({str(canary)!r}, 'w').write('ran')\n")
+    config = federation["config"]
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 1").replace(
+        "[federation]\n", "[federation]\nround_retries = 0\n"))
+    port = free_port()
+    point_nodes_at(federation, f"127.0.0.1:{port}")
+    run_dir = tmp_path / "run"
+    server, server_log = processes.start(
+        "server", "server", "--config", str(config), "--federation",
+        str(federation["federation"]), "--run-dir", str(run_dir), "--host", "127.0.0.1",
+        "--port", str(port), site=evil,
+    )
+    wait_for(lambda: "Registered north-clinic" in server_log.read_text(), 120, "registration")
+    for name in HOSPITALS:
+        processes.start(name, "node", "--config", str(federation[name]))
+    wait_for(lambda: any(r.get("aborted") for r in round_records(run_dir))
+             or server.poll() is not None, 600, "the round to be refused")
+    assert not canary.exists(), "the coordinator's code ran at a hospital"
+    records = round_records(run_dir)
+    assert records and records[0]["aborted"] and not records[0]["hospitals_used"]
+    assert not (run_dir / "adapters" / "round-0001.safetensors").exists()
+    for name in HOSPITALS:
+        log = (tmp_path / f"{name}.log").read_text()
+        assert "refused the coordinator's app bundle" in log, log[-2000:]
+        assert "changed: fedtune/client/app.py" in log
+        audit = (tmp_path / name / f"{name}-audit.jsonl").read_text()
+        assert '"refused-app-bundle"' in audit
 
 
 def kill_coordinator(server: subprocess.Popen[bytes], run_dir: Path) -> None:
@@ -233,6 +278,9 @@ def test_a_node_dies_and_rejoins_and_the_coordinator_resumes_after_a_crash(
 ) -> None:
     config = federation["config"]
     config.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))
+    for name in HOSPITALS:  # these admins accept rounds of two survivors (default: three)
+        node = federation[name]
+        node.write_text(node.read_text() + "secagg_min_survivors = 2\n")
     port = free_port()
     address = f"127.0.0.1:{port}"
     point_nodes_at(federation, address)

@@ -267,3 +267,71 @@ def test_two_deployed_survivors_abort_the_round(classify_config: RunConfig, tmp_
         assert "only 2 hospitals survived; this hospital needs at least 3" in (
             record.refused[hospital])
     _nothing_revealed(grid)
+
+
+def _readme_list(prefix: str) -> set[str]:
+    import re
+
+    text = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    match = re.search(re.escape(prefix) + r" ([a-z0-9, -]+)\.", text)
+    assert match, f"README lost its line {prefix!r}"
+    return {name.strip() for name in match.group(1).split(",")}
+
+
+def test_a_deployed_hospitals_replies_reveal_nothing_of_its_size(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """Three deployed hospitals of different sizes, DP and secure aggregation on: the masked
+    replies carry exactly the README's metrics, none depending on the data's size, and the
+    evaluation replies no example count (the coordinator averages them unweighted)."""
+    from flwr.app import Message as FlowerMessage
+
+    from fedtune.client.secure_stages import DEPLOYED_MASKED_METRICS
+    from fedtune.core.wire import EVALUATE, METRICS
+
+    source = Path(classify_config.data.simulation_root)
+    sizes = {"Small": 24, "Middle": 40, "Large": 60}
+    files = {}
+    for k, (name, lines) in enumerate(sizes.items()):
+        text = (source / f"hospital-{k + 1}.jsonl").read_text().splitlines()
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join((text * 2)[:lines]) + "\n")
+    nodes = deployed_nodes(tmp_path / "keys",
+                           {k: (name, str(files[name])) for k, name in enumerate(sizes)})
+    for node in nodes.values():
+        node["privacy-ledger"] = str(tmp_path / f"{node['hospital-name']}-ledger.json")
+    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=3)
+    config = replace_section(config, "privacy", enabled=True, target_epsilon=6.0)
+    config = replace_section(config, "secure_aggregation", threshold=2, clip_norm=1.0,
+                             max_weight=64)
+    grid = InProcessGrid(3, node_configs=nodes)
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.create(config)
+    lines: list[str] = []
+    run_federation(grid, config, run_dir, initial_global_adapter(config), say=lines.append)
+    assert run_dir.saved_rounds() == [0, 1]
+
+    def metrics_of(kind: str) -> dict[int, dict[str, float]]:
+        replies: list[FlowerMessage] = [
+            r for r in grid.replies if r.has_content() and r.metadata.message_type == kind
+        ]
+        return {(r.metadata.src_node_id, r.metadata.group_id):
+                dict(r.content.metric_records[METRICS])
+                for r in replies if METRICS in r.content.metric_records}
+
+    masked = metrics_of(MASKED)
+    assert len(masked) == 3
+    listed = _readme_list("Metrics in a deployed hospital's masked update:")
+    assert listed == set(DEPLOYED_MASKED_METRICS)
+    for values in masked.values():
+        assert set(values) <= listed, set(values) - listed
+        assert values["epsilon-target"] == 6.0 and values["dp"] == 1.0
+    evaluations = metrics_of(EVALUATE)
+    assert len(evaluations) == 9  # 3 hospitals × (base test, validation, final test)
+    for values in evaluations.values():
+        assert set(values) == {"loss", "accuracy", "macro-f1"}
+    # The coordinator still reports a guarantee for each hospital: the planned bound.
+    assert any("ε ≤ 6.000 (its plan for this run" in line for line in lines)
+    summary = run_dir.summary()
+    assert summary["final_test"]["weighted"]["accuracy"] == pytest.approx(
+        sum(summary["final_test"]["per_hospital"][h]["accuracy"] for h in sizes) / 3)

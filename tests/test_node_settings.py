@@ -54,6 +54,7 @@ def test_a_simulated_hospital_is_named_by_its_partition():
         ({"secagg-min-threshold": 2.5}, "secagg-min-threshold must be a whole number"),
         ({"data-path": "  "}, "data-path must be a path"),
         ({"device": "tpu"}, "device must be one of auto, cpu, cuda"),
+        ({"secagg-min-survivors": 1}, "secagg-min-survivors must be a whole number >= 2"),
     ],
 )
 def test_a_wrong_node_setting_is_refused_by_name(raw: dict, message: str):

@@ -23,6 +23,7 @@ import re
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import deque
@@ -346,8 +347,8 @@ class NodeSettings:
     # The lowest secure-aggregation threshold this node accepts; 0 = a majority of the
     # enrolled hospitals (lower it only for federations that sample hospitals per round).
     secagg_min_threshold: int = 0
-    # The fewest survivors this node unmasks with; 0 = 3 (never fewer: with two, each could
-    # compute the other's update from the result).
+    # The fewest survivors this node unmasks with; 0 = 3 (with two, each could compute the
+    # other's update from the result: set 2 only if this hospital accepts that).
     secagg_min_survivors: int = 0
 
 
@@ -446,22 +447,31 @@ def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = pr
     the node tries again every `_JOIN_RETRY_S` for `join_timeout_s`, saying why; a TLS
     verification failure is a set-up mistake and ends the node at once.
     """
+    from fedtune.ops.node_clientapp import AUDIT_LOG_ENV, write_launcher
+
     if settings.insecure:
         say("WARNING: insecure = true: NO TLS and NO node authentication (local experiments "
             "only, never with patient data).")
     home.mkdir(parents=True, exist_ok=True)
     env = {**coordinator_env(home), "PYTHONUNBUFFERED": "1"}
-    deadline = time.monotonic() + settings.join_timeout_s
-    while True:
-        outcome, code = _supernode_once(settings, env, say)
-        if outcome != "not-enrolled":
-            return code
-        if time.monotonic() + _JOIN_RETRY_S > deadline:
-            say(f"fedtune: giving up after {settings.join_timeout_s:g} s: the coordinator does "
-                "not accept this node's key.")
-            return 1
-        say(f"fedtune: trying again in {_JOIN_RETRY_S:g} s.")
-        time.sleep(_JOIN_RETRY_S)
+    audit_log = hospital_node_settings(settings).audit_log
+    # The SuperNode's ClientApp processes are this node's own `flwr-clientapp`, which runs
+    # only a bundle that is byte-identical to the fedtune installed here (node_clientapp).
+    with tempfile.TemporaryDirectory(prefix="fedtune-node-") as tools:
+        write_launcher(Path(tools))
+        env["PATH"] = tools + os.pathsep + env["PATH"]
+        env[AUDIT_LOG_ENV] = str(audit_log) if audit_log is not None else ""
+        deadline = time.monotonic() + settings.join_timeout_s
+        while True:
+            outcome, code = _supernode_once(settings, env, say)
+            if outcome != "not-enrolled":
+                return code
+            if time.monotonic() + _JOIN_RETRY_S > deadline:
+                say(f"fedtune: giving up after {settings.join_timeout_s:g} s: the coordinator "
+                    "does not accept this node's key.")
+                return 1
+            say(f"fedtune: trying again in {_JOIN_RETRY_S:g} s.")
+            time.sleep(_JOIN_RETRY_S)
 
 
 _JOIN_RETRY_S = 10.0
