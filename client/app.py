@@ -25,7 +25,12 @@ from fedtune.client.evaluate import evaluate_classification, evaluate_generation
 from fedtune.client.federated_objectives import (
     SharedInitMismatch,
 )
-from fedtune.client.hospital_log import IdentifiersInData, record_hospital_event
+from fedtune.client.hospital_log import (
+    EvaluationLimitReached,
+    IdentifiersInData,
+    check_evaluation_allowed,
+    record_hospital_event,
+)
 from fedtune.client.local_round import train_local_update
 from fedtune.client.node_settings import NodeSettings, node_key, parse_node_settings
 from fedtune.client.outgoing import prepare_update
@@ -64,6 +69,7 @@ HOSPITAL_DATA_ERROR = 4002
 HOSPITAL_PRIVACY_BUDGET_EXHAUSTED = 4003
 HOSPITAL_LEDGER_ERROR = 4004
 HOSPITAL_SECURE_AGGREGATION_ABORT = 4005  # a protocol check failed: this hospital stops
+HOSPITAL_EVALUATION_LIMIT = 4006  # the run asked for more evaluations than the node allows
 HOSPITAL_UNEXPECTED_ERROR = 4099
 
 # What a hospital's admin must fix, or a privacy rule: answered as an error reply naming the
@@ -73,6 +79,7 @@ _REFUSAL_CODES: dict[type[Exception], int] = {
     DataValidationError: HOSPITAL_DATA_ERROR,
     IdentifiersInData: HOSPITAL_DATA_ERROR,
     PrivacyBudgetExhausted: HOSPITAL_PRIVACY_BUDGET_EXHAUSTED,
+    EvaluationLimitReached: HOSPITAL_EVALUATION_LIMIT,
     LedgerError: HOSPITAL_LEDGER_ERROR,
     IdentityError: HOSPITAL_CONFIG_ERROR,
     SharedInitMismatch: HOSPITAL_CONFIG_ERROR,
@@ -152,6 +159,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = parse_node_settings(context.node_config)
     config = apply_node_settings(job.config, node)
     identity = hospital_identity(node, config.data)
+    check_evaluation_allowed(node, job.run_id)
     handle = model_for(config)
     data = data_for(config, identity, handle)
     set_adapter(handle.model, global_adapter)

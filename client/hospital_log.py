@@ -9,12 +9,14 @@ audit.jsonl: the same rounds, the same fingerprints. Simulated hospitals keep no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from fedtune.client.node_settings import NodeSettings
+from fedtune.client.node_settings import DEFAULT_MAX_EVALUATIONS, NodeSettings
 from fedtune.core.audit import AuditLog
 
 log = logging.getLogger("fedtune.hospital")
@@ -24,6 +26,34 @@ def record_hospital_event(node: NodeSettings, event: str, data: dict[str, Any]) 
     """Append one event to this node's log, if it keeps one."""
     if node.audit_log is not None:
         AuditLog(node.audit_log).append(event, data)
+
+
+class EvaluationLimitReached(PermissionError):
+    """The coordinator asked this run for more evaluations than the hospital allows."""
+
+
+def check_evaluation_allowed(node: NodeSettings, run_id: str) -> None:
+    """Evaluation replies are not noised: a deployed hospital answers at most
+    `max-evaluations` of them per run (default DEFAULT_MAX_EVALUATIONS), counted from the
+    `sent-metrics` events of its own audit log (so the count survives restarts). A node
+    without an audit log (simulated hospitals) is not limited."""
+    if node.audit_log is None or node.data_path is None:
+        return
+    limit = node.max_evaluations if node.max_evaluations is not None else DEFAULT_MAX_EVALUATIONS
+    sent = 0
+    if node.audit_log.is_file():
+        for line in node.audit_log.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("event") == "sent-metrics" and (
+                        record.get("data", {}).get("run_id") == run_id):
+                    sent += 1
+    if sent >= limit:
+        raise EvaluationLimitReached(
+            f"this hospital already answered {sent} evaluation request(s) of run {run_id}, "
+            f"its limit (node setting max-evaluations = {limit}); evaluations are not "
+            "covered by differential privacy, so it answers no more"
+        )
 
 
 def bytes_sha256(payload: bytes) -> str:

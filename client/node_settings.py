@@ -20,6 +20,10 @@ from typing import Any
 
 from fedtune.core.config import ConfigError
 
+# A deployed hospital's split and evaluation limit when its admin sets none.
+DEFAULT_DATA_SPLIT = (0.8, 0.1, 0.1)
+DEFAULT_MAX_EVALUATIONS = 100
+
 # Flower's simulation engine sets these for each virtual hospital.
 SIM_PARTITION_KEY = "partition-id"
 SIM_PARTITIONS_KEY = "num-partitions"
@@ -57,6 +61,12 @@ class NodeSettings:
     enrollment: Path | None = None
     secagg_min_threshold: int | None = None
     secagg_min_survivors: int | None = None  # fewest survivors to unmask with (default 3)
+    # Evaluation is the hospital's (deployed nodes): its own train/validation/test split, so
+    # the coordinator cannot move records out of DP training into noise-free evaluation,
+    # and at most this many evaluation replies per run (counted in its audit log).
+    data_split: tuple[float, float, float] | None = None  # default 0.8, 0.1, 0.1
+    split_seed: int | None = None  # default 0
+    max_evaluations: int | None = None  # default DEFAULT_MAX_EVALUATIONS
     # Governance: identifier-check findings accepted; data summary shared; own audit log.
     pii_acknowledged: bool = False
     share_data_summary: bool = False
@@ -86,7 +96,7 @@ class NodeSettings:
             if isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = ",".join(value)
+                value = ",".join(str(part) for part in value)
             out[_KEY_OF[field.name]] = value
         return out
 
@@ -110,6 +120,9 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "enrollment": ("enrollment", Path),
     "secagg-min-threshold": ("secagg_min_threshold", int),
     "secagg-min-survivors": ("secagg_min_survivors", int),
+    "data-split": ("data_split", list),
+    "split-seed": ("split_seed", int),
+    "max-evaluations": ("max_evaluations", int),
     "pii-acknowledged": ("pii_acknowledged", bool),
     "share-data-summary": ("share_data_summary", bool),
     "audit-log": ("audit_log", Path),
@@ -158,6 +171,18 @@ def parse_node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
         raise NodeSettingsError(
             f"node setting device must be one of auto, cpu, cuda; got {settings.device!r}."
         )
+    if settings.data_split is not None and (
+            len(settings.data_split) != 3 or min(settings.data_split) < 0
+            or settings.data_split[0] <= 0 or abs(sum(settings.data_split) - 1.0) > 1e-6):
+        raise NodeSettingsError(
+            f"node setting {node_key('data_split')} must be three fractions (train, "
+            f"validation, test) summing to 1 with train > 0, got {settings.data_split}."
+        )
+    if settings.max_evaluations is not None and settings.max_evaluations < 0:
+        raise NodeSettingsError(
+            f"node setting {node_key('max_evaluations')} must be >= 0, got "
+            f"{settings.max_evaluations}."
+        )
     if settings.partition_id is not None and settings.partition_id < 0:
         raise NodeSettingsError(f"{SIM_PARTITION_KEY} must be >= 0, got {settings.partition_id}.")
     return settings
@@ -167,7 +192,8 @@ def _typed(key: str, raw: Any, kind: type) -> Any:
     """`raw` as `kind`, refusing what Flower's parser would not produce for such a setting
     (a bool where a number belongs, the string "false" for a switch)."""
     names = {str: "text", Path: "a path", int: "a whole number", float: "a number",
-             bool: "true or false", tuple: "comma-separated names"}
+             bool: "true or false", tuple: "comma-separated names",
+             list: "comma-separated fractions, e.g. 0.8,0.1,0.1"}
     ok = {
         str: isinstance(raw, str),
         Path: isinstance(raw, str | Path) and str(raw).strip() != "",
@@ -175,6 +201,7 @@ def _typed(key: str, raw: Any, kind: type) -> Any:
         float: isinstance(raw, int | float) and not isinstance(raw, bool),
         bool: isinstance(raw, bool),
         tuple: isinstance(raw, str),
+        list: isinstance(raw, str) and _fractions(raw) is not None,
     }[kind]
     if not ok:
         raise NodeSettingsError(f"node setting {key} must be {names[kind]}, got {raw!r}.")
@@ -186,4 +213,13 @@ def _typed(key: str, raw: Any, kind: type) -> Any:
         return raw.strip()
     if kind is tuple:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind is list:
+        return _fractions(raw)
     return raw
+
+
+def _fractions(raw: str) -> tuple[float, ...] | None:
+    try:
+        return tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        return None

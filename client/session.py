@@ -26,7 +26,7 @@ from fedtune.client.data import (
     split_examples,
 )
 from fedtune.client.encoding import encode_classification, encode_generation
-from fedtune.client.node_settings import NodeSettings, node_key
+from fedtune.client.node_settings import DEFAULT_DATA_SPLIT, NodeSettings, node_key
 from fedtune.core.config import ConfigError, DataSettings, RunConfig
 from fedtune.core.lineage import DataFingerprint, data_fingerprint
 from fedtune.core.model import (
@@ -42,8 +42,11 @@ def apply_node_settings(config: RunConfig, node: NodeSettings) -> RunConfig:
     """The run configuration as this hospital will execute it.
 
     The coordinator asks; the hospital decides: a node pinned to a base model refuses any
-    other (a coordinator must not swap the model that hospital data trains), and the node's
-    device replaces the coordinator's (only the hospital knows its hardware).
+    other (a coordinator must not swap the model that hospital data trains), the node's
+    device replaces the coordinator's (only the hospital knows its hardware), and a deployed
+    node splits its data its own way (its admin's `data-split` and `split-seed`, default
+    80/10/10 and seed 0): a coordinator choosing the split could move records out of DP
+    training into evaluation, which is not noised.
     """
     if node.allowed_model and config.model.source != node.allowed_model:
         raise RunNotApproved(
@@ -55,9 +58,15 @@ def apply_node_settings(config: RunConfig, node: NodeSettings) -> RunConfig:
     if node.allowed_model_sha256:
         model_dir = resolve_model_source(config.model)[0]
     check_run_approved(config, node, model_dir, model_cache_root())
+    overrides: dict[str, dict[str, Any]] = {}
     if node.device and node.device != config.model.device:
-        return config.with_overrides(model={"device": node.device})
-    return config
+        overrides["model"] = {"device": node.device}
+    if node.data_path is not None:  # deployed: the split is the hospital's, not the run's
+        split = node.data_split or DEFAULT_DATA_SPLIT
+        seed = node.split_seed if node.split_seed is not None else 0
+        if (tuple(config.data.split), config.data.split_seed) != (tuple(split), seed):
+            overrides["data"] = {"split": list(split), "split_seed": seed}
+    return config.with_overrides(**overrides) if overrides else config
 
 
 @dataclass(frozen=True)

@@ -335,3 +335,61 @@ def test_a_deployed_hospitals_replies_reveal_nothing_of_its_size(
     summary = run_dir.summary()
     assert summary["final_test"]["weighted"]["accuracy"] == pytest.approx(
         sum(summary["final_test"]["per_hospital"][h]["accuracy"] for h in sizes) / 3)
+
+
+def _plain_deployed(classify_config: RunConfig, tmp_path: Path, **extra: object):
+    source = Path(classify_config.data.simulation_root)
+    nodes = deployed_nodes(tmp_path / "keys", {
+        k: (name, str(source / f"hospital-{k + 1}.jsonl"))
+        for k, name in enumerate(["St-Anna", "City-General"])
+    })
+    for node in nodes.values():
+        node.update({"allow-plain-updates": True,
+                     "audit-log": str(tmp_path / f"{node['hospital-name']}-audit.jsonl"),
+                     **extra})
+    return source, nodes
+
+
+def test_a_coordinator_chosen_split_is_ignored_by_a_deployed_node(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """The coordinator asks for 5 % training data (95 % outside DP, in noise-free evaluation);
+    each deployed node splits its data its own way: 80/10/10, or what its admin set."""
+    from tiny import in_clear
+
+    from fedtune.client.data import load_hospital_data, split_examples
+
+    source, nodes = _plain_deployed(classify_config, tmp_path)
+    nodes[1]["data-split"], nodes[1]["split-seed"] = "0.6,0.2,0.2", 3
+    config = replace_section(in_clear(classify_config), "federation", rounds=1, min_hospitals=2)
+    config = replace_section(config, "data", split=[0.05, 0.9, 0.05], split_seed=99)
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.create(config)
+    run_federation(InProcessGrid(2, node_configs=nodes), config, run_dir,
+                   initial_global_adapter(config), say=lambda _: None)
+    (record,) = [r for r in run_dir.records() if isinstance(r, RoundRecord)]
+    for name, k, fractions, seed in (("St-Anna", 1, (0.8, 0.1, 0.1), 0),
+                                     ("City-General", 2, (0.6, 0.2, 0.2), 3)):
+        data = load_hospital_data(source / f"hospital-{k}.jsonl", labels=config.model.labels)
+        expected = split_examples(data.examples, seed=seed, fractions=fractions).train
+        assert record.train[name]["num-examples"] == len(expected)
+
+
+def test_a_deployed_node_answers_a_bounded_number_of_evaluations(
+    classify_config: RunConfig, tmp_path: Path
+):
+    from tiny import in_clear
+
+    _, nodes = _plain_deployed(classify_config, tmp_path, **{"max-evaluations": 2})
+    config = replace_section(in_clear(classify_config), "federation", rounds=2, min_hospitals=2)
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.create(config)
+    run_federation(InProcessGrid(2, node_configs=nodes), config, run_dir,
+                   initial_global_adapter(config), say=lambda _: None)
+    rounds = [r for r in run_dir.records() if isinstance(r, RoundRecord)]
+    assert rounds[0].validation is not None and rounds[0].validation["per_hospital"]
+    refused = rounds[1].validation["refused"]  # base test + round 1 = 2 evaluations: done
+    assert sorted(refused) == ["City-General", "St-Anna"]
+    assert all("max-evaluations = 2" in reason for reason in refused.values())
+    final = run_dir.summary()["final_test"]
+    assert final["per_hospital"] == {} and len(final["refused"]) == 2

@@ -290,7 +290,7 @@ _NODE_KEYS = {
     "join_timeout_s": float, "allowed_model_sha256": str, "allowed_strategies": str,
     "max_epsilon": float, "allowed_app_sha256": str, "pii_acknowledged": bool,
     "audit_log": str, "share_data_summary": bool, "secagg_min_threshold": int,
-    "secagg_min_survivors": int,
+    "secagg_min_survivors": int, "data_split": str, "split_seed": int, "max_evaluations": int,
 }
 _NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
 _NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
@@ -350,6 +350,11 @@ class NodeSettings:
     # The fewest survivors this node unmasks with; 0 = 3 (with two, each could compute the
     # other's update from the result: set 2 only if this hospital accepts that).
     secagg_min_survivors: int = 0
+    # This hospital's own split of its data ("train,validation,test" fractions; empty =
+    # 0.8,0.1,0.1), its seed, and how many evaluations per run it answers (-1 = default).
+    data_split: str = ""
+    split_seed: int = 0
+    max_evaluations: int = -1
 
 
 def load_node_settings(path: Path) -> NodeSettings:
@@ -380,6 +385,9 @@ def load_node_settings(path: Path) -> NodeSettings:
         parse_node_settings(hospital_node_settings(settings).to_node_config())
     except ConfigError as exc:
         raise ConfigError(f"{path}: [node] {exc}") from None
+    except ValueError:
+        raise ConfigError(f"{path}: [node] data_split must be three fractions like "
+                          f"\"0.8,0.1,0.1\", got {settings.data_split!r}.") from None
     return settings
 
 
@@ -405,6 +413,10 @@ def hospital_node_settings(settings: NodeSettings) -> HospitalNodeSettings:
         share_data_summary=settings.share_data_summary,
         secagg_min_threshold=settings.secagg_min_threshold or None,
         secagg_min_survivors=settings.secagg_min_survivors or None,
+        data_split=(tuple(float(x) for x in settings.data_split.split(","))  # type: ignore[arg-type]
+                    if settings.data_split else None),
+        split_seed=settings.split_seed,
+        max_evaluations=settings.max_evaluations if settings.max_evaluations >= 0 else None,
         audit_log=Path(settings.audit_log or Path(settings.privacy_ledger).with_name(
             f"{settings.hospital}-audit.jsonl")),
     )
