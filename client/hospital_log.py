@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,17 @@ class EvaluationLimitReached(PermissionError):
     """The coordinator asked this run for more evaluations than the hospital allows."""
 
 
+def logged_events(node: NodeSettings, event: str) -> Iterator[dict[str, Any]]:
+    """The data of every `event` record in this node's audit log (none without a log)."""
+    if node.audit_log is None or not node.audit_log.is_file():
+        return
+    for line in node.audit_log.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            record = json.loads(line)
+            if record.get("event") == event:
+                yield dict(record.get("data", {}))
+
+
 def check_evaluation_allowed(node: NodeSettings, run_id: str) -> None:
     """Evaluation replies are not noised: a deployed hospital answers at most
     `max-evaluations` of them per run (default DEFAULT_MAX_EVALUATIONS), counted from the
@@ -40,14 +52,7 @@ def check_evaluation_allowed(node: NodeSettings, run_id: str) -> None:
     if node.audit_log is None or node.data_path is None:
         return
     limit = node.max_evaluations if node.max_evaluations is not None else DEFAULT_MAX_EVALUATIONS
-    sent = 0
-    if node.audit_log.is_file():
-        for line in node.audit_log.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if record.get("event") == "sent-metrics" and (
-                        record.get("data", {}).get("run_id") == run_id):
-                    sent += 1
+    sent = sum(1 for data in logged_events(node, "sent-metrics") if data.get("run_id") == run_id)
     if sent >= limit:
         raise EvaluationLimitReached(
             f"this hospital already answered {sent} evaluation request(s) of run {run_id}, "

@@ -18,7 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtune.client.hospital_log import bytes_sha256, record_hospital_event
+from fedtune.client.hospital_log import bytes_sha256, logged_events, record_hospital_event
 from fedtune.client.local_round import train_local_update
 from fedtune.client.node_settings import NodeSettings, node_key, parse_node_settings
 from fedtune.client.outgoing import prepare_update
@@ -80,7 +80,7 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     identity = hospital_identity(node, job.config.data)
     refuse_recording_outside_simulation(job.config, identity)
     signing_key, _ = hospital_keys(node, job.config, identity)
-    _refuse_reused_attempt(context, job)
+    _refuse_reused_attempt(context, node, job)
     state, advert = protocol.advertise(
         signing_key, identity.name, job.run_id, job.server_round, job.attempt,
         canonical_sha256(job.config.to_dict()),
@@ -263,22 +263,28 @@ def _job(msg: Message) -> Job:
     return Job.from_record(msg.content.config_records[JOB])
 
 
-def _refuse_reused_attempt(context: Context, job: Job) -> None:
+def _refuse_reused_attempt(context: Context, node: NodeSettings, job: Job) -> None:
     """Key each (run, round, attempt) once: a retried round must come with a new attempt.
 
     A coordinator that asked again under an attempt this hospital already keyed could pair
     the new masked input with secrets revealed for the old one (the dropout recovery of an
-    aborted try); refusing the repeat keeps every revealed secret tied to one try only.
+    aborted try); refusing the repeat keeps every revealed secret tied to one try only. The
+    node's context forgets on restart, so a deployed node also checks (and records) each
+    keyed attempt in its own audit log.
     """
     label = f"{job.run_id}/{job.server_round}/{job.attempt}"
     record = context.state.config_records.get(_USED)
     used = [str(x) for x in record["labels"]] if record is not None else []  # type: ignore[union-attr]
+    used += [str(data.get("attempt_label")) for data in logged_events(node, "secagg-keyed")]
     if label in used:
         raise protocol.ProtocolAbort(
             f"the coordinator asked again for round {job.server_round}, attempt {job.attempt}, "
             "which this hospital already took part in; a retried round must be a new attempt"
         )
     context.state[_USED] = ConfigRecord({"labels": [*used, label]})
+    record_hospital_event(node, "secagg-keyed", {"attempt_label": label, "run_id": job.run_id,
+                                                 "round": job.server_round,
+                                                 "attempt": job.attempt})
 
 
 def _save(context: Context, state: protocol.HospitalRound, job: Job, seconds: float) -> None:

@@ -34,6 +34,7 @@ from fedtune.core.secagg.prg import add_mask
 from fedtune.core.secagg.wire import (
     CONFIRM,
     INBOX,
+    KEYS,
     MASKED,
     REVEALED,
     SHARES,
@@ -393,3 +394,39 @@ def test_a_deployed_node_answers_a_bounded_number_of_evaluations(
     assert all("max-evaluations = 2" in reason for reason in refused.values())
     final = run_dir.summary()["final_test"]
     assert final["per_hospital"] == {} and len(final["refused"]) == 2
+
+
+def test_a_restarted_deployed_node_still_refuses_to_key_an_attempt_twice(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """The nodes key round 1, attempt 1, and restart (fresh Flower contexts); the coordinator
+    then asks for attempt 1 again: each node remembers it from its own audit log."""
+    source = Path(classify_config.data.simulation_root)
+    nodes = deployed_nodes(tmp_path / "keys", {
+        k: (name, str(source / f"hospital-{k + 1}.jsonl"))
+        for k, name in enumerate(["St-Anna", "City-General", "North-Clinic"])
+    })
+    for node in nodes.values():
+        node["audit-log"] = str(tmp_path / f"{node['hospital-name']}-audit.jsonl")
+    config = replace_section(classify_config, "federation", rounds=1, min_hospitals=3,
+                             round_retries=0)
+    config = replace_section(config, "secure_aggregation", threshold=2, clip_norm=1.0,
+                             max_weight=64)
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.create(config)
+    first = InProcessGrid(3, node_configs=nodes, drop_after={1001: KEYS, 1002: KEYS})
+    run_federation(first, config, run_dir, initial_global_adapter(config), say=lambda _: None)
+
+    def attempt_one_again(node_id: int, message: Message) -> Message:
+        job = message.content.config_records[JOB]
+        job["attempt"] = 1
+        return message
+
+    restarted = InProcessGrid(3, node_configs=nodes, tamper_request=attempt_one_again)
+    run_federation(restarted, config, run_dir, initial_global_adapter(config),
+                   say=lambda _: None, resume=True)
+    retry = [r for r in run_dir.records() if isinstance(r, RoundRecord)][-1]
+    assert retry.aborted
+    assert all("already took part in" in reason for reason in retry.refused.values())
+    assert sorted(r.split(":")[0] for r in retry.refused.values()) == [
+        "City-General", "North-Clinic", "St-Anna"]
