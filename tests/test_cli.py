@@ -68,7 +68,7 @@ def test_export_of_an_unknown_round_is_a_clear_error(
 
 
 def test_the_launcher_shows_the_coordinators_lines_and_hides_flower_internals():
-    from fedtune.ops.launch import _show
+    from fedtune.ops.launch import show_flower_line
 
     shown: list[str] = []
     for line in [
@@ -78,7 +78,7 @@ def test_the_launcher_shows_the_coordinators_lines_and_hides_flower_internals():
         "Successfully started run 42",
         "  ! hospital-2: privacy budget exhausted (ε spent 7.9 / ε budget 8.0)",
     ]:
-        _show(line, shown.append)
+        show_flower_line(line, shown.append)
     assert shown == [
         "round train loss  val loss",
         "  ! hospital-2: privacy budget exhausted (ε spent 7.9 / ε budget 8.0)",

@@ -36,14 +36,15 @@ from fedtune.client.node_settings import NodeSettings as HospitalNodeSettings
 from fedtune.client.node_settings import parse_node_settings
 from fedtune.core.config import ConfigError
 from fedtune.core.toml_files import check_tables, read_toml, scalar
-from fedtune.ops.simulation import (
+from fedtune.ops.flower_processes import (
     SimulationError,
-    _final_status,
-    _pump_output,
-    _terminate,
-    _tool,
-    format_config_value,
+    final_status,
+    flower_tool,
+    pump_output,
+    terminate_processes,
 )
+from fedtune.ops.launch import show_flower_line
+from fedtune.ops.simulation import format_config_value
 
 CONNECTION = "fedtune-federation"
 SUPERLINK_DB = "superlink.db"
@@ -89,7 +90,7 @@ def coordinator_env(home: Path) -> dict[str, str]:
 def superlink_command(plan: CoordinatorPlan) -> list[str]:
     """The SuperLink's command line: TLS and node authentication unless `insecure`."""
     command = [
-        _tool("flower-superlink"), "--host", plan.host, "--port", str(plan.port),
+        flower_tool("flower-superlink"), "--host", plan.host, "--port", str(plan.port),
         "--database", str((plan.federation_dir / SUPERLINK_DB).resolve()),
         "--disable-runtime-dependency-installation",
     ]
@@ -157,7 +158,7 @@ def serve(plan: CoordinatorPlan, say: Callable[[str], None] = print) -> None:
             "run-dir": str(plan.run_dir.resolve()),
             "resume": plan.resume,
         }
-        command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        command = [flower_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         for key, value in run_config.items():
             command += ["--run-config", f"{key}={format_config_value(value)}"]
         cli = subprocess.Popen(
@@ -168,7 +169,7 @@ def serve(plan: CoordinatorPlan, say: Callable[[str], None] = print) -> None:
         tail: deque[str] = deque(maxlen=40)
         deadline = None if plan.timeout_s is None else time.monotonic() + plan.timeout_s
         try:
-            run_id = _pump_output(cli, lambda line: _show(line, say), tail, deadline,
+            run_id = pump_output(cli, lambda line: show_flower_line(line, say), tail, deadline,
                                   plan.timeout_s)
         except SimulationError as exc:
             raise DeploymentError(str(exc).replace("simulation", "federated run")) from None
@@ -178,32 +179,14 @@ def serve(plan: CoordinatorPlan, say: Callable[[str], None] = print) -> None:
                 f"`flwr run` could not start the run (exit code {code}). Its last output:\n"
                 + "\n".join(tail) + f"\nSuperLink log: {log_path}"
             )
-        status, details = _final_status_deployed(cli_env, run_id)
+        status, details = final_status(cli_env, run_id, CONNECTION)
         if status != "finished:completed":
             raise DeploymentError(
                 f"The federated run {run_id} ended as '{status}': {details}\n"
                 f"SuperLink log: {log_path}"
             )
     finally:
-        _terminate(processes, homes["superlink"])
-
-
-def _final_status_deployed(env: dict[str, str], run_id: int) -> tuple[str, str]:
-    """`flwr ls` against this coordinator's connection (same parsing as the simulation's)."""
-    from fedtune.ops import simulation
-
-    saved = simulation.CONNECTION_NAME
-    simulation.CONNECTION_NAME = CONNECTION
-    try:
-        return _final_status(env, run_id)
-    finally:
-        simulation.CONNECTION_NAME = saved
-
-
-def _show(line: str, say: Callable[[str], None]) -> None:
-    from fedtune.ops.launch import _show as show_launch_line
-
-    show_launch_line(line, say)
+        terminate_processes(processes, homes["superlink"])
 
 
 def _start(command: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -258,7 +241,7 @@ def _register_hospitals(
             "`fedtune keys enroll --federation ...`; no node can join until then.")
     for hospital, pub in sorted(keys.items()):
         done = subprocess.run(
-            [_tool("flwr"), "supernode", "register", str(pub.resolve()), CONNECTION,
+            [flower_tool("flwr"), "supernode", "register", str(pub.resolve()), CONNECTION,
              "--name", hospital, "--format", "json"],
             env=env, capture_output=True, text=True, timeout=60,
         )
@@ -432,7 +415,7 @@ def node_config_string(settings: NodeSettings) -> str:
 def supernode_command(settings: NodeSettings) -> list[str]:
     """The SuperNode's command line (runtime dependency installation stays off: default)."""
     command = [
-        _tool("flower-supernode"), "--superlink", settings.coordinator,
+        flower_tool("flower-supernode"), "--superlink", settings.coordinator,
         "--port", str(settings.local_port), "--node-config", node_config_string(settings),
     ]
     if settings.insecure:

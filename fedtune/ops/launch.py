@@ -141,10 +141,10 @@ def launch(plan: LaunchPlan, say: Callable[[str], None] = print) -> None:
         timeout_s=plan.timeout_s,
         ray_num_cpus=plan.num_hospitals * plan.client_cpus,
     )
-    run_simulation(spec, on_line=lambda line: _show(line, say))
+    run_simulation(spec, on_line=lambda line: show_flower_line(line, say))
 
 
-def _show(line: str, say: Callable[[str], None]) -> None:
+def show_flower_line(line: str, say: Callable[[str], None]) -> None:
     if ":DEBUG:" in line:  # Flower's own debug log, forwarded from the simulation
         return
     text = _FLOWER_PREFIX.sub("", line.rstrip())

@@ -20,46 +20,39 @@ the cleanup terminates the SuperLink, then every process that still carries that
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import queue
 import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import psutil
+from fedtune.ops.flower_processes import (
+    SimulationError,
+    final_status,
+    flower_tool,
+    pump_output,
+    terminate_processes,
+)
 
 RunConfigValue = str | int | float | bool | os.PathLike[str]
 
 CONNECTION_NAME = "fedtune-sim"
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
-_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
 _STARTUP_TIMEOUT_S = 60.0
-_STATUS_TIMEOUT_S = 30.0
-_GRACE_S = 5.0
 _TOML_ESCAPES = {0x5C: "\\\\", **{c: f"\\u{c:04X}" for c in [*range(0x20), 0x22, 0x7F]}}
 _SHORT_TMP = "/tmp" if os.path.isdir("/tmp") else None
 # Inherited env vars that would make the SuperLink also bind the legacy gRPC Control/Fleet APIs
 # on their default ports (9093/9092), or make Ray join another cluster instead of its own.
 _DROPPED_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API", "RAY_ADDRESS")
-
-
-class SimulationError(RuntimeError):
-    """The simulation could not start, failed, or timed out; the message says where to look."""
 
 
 @dataclass(frozen=True)
@@ -143,20 +136,6 @@ def format_run_config(run_config: Mapping[str, RunConfigValue]) -> list[str]:
     return pairs
 
 
-def find_simulation_processes(flwr_home: Path) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose environment carries this run's ``FLWR_HOME``."""
-    wanted, found = str(flwr_home), []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.environ().get("FLWR_HOME") == wanted and _alive(proc):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return found
-
-
 def run_simulation(
     spec: SimulationSpec, on_line: Callable[[str], None] = print
 ) -> SimulationResult:
@@ -193,7 +172,7 @@ def run_simulation(
         )
         if spec.ray_num_cpus is not None:
             federation += f" init-args-num-cpus={spec.ray_num_cpus}"
-        command = [_tool("flwr"), "run", str(app_dir), CONNECTION_NAME, "--stream"]
+        command = [flower_tool("flwr"), "run", str(app_dir), CONNECTION_NAME, "--stream"]
         for pair in run_config_args:
             command += ["--run-config", pair]
         command += ["--federation-config", federation]
@@ -202,7 +181,7 @@ def run_simulation(
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
         )
         tail: deque[str] = deque(maxlen=40)
-        run_id = _pump_output(cli, on_line, tail, deadline, spec.timeout_s)
+        run_id = pump_output(cli, on_line, tail, deadline, spec.timeout_s)
         code = cli.wait()
         recent = "\n".join(tail)
         if code != 0 or run_id is None:
@@ -210,7 +189,7 @@ def run_simulation(
                 f"`flwr run` could not start the run (exit code {code}). Its last output:\n"
                 f"{recent}\nSuperLink log: {log_path}"
             )
-        status, details = _final_status(env, run_id)
+        status, details = final_status(env, run_id, CONNECTION_NAME)
         if status != "finished:completed":
             raise SimulationError(
                 f"The Flower run {run_id} ended as '{status}': {details}\n"
@@ -218,7 +197,7 @@ def run_simulation(
             )
         return SimulationResult(run_id, flwr_home, log_path, port)
     finally:
-        _terminate([p for p in (cli, superlink) if p is not None], flwr_home)
+        terminate_processes([p for p in (cli, superlink) if p is not None], flwr_home)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -246,15 +225,6 @@ def _child_env(flwr_home: Path, ray_tmp: Path, spec: SimulationSpec) -> dict[str
     return env
 
 
-def _tool(name: str) -> str:
-    """The console script from this interpreter's environment, else from PATH."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if found is None:
-        raise SimulationError(f"`{name}` not found: install flwr[simulation]==1.41.0")
-    return found
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -271,7 +241,8 @@ def _start_superlink(env: dict[str, str], log_path: Path) -> tuple[subprocess.Po
     for _attempt in range(3):
         port = _free_port()
         command = [
-            _tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            flower_tool("flower-superlink"), "--insecure", "--simulation", "--isolation",
+            "subprocess",
             "--host", "127.0.0.1", "--port", str(port),
             "--disable-runtime-dependency-installation",
         ]
@@ -308,100 +279,3 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> b
         f"See its log: {log_path}"
     )
 
-
-def _pump_output(
-    cli: subprocess.Popen[str],
-    on_line: Callable[[str], None],
-    tail: deque[str],
-    deadline: float | None,
-    timeout_s: float | None,
-) -> int | None:
-    """Forward the CLI's lines to ``on_line`` until it exits; return the run id it printed."""
-    lines: queue.Queue[str | None] = queue.Queue()
-    stdout = cli.stdout
-    assert stdout is not None
-
-    def read() -> None:
-        for raw in stdout:
-            lines.put(raw)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True, name="flwr-run-output").start()
-    run_id: int | None = None
-    while True:
-        if deadline is not None and time.monotonic() > deadline:
-            raise SimulationError(
-                f"The simulation did not finish within {timeout_s:g} s and was stopped. "
-                "Raise SimulationSpec.timeout_s or reduce the work per round."
-            )
-        try:
-            raw = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if raw is None:
-            return run_id
-        line = _ANSI_RE.sub("", raw.rstrip("\r\n"))
-        tail.append(line)
-        if run_id is None and (match := _RUN_ID_RE.search(line)):
-            run_id = int(match.group(1))
-        on_line(line)
-
-
-def _final_status(env: dict[str, str], run_id: int) -> tuple[str, str]:
-    """Ask the SuperLink how the run ended: `flwr run --stream` exits 0 even when it failed."""
-    command = [_tool("flwr"), "ls", CONNECTION_NAME, "--run-id", str(run_id), "--format", "json"]
-    deadline = time.monotonic() + _STATUS_TIMEOUT_S
-    status, details = "unknown", "the SuperLink did not report a final status"
-    while time.monotonic() < deadline:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-        try:
-            payload = json.loads(done.stdout[done.stdout.find("{") :])
-            row = next(r for r in payload["runs"] if int(r["run-id"]) == run_id)
-            status, details = str(row["status"]), str(row.get("status-details", ""))
-        except (ValueError, KeyError, StopIteration, TypeError):
-            details = f"`flwr ls` answered: {(done.stdout + done.stderr).strip()[-500:]}"
-        if status.startswith("finished"):
-            break
-        time.sleep(0.5)
-    return status, details
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _terminate(roots: Sequence[subprocess.Popen[Any]], flwr_home: Path) -> None:
-    """SIGTERM the roots (SuperLink stops SuperExec itself), then sweep and SIGKILL stragglers.
-
-    Descendants are listed *before* the roots die (afterwards they are re-parented and only the
-    ``FLWR_HOME`` sweep can find them).
-    """
-    procs: set[psutil.Process] = set()
-    for root in roots:
-        if root.poll() is not None:
-            continue
-        with contextlib.suppress(psutil.Error):
-            procs.update(psutil.Process(root.pid).children(recursive=True))
-        root.terminate()
-        try:
-            root.wait(timeout=_GRACE_S)
-        except subprocess.TimeoutExpired:
-            root.kill()
-            root.wait()
-    for _sweep in range(3):
-        procs.update(find_simulation_processes(flwr_home))
-        alive = [p for p in procs if _alive(p)]
-        if not alive:
-            return
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(alive, timeout=_GRACE_S)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=_GRACE_S)
-        procs = set()
