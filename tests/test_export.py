@@ -16,7 +16,9 @@ from fedtune.core.config import RunConfig
 from fedtune.core.initial_adapter import initial_global_adapter
 from fedtune.core.model import attach_lora, load_base_model, set_adapter
 from fedtune.server.export import ExportError, choose_round, export_adapter
+from fedtune.server.records import Evaluation, RoundRecord
 from fedtune.server.run_dir import RunDirectory
+from fedtune.server.state import CoordinatorState
 
 CPU = torch.device("cpu")
 TEXTS = ["acute bronchitis with cough", "fracture of the left wrist", "type 2 diabetes"]
@@ -30,12 +32,30 @@ def _perturbed(adapter: Adapter, seed: int, scale: float = 0.05) -> Adapter:
     }
 
 
-def _round_record(server_round: int, accuracy: float) -> dict:
-    return {
-        "event": "round",
-        "round": server_round,
-        "validation": {"weighted": {"accuracy": accuracy, "loss": 1.0}},
-    }
+def _round_record(server_round: int, accuracy: float, aborted: bool = False) -> RoundRecord:
+    return RoundRecord(
+        round=server_round, attempt=1, hospitals_asked=2, hospitals_connected=2,
+        hospitals_sampled=2, sampled_nodes=[1, 2], sampled_hospitals=["a", "b"],
+        hospitals_used=[] if aborted else ["a", "b"], refused={}, train={},
+        train_phase_seconds=1.0, secure_aggregation={"secure_aggregation": True},
+        aborted=True if aborted else None,
+        validation=None if aborted else {"weighted": {"accuracy": accuracy, "loss": 1.0},
+                                         "per_hospital": {}, "refused": {}},
+    )
+
+
+def _record_round(run_dir: RunDirectory, server_round: int, accuracy: float) -> None:
+    """What the coordinator writes after a round: its log line and its state."""
+    record = _round_record(server_round, accuracy)
+    run_dir.log(record)
+    state = run_dir.load_state() if run_dir.state_file.is_file() else CoordinatorState()
+    state.completed(server_round, record.validation["weighted"], {})  # type: ignore[index]
+    run_dir.save_state(state)
+
+
+def _evaluation(server_round: int) -> Evaluation:
+    return Evaluation(round=server_round, split="test", weighted={}, per_hospital={},
+                      refused={})
 
 
 def _make_run(path: Path, config: RunConfig, accuracies: dict[int, float]) -> dict[int, Adapter]:
@@ -44,11 +64,11 @@ def _make_run(path: Path, config: RunConfig, accuracies: dict[int, float]) -> di
     run_dir.create(config)
     adapters = {0: initial_global_adapter(config)}
     run_dir.save_adapter(0, adapters[0])
-    run_dir.append_metrics({"event": "evaluate", "round": 0, "split": "test"})
+    run_dir.log(_evaluation(0))
     for server_round, accuracy in sorted(accuracies.items()):
         adapters[server_round] = _perturbed(adapters[server_round - 1], seed=server_round)
         run_dir.save_adapter(server_round, adapters[server_round])
-        run_dir.append_metrics(_round_record(server_round, accuracy))
+        _record_round(run_dir, server_round, accuracy)
     return adapters
 
 
@@ -128,14 +148,14 @@ def _run_with_rounds(path: Path, config: RunConfig, accuracies: dict[int, float]
     run_dir.save_adapter(0, {"w": np.zeros(2, np.float32)})
     for server_round, accuracy in accuracies.items():
         run_dir.save_adapter(server_round, {"w": np.full(2, server_round, np.float32)})
-        run_dir.append_metrics(_round_record(server_round, accuracy))
+        _record_round(run_dir, server_round, accuracy)
     return run_dir
 
 
 def test_choose_round(classify_config: RunConfig, tmp_path: Path) -> None:
     run_dir = _run_with_rounds(tmp_path / "run", classify_config, {1: 0.5, 2: 0.8, 3: 0.6})
-    run_dir.append_metrics({"event": "round", "round": 4, "aborted": True})  # no validation
-    run_dir.append_metrics({"event": "evaluate", "round": 3, "split": "test", "accuracy": 1.0})
+    run_dir.log(_round_record(4, 0.0, aborted=True))  # no validation
+    run_dir.log(_evaluation(3))
     assert choose_round(run_dir, "final") == 3
     assert choose_round(run_dir, "best") == 2
     assert choose_round(run_dir, "1") == 1
@@ -212,10 +232,13 @@ def test_metrics_append_and_read(classify_config: RunConfig, tmp_path: Path) -> 
     run_dir = RunDirectory(tmp_path / "run")
     run_dir.create(classify_config)
     assert run_dir.read_metrics() == []
-    records = [_round_record(1, 0.25), {"event": "evaluate", "round": 1, "note": "é ✓"}]
+    records = [_round_record(1, 0.25), Evaluation(round=1, split="test", weighted={},
+                                                  per_hospital={"é ✓": {"loss": 1.0}},
+                                                  refused={})]
     for record in records:
-        run_dir.append_metrics(record)
-    assert run_dir.read_metrics() == records
+        run_dir.log(record)
+    assert run_dir.records() == records
+    assert run_dir.read_metrics()[1]["per_hospital"] == {"é ✓": {"loss": 1.0}}
     assert len(run_dir.metrics_file.read_text(encoding="utf-8").splitlines()) == 2
 
     run_dir.save_summary({"final_round": 1})

@@ -141,13 +141,15 @@ def test_a_hospital_with_bad_data_is_reported_and_the_others_continue(
         0: ("St-Mary", f"{good}/hospital-1.jsonl"),
         1: ("Broken-General", str(bad)),
         2: ("Riverside", f"{good}/hospital-3.jsonl"),
+        3: ("Lakeside", f"{good}/hospital-2.jsonl"),  # 3 survivors: a deployed node's floor
     })
     config = replace_section(classify_config, "federation", rounds=1, min_hospitals=2)
+    config = replace_section(config, "secure_aggregation", threshold=3)
     lines: list[str] = []
-    _run(config, InProcessGrid(3, node_configs=configs), tmp_path, lines)
+    _run(config, InProcessGrid(4, node_configs=configs), tmp_path, lines)
     run_dir = RunDirectory(tmp_path / "run")
     (record,) = [r for r in run_dir.read_metrics() if r["event"] == "round"]
-    assert sorted(record["hospitals_used"]) == ["Riverside", "St-Mary"]
+    assert sorted(record["hospitals_used"]) == ["Lakeside", "Riverside", "St-Mary"]
     (reason,) = record["refused"].values()
     assert "Broken-General" in reason and f"{bad}:1:" in reason and f"{bad}:2:" in reason
     assert run_dir.saved_rounds() == [0, 1]
