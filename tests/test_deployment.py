@@ -254,7 +254,7 @@ def test_a_coordinator_shipping_modified_code_is_refused_by_every_node(
 
 def kill_coordinator(server: subprocess.Popen[bytes], run_dir: Path) -> None:
     """A coordinator crash: the command and every Flower process it started, SIGKILLed."""
-    from fedtune.ops.simulation import find_simulation_processes
+    from fedtune.ops.flower_processes import find_simulation_processes
 
     homes = [(run_dir / ".flower" / home).resolve() for home in ("superlink", "cli")]
     flower = [proc for home in homes for proc in find_simulation_processes(home)]

@@ -13,7 +13,7 @@ import tomli_w
 from tiny import tiny_run_config
 
 from fedtune.ops.cli import main
-from fedtune.ops.simulation import find_simulation_processes
+from fedtune.ops.flower_processes import find_simulation_processes
 from fedtune.server.run_dir import RunDirectory
 
 pytestmark = pytest.mark.slow
