@@ -128,6 +128,9 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     "audit-log": ("audit_log", Path),
 }
 _KEY_OF = {field: key for key, (field, _) in _SCHEMA.items()}
+# Whole-number settings and the least value each may take.
+_WHOLE_NUMBER_MINIMUMS = {"secagg_min_threshold": 2, "secagg_min_survivors": 2,
+                          "max_evaluations": 0, "partition_id": 0}
 _DEVICES = ("", "auto", "cpu", "cuda")
 
 
@@ -157,16 +160,12 @@ def parse_node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
         number = getattr(settings, field)
         if number is not None and not number > 0:
             raise NodeSettingsError(f"node setting {node_key(field)} must be > 0, got {number}.")
-    if settings.secagg_min_threshold is not None and settings.secagg_min_threshold < 2:
-        raise NodeSettingsError(
-            f"node setting {node_key('secagg_min_threshold')} must be a whole number >= 2, "
-            f"got {settings.secagg_min_threshold}."
-        )
-    if settings.secagg_min_survivors is not None and settings.secagg_min_survivors < 2:
-        raise NodeSettingsError(
-            f"node setting {node_key('secagg_min_survivors')} must be a whole number >= 2, "
-            f"got {settings.secagg_min_survivors}."
-        )
+    for field, least in _WHOLE_NUMBER_MINIMUMS.items():
+        number = getattr(settings, field)
+        if number is not None and number < least:
+            raise NodeSettingsError(
+                f"node setting {node_key(field)} must be a whole number >= {least}, got {number}."
+            )
     if settings.device not in _DEVICES:
         raise NodeSettingsError(
             f"node setting device must be one of auto, cpu, cuda; got {settings.device!r}."
@@ -178,13 +177,6 @@ def parse_node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
             f"node setting {node_key('data_split')} must be three fractions (train, "
             f"validation, test) summing to 1 with train > 0, got {settings.data_split}."
         )
-    if settings.max_evaluations is not None and settings.max_evaluations < 0:
-        raise NodeSettingsError(
-            f"node setting {node_key('max_evaluations')} must be >= 0, got "
-            f"{settings.max_evaluations}."
-        )
-    if settings.partition_id is not None and settings.partition_id < 0:
-        raise NodeSettingsError(f"{SIM_PARTITION_KEY} must be >= 0, got {settings.partition_id}.")
     return settings
 
 

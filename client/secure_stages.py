@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,10 @@ _STATE = "secagg-round"  # context.state record holding this round's secrets
 _USED = "secagg-attempts"  # context.state record: every (run, round, attempt) keyed so far
 # Training metrics that reveal the number of training examples (the masked weight).
 SIZE_REVEALING_METRICS = ("sample-rate", "noise-multiplier", "dp-steps", "train-steps")
-# A deployed hospital's exact ε and δ after a round are functions of its data size (q = B/n
-# with σ known from the plan), and so is its training time: they stay in its own ledger and
-# log; the coordinator learns only the run's planned ε bound, which the ledger enforces.
-DEPLOYED_HIDDEN_METRICS = ("epsilon", "delta", "epsilon-budget", "train-seconds")
-# What a deployed hospital's masked-input reply carries (README, threat model; tested).
+# What a deployed hospital's masked-input reply carries, and nothing else (README, threat
+# model; tested): a metric not listed stays at the hospital. Its exact ε and δ after a round
+# are functions of its data size (q = B/n with σ known from the plan), and so is its training
+# time: they stay in its ledger and log; the coordinator learns the run's planned ε bound.
 DEPLOYED_MASKED_METRICS = ("dp", "epsilon-target", "train-loss", "train-last-loss",
                            "skipped-lines", "delta-clipped", "weight-capped",
                            "noise-truncated", "client-dp", "secagg-seconds")
@@ -136,13 +136,9 @@ def masked_input(msg: Message, context: Context) -> Message:
     # The weight is masked; metrics from which the coordinator could read this hospital's
     # data size (DP sampling rate, σ calibrated from it, step counts) stay here.
     shown = {k: v for k, v in update.metrics.items() if k not in SIZE_REVEALING_METRICS}
-    if not identity.simulated:
-        shown = deployed_view(shown)
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        **shown,
-        **prepared.metrics,
-        "secagg-seconds": spent,
-    }
+    shown = {**shown, **prepared.metrics, "secagg-seconds": spent}
+    metrics: dict[str, int | float | list[int] | list[float]] = dict(
+        shown if identity.simulated else deployed_view(shown))
     record_hospital_event(node, "sent-update", {
         "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
         "masked_input_sha256": bytes_sha256(masked.tobytes()), "mode": "masked",
@@ -156,30 +152,52 @@ def masked_input(msg: Message, context: Context) -> Message:
 
 def confirm_view(msg: Message, context: Context) -> Message:
     """Stage 3b: check who the coordinator says survived, and sign this hospital's view."""
-    job = _job(msg)
-    node = parse_node_settings(context.node_config)
-    identity = hospital_identity(node, job.config.data)
-    signing_key, _ = hospital_keys(node, job.config, identity)
-    state, spent = _load(context, job)
-    survivors, dropped = parse_survivors(msg)
-    signature = protocol.confirm_view(state, signing_key, survivors, dropped,
-                                      minimum_survivors(node, identity))
-    _save(context, state, job, spent)
-    return _reply(msg, identity, {VIEW_SIGNATURE: view_signature_record(signature)})
+    stage = _SurvivorStage.of(msg, context)
+    signature = protocol.confirm_view(stage.state, stage.signing_key, stage.survivors,
+                                      stage.dropped, minimum_survivors(stage.node, stage.identity))
+    return stage.reply({VIEW_SIGNATURE: view_signature_record(signature)})
 
 
 def reveal_shares(msg: Message, context: Context) -> Message:
     """Stage 4: shares of survivors' self-masks and dropped hospitals' mask keys, once, and
     only after every survivor's signed view of the round matches this hospital's."""
-    job = _job(msg)
-    node = parse_node_settings(context.node_config)
-    identity = hospital_identity(node, job.config.data)
-    _, enrollment = hospital_keys(node, job.config, identity)
-    state, spent = _load(context, job)
-    survivors, dropped = parse_survivors(msg)
-    shares = protocol.reveal(state, survivors, dropped, parse_view_signatures(msg), enrollment)
-    _save(context, state, job, spent)
-    return _reply(msg, identity, {REVEALED: revealed_record(shares)})
+    stage = _SurvivorStage.of(msg, context)
+    shares = protocol.reveal(stage.state, stage.survivors, stage.dropped,
+                             parse_view_signatures(msg), stage.enrollment)
+    return stage.reply({REVEALED: revealed_record(shares)})
+
+
+@dataclass
+class _SurvivorStage:
+    """What stages 3b and 4 both read: the node, its keys, the round's secrets and the
+    coordinator's survivor list; `reply` saves the secrets and answers."""
+
+    msg: Message
+    context: Context
+    job: Job
+    node: NodeSettings
+    identity: HospitalIdentity
+    signing_key: Ed25519PrivateKey
+    enrollment: dict[str, Ed25519PublicKey]
+    state: protocol.HospitalRound
+    spent: float
+    survivors: list[str]
+    dropped: list[str]
+
+    @classmethod
+    def of(cls, msg: Message, context: Context) -> _SurvivorStage:
+        job = _job(msg)
+        node = parse_node_settings(context.node_config)
+        identity = hospital_identity(node, job.config.data)
+        signing_key, enrollment = hospital_keys(node, job.config, identity)
+        state, spent = _load(context, job)
+        survivors, dropped = parse_survivors(msg)
+        return cls(msg, context, job, node, identity, signing_key, enrollment, state, spent,
+                   survivors, dropped)
+
+    def reply(self, records: dict[str, Any]) -> Message:
+        _save(self.context, self.state, self.job, self.spent)
+        return _reply(self.msg, self.identity, records)
 
 
 def minimum_threshold(
@@ -199,12 +217,11 @@ def minimum_threshold(
 
 
 def deployed_view(metrics: Mapping[str, float]) -> dict[str, float]:
-    """A deployed hospital's training metrics as the coordinator may see them: ε as the run's
-    planned bound ("epsilon-target"), nothing from which its data size can be computed."""
-    shown = {k: v for k, v in metrics.items() if k not in DEPLOYED_HIDDEN_METRICS}
-    if "epsilon-budget" in metrics:
-        shown["epsilon-target"] = metrics["epsilon-budget"]
-    return shown
+    """A deployed hospital's metrics as the coordinator may see them: only those listed in
+    DEPLOYED_MASKED_METRICS, with ε as the run's planned bound ("epsilon-target")."""
+    renamed = {**metrics, **({"epsilon-target": metrics["epsilon-budget"]}
+                             if "epsilon-budget" in metrics else {})}
+    return {k: v for k, v in renamed.items() if k in DEPLOYED_MASKED_METRICS}
 
 
 def minimum_survivors(node: NodeSettings, identity: HospitalIdentity) -> int:

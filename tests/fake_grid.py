@@ -130,3 +130,18 @@ class InProcessGrid(Grid):
             if (int(job["round"]), int(job["attempt"])) not in self.only_in:  # type: ignore[arg-type]
                 return False
         return SECURE_STAGES.index(kind) > SECURE_STAGES.index(last)
+
+
+class CrashAtRound(InProcessGrid):
+    """The coordinator process dies when round `crash_round` starts training."""
+
+    def __init__(self, num_nodes: int, crash_round: int) -> None:
+        super().__init__(num_nodes)
+        self.crash_round = crash_round
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        if any(m.metadata.group_id == str(self.crash_round)
+               and m.metadata.message_type.startswith("train") for m in messages):
+            raise KeyboardInterrupt("coordinator killed")
+        return super().send_and_receive(messages, timeout=timeout)

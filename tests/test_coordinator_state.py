@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_grid import InProcessGrid
+from fake_grid import CrashAtRound, InProcessGrid
 from tiny import in_clear, replace_section
 
 from fedtune.core.config import RunConfig
@@ -33,21 +33,6 @@ def _run(config: RunConfig, grid: InProcessGrid, path: Path, resume: bool = Fals
     run_federation(grid, config, run_dir, initial_global_adapter(config),
                    say=(lines.append if lines is not None else lambda _line: None), resume=resume)
     return run_dir
-
-
-class _KilledAtRound(InProcessGrid):
-    """The coordinator process dies when round `crash_round` starts training."""
-
-    def __init__(self, num_nodes: int, crash_round: int) -> None:
-        super().__init__(num_nodes)
-        self.crash_round = crash_round
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        messages = list(messages)
-        if any(m.metadata.group_id == str(self.crash_round)
-               and m.metadata.message_type.startswith("train") for m in messages):
-            raise KeyboardInterrupt("coordinator killed")
-        return super().send_and_receive(messages, timeout=timeout)
 
 
 def test_the_state_round_trips_and_damage_is_refused():
@@ -79,7 +64,7 @@ def test_a_resumed_run_continues_from_its_state_without_the_metrics_log(
                                       strategy="fedadam", server_learning_rate=0.05))
     straight = _run(config, InProcessGrid(3), tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        _run(config, _KilledAtRound(3, crash_round=3), tmp_path / "resumed")
+        _run(config, CrashAtRound(3, crash_round=3), tmp_path / "resumed")
     stopped = RunDirectory(tmp_path / "resumed")
     saved = stopped.load_state()
     assert saved.completed_round == 2 and saved.attempts == {1: 1, 2: 1, 3: 1}

@@ -137,6 +137,23 @@ def point_nodes_at(paths: dict[str, Path], address: str) -> None:
         paths[name].write_text(text)
 
 
+def start_coordinator(
+    processes: Processes, federation: dict[str, Path], config: Path, run_dir: Path,
+    site: Path | None = None,
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`fedtune server` on a free port, hospitals' node files pointed at it, and waited for
+    until it has registered the enrolled hospitals' node keys."""
+    port = free_port()
+    point_nodes_at(federation, f"127.0.0.1:{port}")
+    server, server_log = processes.start(
+        "server", "server", "--config", str(config), "--federation",
+        str(federation["federation"]), "--run-dir", str(run_dir), "--host", "127.0.0.1",
+        "--port", str(port), site=site,
+    )
+    wait_for(lambda: "Registered north-clinic" in server_log.read_text(), 120, "registration")
+    return server, server_log
+
+
 def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -227,15 +244,8 @@ def test_a_coordinator_shipping_modified_code_is_refused_by_every_node(
     config = federation["config"]
     config.write_text(config.read_text().replace("rounds = 2", "rounds = 1").replace(
         "[federation]\n", "[federation]\nround_retries = 0\n"))
-    port = free_port()
-    point_nodes_at(federation, f"127.0.0.1:{port}")
     run_dir = tmp_path / "run"
-    server, server_log = processes.start(
-        "server", "server", "--config", str(config), "--federation",
-        str(federation["federation"]), "--run-dir", str(run_dir), "--host", "127.0.0.1",
-        "--port", str(port), site=evil,
-    )
-    wait_for(lambda: "Registered north-clinic" in server_log.read_text(), 120, "registration")
+    server, _log = start_coordinator(processes, federation, config, run_dir, site=evil)
     for name in HOSPITALS:
         processes.start(name, "node", "--config", str(federation[name]))
     wait_for(lambda: any(r.get("aborted") for r in round_records(run_dir))
@@ -342,15 +352,8 @@ def test_a_round_left_below_the_threshold_is_aborted_and_retried_with_the_adapte
     config = federation["config"]
     config.write_text(config.read_text().replace("[federation]\n",
                                                  "[federation]\nround_retries = 2\n"))
-    port = free_port()
-    point_nodes_at(federation, f"127.0.0.1:{port}")
     run_dir = tmp_path / "run"
-    server, server_log = processes.start(
-        "server", "server", "--config", str(config), "--federation",
-        str(federation["federation"]), "--run-dir", str(run_dir), "--host", "127.0.0.1",
-        "--port", str(port),
-    )
-    wait_for(lambda: "Registered north-clinic" in server_log.read_text(), 120, "registration")
+    server, server_log = start_coordinator(processes, federation, config, run_dir)
     nodes = {name: processes.start(name, "node", "--config", str(federation[name]))[0]
              for name in HOSPITALS}
 

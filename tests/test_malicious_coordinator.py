@@ -324,6 +324,9 @@ def test_a_deployed_hospitals_replies_reveal_nothing_of_its_size(
     assert len(masked) == 3
     listed = _readme_list("Metrics in a deployed hospital's masked update:")
     assert listed == set(DEPLOYED_MASKED_METRICS)
+    size_revealing = {"epsilon", "delta", "epsilon-budget", "sample-rate", "noise-multiplier",
+                      "dp-steps", "train-steps", "train-seconds", "num-examples"}
+    assert not listed & size_revealing
     for values in masked.values():
         assert set(values) <= listed, set(values) - listed
         assert values["epsilon-target"] == 6.0 and values["dp"] == 1.0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_grid import InProcessGrid
+from fake_grid import CrashAtRound, InProcessGrid
 from tiny import in_clear, replace_section
 
 from fedtune.core.config import STRATEGIES, RunConfig
@@ -189,21 +189,6 @@ def test_hospital_sampling_takes_the_configured_count_and_records_it(
     assert [r["sampled_nodes"] for r in _rounds(again)] == [r["sampled_nodes"] for r in records]
 
 
-class _CrashAtRound(InProcessGrid):
-    """The coordinator process dies when round `crash_round` starts training."""
-
-    def __init__(self, num_nodes: int, crash_round: int) -> None:
-        super().__init__(num_nodes)
-        self.crash_round = crash_round
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        messages = list(messages)
-        if any(m.metadata.group_id == str(self.crash_round)
-               and m.metadata.message_type.startswith("train") for m in messages):
-            raise KeyboardInterrupt("coordinator killed")
-        return super().send_and_receive(messages, timeout=timeout)
-
-
 @pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
 def test_a_resumed_run_ends_with_the_same_adapter_and_optimizer_state(
     classify_config: RunConfig, tmp_path: Path, strategy: str
@@ -212,7 +197,7 @@ def test_a_resumed_run_ends_with_the_same_adapter_and_optimizer_state(
     straight = _run(config, InProcessGrid(3), tmp_path / "straight")
 
     with pytest.raises(KeyboardInterrupt):
-        _run(config, _CrashAtRound(3, crash_round=3), tmp_path / "resumed")
+        _run(config, CrashAtRound(3, crash_round=3), tmp_path / "resumed")
     stopped = RunDirectory(tmp_path / "resumed")
     assert stopped.saved_rounds() == [0, 1, 2]
     lines: list[str] = []
@@ -270,7 +255,7 @@ def test_a_resumed_dp_run_keeps_each_hospitals_ledger_exact(
     config = replace_section(_config(classify_config, "fedadam", rounds=3), "privacy",
                              enabled=True, target_epsilon=4.0, ledger_dir=str(ledgers))
     with pytest.raises(KeyboardInterrupt):
-        _run(config, _CrashAtRound(3, crash_round=3), tmp_path / "run")
+        _run(config, CrashAtRound(3, crash_round=3), tmp_path / "run")
     run_dir = _run(config, InProcessGrid(3), tmp_path / "run", resume=True)
     assert run_dir.saved_rounds() == [0, 1, 2, 3]
     for hospital in ("hospital-1", "hospital-2", "hospital-3"):
