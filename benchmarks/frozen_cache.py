@@ -49,7 +49,8 @@ def bench_frozen_cache(work_dir: Path) -> BenchResult:
     def one_round(config_train: TrainSettings, seed: int) -> float:
         set_adapter(handle.model, start)
         began = time.perf_counter()
-        train_privately(handle.model, features, config_train, plan, pad, seed, "classify")
+        train_privately(handle.model, features, config_train, plan, pad, seed, "classify",
+                        patients=None)
         return time.perf_counter() - began
 
     one_round(plain.train, 0)  # warm-up: first use of the model's kernels

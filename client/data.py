@@ -14,10 +14,16 @@ Formats (JSONL, one object per line; blank lines are ignored; unknown extra keys
   the last message is the assistant's response and at least one user message is required.
 - ``completion``: ``{"prompt": str, "completion": str}``
 
+Every format (CSV too, as a column) may carry ``patient_id`` (text or a whole number): the
+patient the line is about. With ``privacy.unit = "patient"`` it is required on every line,
+DP-SGD protects each patient as a whole, and the splits keep a patient's lines together.
+
 Public API::
 
-    load_hospital_data(path, fmt="auto", labels=None, skip_bad_lines=False) -> HospitalDataset
-    split_examples(examples, seed, fractions=(0.8, 0.1, 0.1)) -> Splits
+    load_hospital_data(path, fmt="auto", labels=None, skip_bad_lines=False,
+                       require_patient_id=False) -> HospitalDataset
+    split_examples(examples, seed, fractions=(0.8, 0.1, 0.1), by_patient=False) -> Splits
+    patient_summary(examples) -> PatientSummary       # patients and lines per patient
     LabeledText(text, label, line)                    # classification examples
     PromptResponse(messages | prompt, response, line)  # instruction / chat / completion
     DataValidationError(path, problems)               # .problems: ["path:line: reason", ...]
@@ -30,6 +36,7 @@ keep the raw prompt text because the hospital chose the exact string the model s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -79,6 +86,7 @@ class LabeledText:
     text: str
     label: str
     line: int
+    patient: str | None = None  # the line's patient_id, when the file names patients
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,7 @@ class PromptResponse:
     prompt: str | None
     response: str
     line: int
+    patient: str | None = None  # the line's patient_id, when the file names patients
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -182,12 +191,15 @@ def load_hospital_data(
     fmt: DataFormat | str = "auto",
     labels: Sequence[str] | None = None,
     skip_bad_lines: bool = False,
+    require_patient_id: bool = False,
 ) -> HospitalDataset:
     """Load and validate a hospital's data file, all problems at once.
 
     Collecting every problem before failing saves the admin one round trip per bad line.
     ``labels`` (classification only) restricts the allowed labels; a label outside the model's
     label set would otherwise crash training or silently shift class ids.
+    ``require_patient_id`` (privacy.unit = "patient"): a line without a patient cannot be
+    grouped with that patient's other lines, so the patient-level guarantee would not hold.
     """
     path = require_data_file(path)
     if fmt != "auto" and fmt not in set(DataFormat):
@@ -203,7 +215,10 @@ def load_hospital_data(
     allowed_labels = None if labels is None else frozenset(labels)
 
     raw = path.read_bytes()
-    records = _csv_records(path, raw) if path.suffix.lower() == ".csv" else _jsonl_records(raw)
+    if path.suffix.lower() == ".csv":
+        records = _csv_records(path, raw, require_patient_id)
+    else:
+        records = _jsonl_records(raw)
     problems: list[str] = []
     examples: list[Example] = []
     for line, record in records:
@@ -211,7 +226,9 @@ def load_hospital_data(
             if isinstance(record, _LineProblem):
                 raise record
             data_format = data_format or _detect_format(record)
-            examples.append(_parse_example(record, data_format, line, allowed_labels))
+            example = _parse_example(record, data_format, line, allowed_labels)
+            patient = _patient_field(record, require_patient_id)
+            examples.append(dataclasses.replace(example, patient=patient) if patient else example)
         except _LineProblem as problem:
             problems.append(f"{path}:{line}: {problem}")
 
@@ -251,7 +268,7 @@ def _jsonl_records(raw: bytes) -> list[tuple[int, _Record]]:
     return records
 
 
-def _csv_records(path: Path, raw: bytes) -> list[tuple[int, _Record]]:
+def _csv_records(path: Path, raw: bytes, require_patient_id: bool) -> list[tuple[int, _Record]]:
     """Read a ``text,label`` CSV; quoted fields may span lines, so we track where rows start."""
     try:
         content = raw.decode("utf-8-sig")
@@ -270,7 +287,8 @@ def _csv_records(path: Path, raw: bytes) -> list[tuple[int, _Record]]:
                 continue
             if header is None:
                 header = [cell.strip() for cell in row]
-                missing = ", ".join(name for name in ("text", "label") if name not in header)
+                required = ("text", "label", *(("patient_id",) if require_patient_id else ()))
+                missing = ", ".join(name for name in required if name not in header)
                 if missing:
                     problem = f"{path}:{line}: the header row lacks column(s) {missing}"
                     raise DataValidationError(path, [problem], skippable=False)
@@ -366,6 +384,23 @@ def _parse_chat(record: dict[str, Any], line: int) -> PromptResponse:
     return PromptResponse(tuple(turns[:-1]), None, turns[-1].content, line)
 
 
+def _patient_field(record: dict[str, Any], required: bool) -> str | None:
+    """The line's patient_id as text; missing is an error only when patients are the unit."""
+    value = record.get("patient_id")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise _LineProblem(
+                "missing field 'patient_id': privacy.unit = 'patient' needs the patient of "
+                "every line, so that all of a patient's lines are protected together"
+            )
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _LineProblem(
+            f"field 'patient_id' must be text or a whole number, got {_json_type(value)}"
+        )
+    return str(value).strip()
+
+
 def _text_field(record: dict[str, Any], name: str, where: str = "") -> str:
     """A required, non-blank string field; the error names the field."""
     prefix = f"{where}: " if where else ""
@@ -398,12 +433,23 @@ def split_examples(
     examples: Sequence[E],
     seed: int,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    by_patient: bool = False,
 ) -> Splits[E]:
     """Split examples by a seeded permutation: the same seed always gives the same split.
 
     Rounding alone would leave tiny datasets without validation or test examples, so from 3
     examples on each requested (non-zero) split gets at least one, and train is never empty.
+    ``by_patient``: patients, not lines, are split (the fractions count patients), so no
+    patient is in training and in evaluation at once and a patient's lines stay together.
     """
+    if by_patient:
+        groups = patient_groups(examples)
+        split = split_examples(groups, seed, fractions)
+        return Splits(
+            train=tuple(e for group in split.train for e in group),
+            validation=tuple(e for group in split.validation for e in group),
+            test=tuple(e for group in split.test for e in group),
+        )
     if len(fractions) != 3 or any(not math.isfinite(f) or f < 0 for f in fractions):
         raise ValueError(f"split fractions must be 3 numbers >= 0, got {fractions}")
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6) or fractions[0] <= 0:
@@ -429,3 +475,63 @@ def split_examples(
         validation=shuffled[n_train : n_train + n_validation],
         test=shuffled[n_train + n_validation :],
     )
+
+
+def patient_of(example: object) -> str:
+    """The example's patient_id; an error naming the line when it has none."""
+    patient = getattr(example, "patient", None)
+    if patient is None:
+        raise ValueError(f"line {getattr(example, 'line', '?')} has no patient_id")
+    return str(patient)
+
+
+def patient_groups(examples: Sequence[E]) -> list[tuple[E, ...]]:
+    """The examples grouped by patient, patients in order of their first line."""
+    groups: dict[str, list[E]] = {}
+    for example in examples:
+        groups.setdefault(patient_of(example), []).append(example)
+    return [tuple(group) for group in groups.values()]
+
+
+@dataclass(frozen=True)
+class PatientSummary:
+    """How a file's lines spread over patients: what a privacy officer checks first."""
+
+    patients: int
+    lines: int
+    lines_without_patient: int
+    min_lines: int
+    median_lines: float
+    max_lines: int
+
+    def describe(self) -> str:
+        """One line for `fedtune check-data`."""
+        if not self.patients:
+            return "no line names a patient (patient_id): only privacy.unit = 'record' applies"
+        text = (
+            f"{self.patients} patients; lines per patient: min {self.min_lines}, "
+            f"median {self.median_lines:g}, max {self.max_lines}"
+        )
+        if self.lines_without_patient:
+            text += (
+                f"; {self.lines_without_patient} line(s) without patient_id (refused with "
+                "privacy.unit = 'patient')"
+            )
+        return text
+
+
+def patient_summary(examples: Sequence[Example]) -> PatientSummary:
+    """Patients and lines per patient (min, median, max) of validated examples."""
+    counts: dict[str, int] = {}
+    without = 0
+    for example in examples:
+        if example.patient is None:
+            without += 1
+        else:
+            counts[example.patient] = counts.get(example.patient, 0) + 1
+    sizes = sorted(counts.values())
+    if not sizes:
+        return PatientSummary(0, len(examples), without, 0, 0.0, 0)
+    middle = len(sizes) // 2
+    median = sizes[middle] if len(sizes) % 2 else (sizes[middle - 1] + sizes[middle]) / 2
+    return PatientSummary(len(sizes), len(examples), without, sizes[0], float(median), sizes[-1])

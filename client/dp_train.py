@@ -1,11 +1,14 @@
-"""Local training under Opacus DP-SGD: what lets a hospital promise (ε, δ) per patient.
+"""Local training under Opacus DP-SGD: what lets a hospital promise (ε, δ) per record or
+per patient.
 
-One round = `steps` DP-SGD steps. Each step's logical batch is Poisson-sampled (every
-example joins independently with probability q, as the accountant assumes); each example's
-gradient (adapter parameters only — the base is frozen) is clipped to `max_grad_norm`, the
-clipped gradients are summed, Gaussian noise N(0, σ²C²) is added, and AdamW steps on the
-result. Large logical batches are split into physical batches by Opacus'
-BatchMemoryManager, so memory stays bounded without changing the privacy analysis.
+One round = `steps` DP-SGD steps. Record level (`patients=None`): each step's logical batch
+is Poisson-sampled (every example joins independently with probability q, as the accountant
+assumes); each example's gradient (adapter parameters only — the base is frozen) is clipped
+to `max_grad_norm`, the clipped gradients are summed, Gaussian noise N(0, σ²C²) is added,
+and AdamW steps on the result. Large logical batches are split into physical batches by
+Opacus' BatchMemoryManager, so memory stays bounded without changing the privacy analysis.
+Patient level (`patients` given): the same with patients in place of examples
+(`client.patient_dp`): q is over patients and each patient's summed gradient is clipped.
 
 The PrivacyEngine made here is used for its wrappers only: the guarantee is composed by the
 hospital's privacy ledger over every round it ever trained, so nothing resets per round.
@@ -30,6 +33,13 @@ from torch.utils.data import DataLoader
 from fedtune.client.federated_objectives import LocalObjective, objective_in_effect
 from fedtune.client.frozen_prefix import EXAMPLE_INDEX, FrozenPrefix, collate_indexed, indexed
 from fedtune.client.losses import PerExampleLoss, model_inputs
+from fedtune.client.patient_dp import (
+    PatientGradients,
+    PatientIndex,
+    patient_batches,
+    patient_loader,
+    physical_chunks,
+)
 from fedtune.client.train import TrainResult, adapter_optimizer, autocast_for, frozen_prefix_in_use
 from fedtune.core.config import TrainSettings
 
@@ -83,8 +93,13 @@ def train_privately(
     seed: int,
     task: str,
     objective: LocalObjective | None = None,
+    *,
+    patients: Sequence[int] | None,
 ) -> TrainResult:
     """Take exactly `plan.steps` DP-SGD steps on the adapter, in place.
+
+    `patients` (no default: it decides what is protected): None for record-level DP; else
+    the patient number (0..P-1) of each training feature, and `plan.sample_rate` is over P.
 
     `objective` (from `client.federated_objectives.local_objective`): FFA-LoRA freezes LoRA A
     before Opacus wraps anything, so A gets neither gradient nor noise; FedProx's proximal
@@ -98,7 +113,12 @@ def train_privately(
         model, objective, lambda: adapter_optimizer(model, settings)
     ) as optimizer:
         prefix = frozen_prefix_in_use(model, features, settings, pad_token_id)
-        return _train_privately(model, features, plan, pad_token_id, task, optimizer, prefix)
+        index = None if patients is None else PatientIndex.from_patients(patients)
+        if index is not None and len(patients or ()) != len(features):
+            raise ValueError("one patient number per training feature is needed")
+        return _train_privately(
+            model, features, plan, pad_token_id, task, optimizer, prefix, index
+        )
 
 
 def _train_privately(
@@ -109,6 +129,7 @@ def _train_privately(
     task: str,
     optimizer: torch.optim.Optimizer,
     prefix: FrozenPrefix | None,
+    index: PatientIndex | None,
 ) -> TrainResult:
     device = next(model.parameters()).device
     # The noise and the Poisson draws must be unpredictable to the coordinator: it knows
@@ -118,15 +139,18 @@ def _train_privately(
     sampling_generator = torch.Generator().manual_seed(secrets.randbits(63))
     # Poisson sampling by our own loader (Opacus' sampler, our collate): each example joins a
     # batch with probability q, exactly the q the ledger records; an empty draw is handled.
-    loader: DataLoader[Any] = DataLoader(
-        indexed(features),  # type: ignore[arg-type]
-        batch_sampler=LengthSortedPoissonSampler(
-            lengths=[len(feature["input_ids"]) for feature in features],
-            sample_rate=plan.sample_rate,
-            generator=sampling_generator,
-        ),
-        collate_fn=lambda items: _collate_or_empty(items, pad_token_id),
-    )
+    lengths = [len(feature["input_ids"]) for feature in features]
+    loader: DataLoader[Any]
+    if index is None:
+        loader = DataLoader(
+            indexed(features),  # type: ignore[arg-type]
+            batch_sampler=LengthSortedPoissonSampler(
+                lengths=lengths, sample_rate=plan.sample_rate, generator=sampling_generator,
+            ),
+            collate_fn=lambda items: _collate_or_empty(items, pad_token_id),
+        )
+    else:  # Poisson over patients: Opacus reads q·P as the expected batch from this loader
+        loader = patient_loader(index.num_patients, plan.sample_rate, sampling_generator)
     criterion = PerExampleLoss(task)
     model.train()  # Opacus validates that the module is in training mode
     with warnings.catch_warnings():
@@ -157,10 +181,16 @@ def _train_privately(
     try:
         private_model.train()
         with prefix.in_effect() if prefix else contextlib.nullcontext():
-            steps_taken, examples_seen = _dp_steps(
-                private_model, private_loader, private_optimizer, dp_criterion, plan, device,
-                prefix, losses,
-            )
+            if index is None:
+                steps_taken, examples_seen = _dp_steps(
+                    private_model, private_loader, private_optimizer, dp_criterion, plan,
+                    device, prefix, losses,
+                )
+            else:
+                steps_taken, examples_seen = _patient_steps(
+                    _PatientRun(private_model, private_optimizer, dp_criterion, device, prefix),
+                    private_loader, features, index, lengths, plan, pad_token_id, losses,
+                )
     finally:
         _detach_opacus(private_model)
     model.eval()
@@ -231,6 +261,63 @@ def _dp_steps(
                     step_loss, step_examples = 0.0, 0
                     if steps_taken == plan.steps:
                         break
+    return steps_taken, examples_seen
+
+
+@dataclass(frozen=True)
+class _PatientRun:
+    """The wrapped model and optimizer a patient-level round steps with."""
+
+    model: Any
+    optimizer: Any
+    criterion: Any
+    device: torch.device
+    prefix: FrozenPrefix | None
+
+
+def _patient_steps(
+    run: _PatientRun,
+    private_loader: DataLoader[Any],
+    features: Sequence[Any],
+    index: PatientIndex,
+    lengths: Sequence[int],
+    plan: DPPlan,
+    pad_token_id: int,
+    losses: list[float],
+) -> tuple[int, int]:
+    """Patient-level DP-SGD steps; returns (steps taken, records seen)."""
+    steps_taken = 0
+    examples_seen = 0
+    draws = patient_batches(private_loader)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    while steps_taken < plan.steps:
+        sampled = next(draws)
+        if not sampled:  # an empty draw still releases noise (see _dp_steps)
+            _noise_only_step(run.optimizer)
+            steps_taken += 1
+            continue
+        chunks = physical_chunks(sampled, index, lengths, plan.max_physical_batch_size)
+        gradients = PatientGradients(run.optimizer.params, len(sampled))
+        step_loss, step_records = 0.0, 0
+        for chunk in chunks:
+            batch = collate_indexed([(r, features[r]) for r in chunk.rows], pad_token_id)
+            rows = batch.pop(EXAMPLE_INDEX)
+            if run.prefix:
+                run.prefix.feed(rows, int(batch["input_ids"].shape[1]))
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            with autocast_for(run.device):
+                logits = run.model(**model_inputs(batch)).logits
+                loss = run.criterion(logits, batch["labels"])
+            loss.backward()
+            gradients.add(chunk.slots)
+            step_loss += float(loss.detach()) * len(chunk.rows)
+            step_records += len(chunk.rows)
+        gradients.hand_to_optimizer()
+        run.optimizer.step()  # Opacus: clip each patient's row, add N(0, σ²C²), scale, step
+        run.optimizer.zero_grad(set_to_none=True)
+        steps_taken += 1
+        examples_seen += step_records
+        losses.append(step_loss / step_records)
     return steps_taken, examples_seen
 
 

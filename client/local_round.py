@@ -74,7 +74,7 @@ def train_local_update(
     # One DP training per ledger at a time: budget check, training and record are atomic, so
     # two processes of one node can never both spend the same remaining budget.
     with ledger_lock(identity, config, node):
-        privacy = plan_round(config, identity, node, len(features), job.run_id)
+        privacy = plan_round(config, identity, node, data.privacy_units(), job.run_id)
         check_shared_lora_a(global_adapter, config)  # FFA-LoRA: A must be the shared init
         objective = local_objective(config)  # FedProx's proximal term, FFA-LoRA's frozen A
         set_adapter(handle.model, global_adapter)
@@ -86,7 +86,7 @@ def train_local_update(
         else:
             result = train_privately(
                 handle.model, features, config.train, privacy.plan, pad_id, seed, task,
-                objective=objective,
+                objective=objective, patients=data.train_patients,
             )
             entry = privacy.ledger.record(
                 privacy.run_id, job.server_round, privacy.plan.noise_multiplier,
@@ -101,6 +101,7 @@ def train_local_update(
                 "noise-multiplier": entry.noise_multiplier,
                 "sample-rate": entry.sample_rate,
                 "dp-steps": float(entry.steps),
+                "dp-patient-level": 1.0 if privacy.ledger.unit == "patient" else 0.0,
             }
     delta = adapter_delta(get_adapter(handle.model), global_adapter)
     metrics = {

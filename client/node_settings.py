@@ -48,6 +48,9 @@ class NodeSettings:
     # Privacy: the persistent ledger and this hospital's own ε budget over all runs.
     privacy_ledger: Path | None = None
     privacy_epsilon_budget: float | None = None
+    # "patient": this hospital protects each patient as a whole whatever the run asks
+    # ("record" or unset: the run's privacy.unit; a run asking "patient" always gets it).
+    privacy_unit: str = ""
     device: str = ""  # where this node trains (auto, cpu, cuda); replaces the run's choice
     allow_plain_updates: bool = False  # may the delta ever travel unmasked (research runs)
     # Pins: what this hospital agrees to run (client.approval, client.session).
@@ -109,6 +112,7 @@ _SCHEMA: dict[str, tuple[str, type]] = {
     SIM_PARTITIONS_KEY: ("num_partitions", int),
     "privacy-ledger": ("privacy_ledger", Path),
     "privacy-epsilon-budget": ("privacy_epsilon_budget", float),
+    "privacy-unit": ("privacy_unit", str),
     "device": ("device", str),
     "allow-plain-updates": ("allow_plain_updates", bool),
     "allowed-model": ("allowed_model", str),
@@ -166,6 +170,11 @@ def parse_node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
             raise NodeSettingsError(
                 f"node setting {node_key(field)} must be a whole number >= {least}, got {number}."
             )
+    if settings.privacy_unit not in ("", "record", "patient"):
+        raise NodeSettingsError(
+            f"node setting {node_key('privacy_unit')} must be 'record' or 'patient'; got "
+            f"{settings.privacy_unit!r}."
+        )
     if settings.device not in _DEVICES:
         raise NodeSettingsError(
             f"node setting device must be one of auto, cpu, cuda; got {settings.device!r}."

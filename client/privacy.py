@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from fedtune.client.privacy_ledger import (
 from fedtune.client.session import HospitalIdentity
 from fedtune.client.train import planned_steps
 from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.privacy_accounting import default_delta
 
 
 @dataclass(frozen=True)
@@ -42,32 +42,29 @@ class RoundPrivacy:
     run_id: str
 
 
-def default_delta(num_examples: int) -> float:
-    """The largest power of ten strictly below 1/n: δ must be under the chance of any one
-    record leaking outright (δ = 1/n would allow exactly that)."""
-    return float(10 ** (math.ceil(math.log10(1.0 / max(num_examples, 1))) - 1))
+def choose_delta(requested: float, num_units: int, unit: str, path: Path) -> float:
+    """δ for this hospital: never at or above 1/n, whatever the coordinator requests.
 
-
-def choose_delta(requested: float, num_examples: int, path: Path) -> float:
-    """δ for this hospital: never above 1/n, whatever the coordinator requests.
-
-    With the automatic δ, an existing ledger keeps the δ it was started with, so a hospital
-    whose data grows past a power of ten is not locked out of its own ledger.
+    With the automatic δ, an existing ledger keeps the δ it was started with (under this
+    rule or the older "just below 1/n" one), so a hospital whose data grows past a power of
+    ten is not locked out of its own ledger; `fedtune ledger` says when it is weaker than
+    today's default.
     """
+    units = f"{num_units} training {unit}s"
     if requested:
-        if requested >= 1.0 / max(num_examples, 1):
+        if requested >= 1.0 / max(num_units, 1):
             raise ConfigError(
                 f"privacy.target_delta = {requested:g} is not below 1/n = "
-                f"{1.0 / num_examples:g} for this hospital's {num_examples} training examples; "
-                "such a δ would allow a patient's record to leak outright. Ask the coordinator "
-                "for a smaller privacy.target_delta (or 0 for automatic)."
+                f"{1.0 / max(num_units, 1):g} for this hospital's {units}; such a δ would "
+                f"allow one {unit} to be exposed outright. Ask the coordinator for a smaller "
+                "privacy.target_delta (or 0 for automatic)."
             )
         return requested
     if path.exists():
         stored = read_ledger_file(path).delta
-        if stored < 1.0 / max(num_examples, 1):
+        if stored < 1.0 / max(num_units, 1):
             return stored
-    return default_delta(num_examples)
+    return default_delta(num_units)
 
 
 def ledger_path(config: RunConfig, identity: HospitalIdentity, node: NodeSettings) -> Path:
@@ -106,10 +103,13 @@ def plan_round(
     config: RunConfig,
     identity: HospitalIdentity,
     node: NodeSettings,
-    num_examples: int,
+    num_units: int,
     run_id: str,
 ) -> RoundPrivacy | None:
     """Decide this round's DP parameters, or None when neither side asks for DP.
+
+    `num_units` counts what `privacy.unit` protects: training patients or training records;
+    q and the steps of an epoch are over those units.
 
     Raises PrivacyBudgetExhausted when the round would exceed the budget (nothing trains),
     and LedgerError when the ledger on disk cannot be trusted.
@@ -128,10 +128,10 @@ def plan_round(
             "batches are Poisson-sampled; privacy.max_physical_batch_size bounds memory)."
         )
     path = ledger_path(config, identity, node)
-    delta = choose_delta(settings.target_delta, num_examples, path)
-    ledger = PrivacyLedger.open(path, identity.name, settings.accountant, delta)
-    sample_rate = poisson_sample_rate(config.train.batch_size, num_examples)
-    steps = planned_steps(config.train, num_examples)
+    delta = choose_delta(settings.target_delta, num_units, settings.unit, path)
+    ledger = PrivacyLedger.open(path, identity.name, settings.accountant, delta, settings.unit)
+    sample_rate = poisson_sample_rate(config.train.batch_size, num_units)
+    steps = planned_steps(config.train, num_units)
     run_plan = ledger.plan(run_id)
     if run_plan is None:
         try:
@@ -148,6 +148,7 @@ def plan_round(
         run_plan = RunPlan(
             noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps,
             planned_rounds=config.federation.rounds, target_epsilon=budget,
+            num_units=num_units,
         )
         ledger.set_plan(run_id, run_plan)
     ledger.check_budget(budget, run_plan.noise_multiplier, sample_rate, steps)

@@ -29,9 +29,15 @@ from fedtune.core.privacy_accounting import (  # noqa: F401  (re-exported: the l
     calibrate_noise_multiplier,
     check_step_group,
     compute_epsilon,
+    default_delta,
 )
 
 LEDGER_FORMAT = "fedtune-privacy-ledger/1"
+# How the automatic δ was chosen when this ledger began. Ledgers written before the field
+# existed used "below-1/n" (the largest power of ten strictly below 1/n); new ones use
+# δ ≤ 1/(10·n). A ledger keeps its δ for life, so the rule is stored with it.
+DELTA_RULE = "at-most-1/(10n)"
+OLD_DELTA_RULE = "below-1/n"
 # Float slack when comparing ε with a budget, so an exact-fit plan is not refused by rounding.
 BUDGET_SLACK = 1e-9
 
@@ -67,6 +73,7 @@ class RunPlan:
     steps_per_round: int
     planned_rounds: int
     target_epsilon: float
+    num_units: int = 0  # patients or records the plan was made for; 0 in older ledgers
 
     def __post_init__(self) -> None:
         check_step_group(self.noise_multiplier, self.sample_rate, self.steps_per_round)
@@ -84,15 +91,22 @@ class PrivacyLedger:
     delta: float
     entries: list[LedgerEntry] = field(default_factory=list)
     plans: dict[str, RunPlan] = field(default_factory=dict)
+    # What every step protected: "record" or "patient". Fixed for the ledger's life: a
+    # record-level step says nothing exact about a patient with several records.
+    unit: str = "record"
+    delta_rule: str = DELTA_RULE
 
     @classmethod
-    def open(cls, path: Path, hospital: str, accountant: str, delta: float) -> PrivacyLedger:
-        """Load and verify `path` for this hospital/accountant/δ; a missing file starts empty."""
+    def open(
+        cls, path: Path, hospital: str, accountant: str, delta: float, unit: str
+    ) -> PrivacyLedger:
+        """Load and verify `path` for this hospital/accountant/δ/unit; a missing file starts
+        empty. `unit` has no default: it is what the hospital promises to protect."""
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"unknown privacy accountant {accountant!r}; known: {ACCOUNTANTS}")
         path = Path(path)
         if not path.exists():
-            return cls(path=path, hospital=hospital, accountant=accountant, delta=delta)
+            return cls(path=path, hospital=hospital, accountant=accountant, delta=delta, unit=unit)
         ledger = read_ledger_file(path)
         if ledger.hospital != hospital:
             raise LedgerError(
@@ -110,6 +124,15 @@ class PrivacyLedger:
                     f"configured with {name}={wanted!r}. Changing it mid-life would re-state "
                     f"the ε already spent; set privacy {name} back to {stored!r}."
                 )
+        if ledger.unit != unit:
+            raise LedgerError(
+                f"{path}: this ledger protects each {ledger.unit}, but the run asks for "
+                f"privacy.unit = {unit!r}. Its ε cannot be re-stated for another unit (a "
+                f"record-level ε says nothing exact about a patient with several records). "
+                f"Set privacy.unit = {ledger.unit!r}, or have the hospital's privacy officer "
+                "start a new ledger file for the new unit and keep this one as the record of "
+                "what was spent."
+            )
         return ledger
 
     def history(self) -> list[tuple[float, float, int]]:
@@ -178,6 +201,8 @@ class PrivacyLedger:
             "hospital": self.hospital,
             "accountant": self.accountant,
             "delta": self.delta,
+            "unit": self.unit,
+            "delta_rule": self.delta_rule,
             "plans": {run_id: asdict(plan) for run_id, plan in plans.items()},
             "entries": [asdict(entry) for entry in entries],
         }
@@ -253,10 +278,14 @@ def read_ledger_file(path: Path) -> PrivacyLedger:
             hospital=str(body["hospital"]),
             accountant=str(body["accountant"]),
             delta=float(body["delta"]),
+            unit=str(body.get("unit", "record")),
+            delta_rule=str(body.get("delta_rule", OLD_DELTA_RULE)),
             entries=[LedgerEntry(**entry) for entry in body["entries"]],
             plans={run_id: RunPlan(**plan) for run_id, plan in body["plans"].items()},
         )
         compute_epsilon([], ledger.delta, ledger.accountant)  # checks accountant and δ
+        if ledger.unit not in ("record", "patient"):
+            raise ValueError(f"unknown privacy unit {ledger.unit!r}")
         for entry in ledger.entries:
             check_step_group(entry.noise_multiplier, entry.sample_rate, entry.steps)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -268,13 +297,24 @@ def describe_ledger(path: Path) -> str:
     """Plain-words summary for `fedtune ledger <path>` (a privacy officer reads this)."""
     ledger = read_ledger_file(path)
     total_steps = sum(entry.steps for entry in ledger.entries)
+    spent = ledger.epsilon_spent()
     lines = [
         f"Privacy ledger {ledger.path}",
         f"hospital: {ledger.hospital}",
+        f"protects: each {ledger.unit}",
         f"accountant: {ledger.accountant}, δ={ledger.delta:g}",
         f"rounds recorded: {len(ledger.entries)}, total DP steps: {total_steps}",
-        f"ε spent: {ledger.epsilon_spent():.3f}",
+        f"ε spent: {spent:.3f}",
+        guarantee_sentence(ledger.unit, spent, ledger.delta),
     ]
+    if ledger.unit == "record":
+        lines.append(
+            "  not covered: a patient with k records is protected only at about k·ε; "
+            "privacy.unit = 'patient' (a new ledger) protects each patient as a whole."
+        )
+    weaker = weaker_delta_note(ledger)
+    if weaker:
+        lines.append(weaker)
     for run_id, plan in ledger.plans.items():
         lines.append(
             f"plan for run {run_id}: σ={plan.noise_multiplier:.3f}, q={plan.sample_rate:.3f}, "
@@ -287,3 +327,35 @@ def describe_ledger(path: Path) -> str:
         for e in ledger.entries
     ]
     return "\n".join(lines)
+
+
+def guarantee_sentence(unit: str, epsilon: float, delta: float) -> str:
+    """What (ε, δ) means for this hospital, in one sentence a privacy officer can repeat."""
+    return (
+        f"meaning: whether or not any one {unit}'s data was used, every model update this "
+        f"hospital sent is almost equally likely (within a factor e^{epsilon:.2f}), except "
+        f"with probability δ = {delta:g}. Not covered: evaluation metrics sent in clear, and "
+        "which rounds the coordinator asks for within the budget."
+    )
+
+
+def weaker_delta_note(ledger: PrivacyLedger) -> str | None:
+    """A warning when the ledger's δ is weaker than today's default rule would give."""
+    counts = [plan.num_units for plan in ledger.plans.values() if plan.num_units]
+    if counts:
+        today = default_delta(max(counts))
+        if ledger.delta > today:
+            return (
+                f"WEAKER THAN TODAY'S DEFAULT: δ = {ledger.delta:g} is above 1/(10·n) for "
+                f"n = {max(counts)} {ledger.unit}s (today's default would be δ = {today:g}). "
+                "It is kept so the ε already spent is not re-stated; a new ledger gets the "
+                "current rule."
+            )
+        return None
+    if ledger.delta_rule == OLD_DELTA_RULE and ledger.entries:
+        return (
+            f"WEAKER THAN TODAY'S DEFAULT (likely): this ledger began under the old rule "
+            f"(δ just below 1/n), so δ = {ledger.delta:g} may be up to 10× above today's "
+            "δ ≤ 1/(10·n). It is kept so the ε already spent is not re-stated."
+        )
+    return None

@@ -23,6 +23,7 @@ from fedtune.client.data import (
     LabeledText,
     Splits,
     load_hospital_data,
+    patient_of,
     split_examples,
 )
 from fedtune.client.encoding import encode_classification, encode_generation
@@ -46,7 +47,8 @@ def apply_node_settings(config: RunConfig, node: NodeSettings) -> RunConfig:
     device replaces the coordinator's (only the hospital knows its hardware), and a deployed
     node splits its data its own way (its admin's `data-split` and `split-seed`, default
     80/10/10 and seed 0): a coordinator choosing the split could move records out of DP
-    training into evaluation, which is not noised.
+    training into evaluation, which is not noised. A node set to `privacy-unit = patient`
+    protects each patient whatever unit the run asks for.
     """
     if node.allowed_model and config.model.source != node.allowed_model:
         raise RunNotApproved(
@@ -61,6 +63,9 @@ def apply_node_settings(config: RunConfig, node: NodeSettings) -> RunConfig:
     overrides: dict[str, dict[str, Any]] = {}
     if node.device and node.device != config.model.device:
         overrides["model"] = {"device": node.device}
+    if node.privacy_unit == "patient" and config.privacy.unit != "patient":
+        # The stronger unit wins: a coordinator cannot turn a patient-level node record-level.
+        overrides["privacy"] = {"unit": "patient"}
     if node.data_path is not None:  # deployed: the split is the hospital's, not the run's
         split = node.data_split or DEFAULT_DATA_SPLIT
         seed = node.split_seed if node.split_seed is not None else 0
@@ -105,6 +110,14 @@ class EncodedSplits:
     splits: Splits
     features: dict[str, list[Any]]  # split name -> encoded examples
     lineage: DataFingerprint  # of the training split: what the adapter learned from
+    # privacy.unit = "patient": each training feature's patient, as 0..P-1 (else None)
+    train_patients: tuple[int, ...] | None = None
+
+    def privacy_units(self) -> int:
+        """n for the privacy analysis: training patients, or training records."""
+        if self.train_patients is not None:
+            return len(set(self.train_patients))
+        return len(self.features["train"])
 
 
 @dataclass
@@ -148,6 +161,7 @@ def data_for(config: RunConfig, identity: HospitalIdentity, handle: ModelHandle)
         config.model.max_length,
         config.model.task,
         config.model.source,
+        config.privacy.unit,
     )
     if key not in _data:
         _data[key] = _encode(config, path, handle)
@@ -156,11 +170,14 @@ def data_for(config: RunConfig, identity: HospitalIdentity, handle: ModelHandle)
 
 def _encode(config: RunConfig, path: Path, handle: ModelHandle) -> EncodedSplits:
     labels = config.model.labels if config.model.task == "classify" else None
+    by_patient = config.privacy.unit == "patient"
     dataset = load_hospital_data(
-        path, config.data.format, labels=labels, skip_bad_lines=config.data.skip_bad_lines
+        path, config.data.format, labels=labels, skip_bad_lines=config.data.skip_bad_lines,
+        require_patient_id=by_patient,
     )
     splits = split_examples(
-        dataset.examples, seed=config.data.split_seed, fractions=config.data.split
+        dataset.examples, seed=config.data.split_seed, fractions=config.data.split,
+        by_patient=by_patient,
     )
     features: dict[str, list[Any]] = {}
     for split_name in ("train", "validation", "test"):
@@ -177,7 +194,16 @@ def _encode(config: RunConfig, path: Path, handle: ModelHandle) -> EncodedSplits
             encoded = list(encode_generation(examples, handle.tokenizer, config.model.max_length))
         features[split_name] = encoded
     lineage = data_fingerprint(example_record(e) for e in splits.train)
-    return EncodedSplits(dataset=dataset, splits=splits, features=features, lineage=lineage)
+    train_patients = None
+    if by_patient:
+        index: dict[str, int] = {}
+        train_patients = tuple(
+            index.setdefault(patient_of(e), len(index)) for e in splits.train
+        )
+    return EncodedSplits(
+        dataset=dataset, splits=splits, features=features, lineage=lineage,
+        train_patients=train_patients,
+    )
 
 
 def example_record(example: Example) -> dict[str, Any]:

@@ -229,7 +229,8 @@ def _train_curve(
         if plan is None:
             train_locally(handle.model, features, settings, pad_id, seed, task)
         else:
-            result = train_privately(handle.model, features, settings, plan, pad_id, seed, task)
+            result = train_privately(handle.model, features, settings, plan, pad_id, seed, task,
+                                     patients=None)
             history.append((plan.noise_multiplier, plan.sample_rate, result.steps))
         trained = get_adapter(handle.model)
         curve.append((server_round, score(config, handle, trained, test)))

@@ -231,7 +231,7 @@ def test_fedprox_round_under_dp_without_noise_is_the_non_dp_fedprox_round(llama:
     llama.reset()
     plan = _noiseless_full_batch_plan(llama, settings.local_steps, mode)
     result = train_privately(llama.model, llama.features, settings, plan, llama.pad, 5,
-                             llama.task, objective=LocalObjective(proximal_mu=mu))
+                             llama.task, objective=LocalObjective(proximal_mu=mu), patients=None)
     assert result.steps == settings.local_steps
     assert result.examples_seen == settings.local_steps * len(llama.features)
     error = _relative_error(get_adapter(llama.model), expected, llama.start)
@@ -271,7 +271,7 @@ def test_no_proximal_term_is_todays_training_bit_for_bit(request: pytest.Fixture
                               objective=objective)
             else:
                 train_privately(llama.model, llama.features, settings, plan, llama.pad, 5,
-                                llama.task, objective=objective)
+                                llama.task, objective=objective, patients=None)
             adapters.append(get_adapter(llama.model))
         assert _max_difference(adapters[0], llama.start) > 0, "training did not move"
         for other in adapters[1:]:
@@ -297,7 +297,7 @@ def test_ffa_lora_trains_b_and_leaves_a_bit_identical(local: Local, dp: bool):
             plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=3,
                           grad_sample_mode="hooks", max_physical_batch_size=8)
             train_privately(local.model, local.features, settings, plan, local.pad, seed,
-                            local.task, objective=objective)
+                            local.task, objective=objective, patients=None)
         else:
             train_locally(local.model, local.features, settings, local.pad, seed, local.task,
                           objective=objective)

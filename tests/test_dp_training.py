@@ -307,8 +307,8 @@ def _plan(
 
 def _train(setup: Setup, settings: TrainSettings, plan: DPPlan, seed: int = 3) -> Any:
     return train_privately(
-        setup.model, setup.features, settings, plan, setup.pad, seed=seed, task=setup.task
-    )
+        setup.model, setup.features, settings, plan, setup.pad, seed=seed, task=setup.task,
+        patients=None)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -411,8 +411,8 @@ def test_train_privately_accepts_the_correct_rate_for_every_dataset_size(bert_se
     features = (bert_setup.features * 2)[:93]  # 93 batches of one: 1/(1/93) = 92.999…
     plan = DPPlan(1.0, 1.0, poisson_sample_rate(1, 93), 1, "hooks", 1)
     result = train_privately(
-        bert_setup.model, features, settings, plan, bert_setup.pad, seed=0, task="classify"
-    )
+        bert_setup.model, features, settings, plan, bert_setup.pad, seed=0, task="classify",
+        patients=None)
     assert result.steps == 1
 
 

@@ -129,8 +129,10 @@ def test_dp_training_with_the_cache_equals_training_without(
     plan = DPPlan(noise_multiplier=0.0, max_grad_norm=0.05, sample_rate=1.0, steps=3,
                   grad_sample_mode="hooks", max_physical_batch_size=16)
     cached_rows = _rows_through_first_layer(cached)
-    one = train_privately(plain, features, plain_config.train, plan, pad, 5, "classify")
-    two = train_privately(cached, features, cached_config.train, plan, pad, 5, "classify")
+    one = train_privately(plain, features, plain_config.train, plan, pad, 5, "classify",
+                          patients=None)
+    two = train_privately(cached, features, cached_config.train, plan, pad, 5, "classify",
+                          patients=None)
     assert one.steps == two.steps == 3
     after_plain, after_cached = get_adapter(plain), get_adapter(cached)
     for name in after_plain:
@@ -140,7 +142,8 @@ def test_dp_training_with_the_cache_equals_training_without(
     noisy = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.2, steps=2,
                    grad_sample_mode="hooks", max_physical_batch_size=4)
     before = get_adapter(cached)
-    assert train_privately(cached, features, cached_config.train, noisy, pad, 6, "classify").steps
+    assert train_privately(cached, features, cached_config.train, noisy, pad, 6, "classify",
+                           patients=None).steps
     assert any(not np.array_equal(before[n], get_adapter(cached)[n]) for n in before)
     assert not any(hasattr(p, "grad_sample") for p in cached.parameters())
     assert len(cached.get_base_model().bert.encoder.layer) == 3
@@ -190,7 +193,8 @@ def test_an_empty_draw_is_a_noise_only_step_and_the_next_batch_stays_whole(
     noise_only = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1,
                         grad_sample_mode=mode, max_physical_batch_size=4)
     before = get_adapter(model)
-    result = train_privately(model, features, config.train, noise_only, pad, 5, "classify")
+    result = train_privately(model, features, config.train, noise_only, pad, 5, "classify",
+                             patients=None)
     assert result.steps == 1 and result.examples_seen == 0
     assert any(not np.array_equal(before[n], get_adapter(model)[n]) for n in before)
     plan = DPPlan(
@@ -201,7 +205,7 @@ def test_an_empty_draw_is_a_noise_only_step_and_the_next_batch_stays_whole(
         grad_sample_mode="hooks",
         max_physical_batch_size=len(features) // 3 + 1,
     )
-    result = train_privately(model, features, config.train, plan, pad, 6, "classify")
+    result = train_privately(model, features, config.train, plan, pad, 6, "classify", patients=None)
     assert result.steps == 2
     assert result.examples_seen == len(features)  # one update over the whole second batch
 

@@ -108,7 +108,7 @@ def test_dp_training_sees_length_sorted_physical_batches(
                   grad_sample_mode="hooks", max_physical_batch_size=11)
     try:
         train_privately(network, _features(lengths), TrainSettings(local_steps=1), plan, pad, 1,
-                        "classify")
+                        "classify", patients=None)
     finally:
         handle.remove()
     assert sorted(widths) == [2, 2, 2, 30]  # random order would pad almost every batch to 30

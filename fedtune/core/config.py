@@ -25,6 +25,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_FORMATS = ("auto", "classification", "instruction", "chat", "completion")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+# What one (ε, δ) protects: each line of the hospital's file, or each patient (all of a
+# patient's lines together; needs a patient_id on every line).
+PRIVACY_UNITS = ("record", "patient")
 POOLINGS = ("cls", "mean")
 HEAD_INITS = ("random", "label-names")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "ffa-lora")
@@ -214,7 +217,7 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """Sample-level differential privacy at every hospital (Opacus DP-SGD).
+    """Differential privacy at every hospital (Opacus DP-SGD), per record or per patient.
 
     These are what the coordinator *requests*. A hospital's node configuration can set its
     own budget (`privacy-epsilon-budget`), and a node never exceeds its budget whatever the
@@ -222,9 +225,13 @@ class PrivacySettings:
     """
 
     enabled: bool = False
+    # "patient": DP-SGD samples patients and clips each patient's summed gradient, so one
+    # (ε, δ) covers everything about a patient; "record": each line on its own (a patient
+    # with k lines is then protected only at about k·ε).
+    unit: str = "record"
     target_epsilon: float = 8.0  # over the whole run: all planned rounds together
-    target_delta: float = 0.0  # 0 = automatic: the power of ten at or below 1 / n_examples
-    max_grad_norm: float = 1.0  # per-example clipping bound C
+    target_delta: float = 0.0  # 0 = automatic: the power of ten at or below 1 / (10 n_units)
+    max_grad_norm: float = 1.0  # per-unit clipping bound C (per example or per patient)
     noise_multiplier: float = 0.0  # 0 = calibrate σ once so target_epsilon holds at the end
     accountant: str = "rdp"  # "rdp" or "prv"
     # Per-sample gradients: "hooks" is the fastest correct mode for LoRA here (see README).
@@ -250,6 +257,12 @@ class PrivacySettings:
             raise ConfigError("privacy.noise_multiplier must be >= 0 (0 = calibrate).")
         _one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
         _one_of("privacy.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        _one_of("privacy.unit", self.unit, PRIVACY_UNITS)
+        if self.unit == "patient" and self.grad_sample_mode == "ghost":
+            raise ConfigError(
+                "privacy.unit = 'patient' needs per-example gradients to sum them per patient; "
+                "ghost clipping never forms them. Set privacy.grad_sample_mode = 'hooks'."
+            )
         _positive("privacy.max_physical_batch_size", self.max_physical_batch_size)
         _positive("privacy.client_clip_norm", self.client_clip_norm)
         _positive("privacy.client_noise_multiplier", self.client_noise_multiplier)

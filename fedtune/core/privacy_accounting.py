@@ -124,3 +124,17 @@ def calibrate_noise_multiplier(
         else:
             low = middle
     return high
+
+
+def default_delta(num_units: int) -> float:
+    """The largest power of ten at or below 1/(10·n), n counting patients or records.
+
+    δ is the chance that the guarantee fails outright; with δ just under 1/n about one of the
+    n patients could in expectation be exposed (n = 999 and δ = 1e-3 give n·δ = 0.999).
+    1/(10·n) keeps that expectation at or below 0.1. Exact in integers: δ = 10^-k with
+    10^(k-1) the smallest power of ten at or above n.
+    """
+    power = 0
+    while 10**power < max(num_units, 1):
+        power += 1
+    return float(10.0 ** -(power + 1))

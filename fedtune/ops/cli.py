@@ -192,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--format", default="auto", choices=DATA_FORMATS)
     check.add_argument("--labels-file", type=Path, default=None,
                        help="JSON list of allowed labels (classification)")
+    check.add_argument("--unit", choices=("record", "patient"), default="record",
+                       help="privacy unit the data must support: 'patient' refuses any line "
+                            "without a patient_id (file:line)")
     check.set_defaults(handler=_check_data)
 
     export = commands.add_parser(
@@ -660,13 +663,16 @@ def _data(args: argparse.Namespace) -> int:
 def _check_data(args: argparse.Namespace) -> int:
     import json
 
-    from fedtune.client.data import load_hospital_data
+    from fedtune.client.data import load_hospital_data, patient_summary
 
     labels = None
     if args.labels_file:
         labels = json.loads(args.labels_file.read_text(encoding="utf-8"))
-    dataset = load_hospital_data(args.path, args.format, labels=labels)
+    dataset = load_hospital_data(
+        args.path, args.format, labels=labels, require_patient_id=args.unit == "patient"
+    )
     print(f"{args.path}: {len(dataset.examples)} valid examples, format {dataset.format}")
+    print(f"{args.path}: {patient_summary(dataset.examples).describe()}")
     return 0
 
 

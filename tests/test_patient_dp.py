@@ -1,0 +1,268 @@
+"""Patient-level DP: each patient, with all of its records, is what (ε, δ) protects.
+
+Checked against plain autograd on the real PEFT LoRA models, through `train_privately`
+itself (the optimizer's pre-step hook reads what Opacus clipped and summed):
+
+1. The per-patient clipped sum equals the autograd gradients of each patient's records,
+   summed per patient and then clipped (classifier and causal LM).
+2. Adding a patient with many records moves the pre-noise sum by at most the clip bound C
+   (record-level DP would move it by up to (records) × C: checked too, so the test bites).
+3. With σ = 0 and a huge C, the patient-level gradient is the plain gradient of the records.
+4. The ε a patient-level round reports is recomputed from (σ, q over patients, steps) with
+   a second accountant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_dp_training import Setup
+from tiny import replace_section, save_tiny_bert, tiny_run_config
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from fedtune.client.dp_train import DPPlan, train_privately
+from fedtune.client.local_round import train_local_update
+from fedtune.client.node_settings import NodeSettings
+from fedtune.client.session import ModelHandle, data_for, hospital_identity, model_for
+from fedtune.core.config import RunConfig
+from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.core.privacy_accounting import compute_epsilon
+from fedtune.core.wire import Job
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
+# Patients of 1 to 6 records: the skew that makes record-level DP under-protect.
+PATIENT_SIZES = (1, 3, 2, 6, 1, 4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def no_dropout_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train_privately puts the model in training mode: without dropout, training is a
+    deterministic function of the batches, which the autograd comparison needs."""
+    return save_tiny_bert(tmp_path_factory.mktemp("bert-no-dropout"), dropout=0.0)
+
+
+@pytest.fixture(params=["classify", "instruct"])
+def setup(
+    request: pytest.FixtureRequest, no_dropout_bert: Path, tiny_llama_dir: Path,
+    classify_data: tuple[Path, tuple[str, ...]], instruct_data: Path,
+) -> Setup:
+    if request.param == "classify":
+        root, labels = classify_data
+        return Setup(tiny_run_config(no_dropout_bert, "classify", root, labels))
+    return Setup(tiny_run_config(tiny_llama_dir, "instruct", instruct_data))
+
+
+def _patients(sizes: tuple[int, ...]) -> list[int]:
+    return [patient for patient, size in enumerate(sizes) for _ in range(size)]
+
+
+def _plan(sigma: float, clip: float, steps: int = 1, physical: int = 4) -> DPPlan:
+    return DPPlan(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=1.0, steps=steps,
+                  grad_sample_mode="hooks", max_physical_batch_size=physical)
+
+
+def _captured_step(setup: Setup, features: list[Any], patients: list[int] | None,
+                   plan: DPPlan) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One train_privately step; returns (pre-noise clipped sums, gradient stepped with)."""
+    names = {id(p): n for n, p in setup.trainable().items()}
+    summed: dict[str, torch.Tensor] = {}
+    stepped: dict[str, torch.Tensor] = {}
+
+    def capture(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if id(parameter) in names and parameter.grad is not None:
+                    summed[names[id(parameter)]] = parameter.summed_grad.detach().clone()
+                    stepped[names[id(parameter)]] = parameter.grad.detach().clone()
+
+    start = {n: p.detach().clone() for n, p in setup.trainable().items()}
+    handle = register_optimizer_step_pre_hook(capture)
+    try:
+        train_privately(setup.model, features, _settings(setup), plan, setup.pad, 0, setup.task,
+                        patients=patients)
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for name, parameter in setup.trainable().items():
+                parameter.copy_(start[name])
+    assert summed, "the optimizer never stepped"
+    return summed, stepped
+
+
+def _settings(setup: Setup) -> Any:
+    from fedtune.core.config import TrainSettings
+
+    return TrainSettings(local_steps=1, batch_size=4, learning_rate=1e-3)
+
+
+def _record_gradients(setup: Setup, features: list[Any]) -> list[dict[str, torch.Tensor]]:
+    """Plain autograd: each record's own loss, alone in its batch."""
+    setup.model.train()
+    out = []
+    for feature in features:
+        setup.model.zero_grad(set_to_none=True)
+        setup.loss(setup.model, [feature]).backward()
+        out.append({n: p.grad.detach().clone() for n, p in setup.trainable().items()})
+    setup.model.zero_grad(set_to_none=True)
+    return out
+
+
+def _norm(gradient: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((g.double() ** 2).sum()) for g in gradient.values()))
+
+
+def _relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    difference = {n: a[n].double() - b[n].double() for n in b}
+    return _norm(difference) / max(_norm(b), 1e-12)
+
+
+def test_per_patient_clipped_sums_equal_autograd_sums_then_clipped(setup: Setup):
+    patients = _patients(PATIENT_SIZES)
+    features = setup.mixed_lengths(len(patients))
+    per_record = _record_gradients(setup, features)
+    per_patient = []
+    for patient in range(len(PATIENT_SIZES)):
+        rows = [r for r, p in enumerate(patients) if p == patient]
+        per_patient.append({n: sum(per_record[r][n] for r in rows) for n in per_record[0]})
+    norms = sorted(_norm(g) for g in per_patient)
+    clip = norms[len(norms) // 2]  # about half the patients are clipped, half are not
+    expected: dict[str, torch.Tensor] = {n: torch.zeros_like(per_record[0][n])
+                                         for n in per_record[0]}
+    clipped = 0
+    for gradient in per_patient:
+        factor = min(1.0, clip / (_norm(gradient) + 1e-6))
+        clipped += factor < 1.0
+        for name in expected:
+            expected[name] += factor * gradient[name]
+    assert 0 < clipped < len(per_patient)
+    # Physical batches of 4 rows: the 6-record patient spans two of them and must be summed
+    # across them before it is clipped.
+    summed, _ = _captured_step(setup, features, patients, _plan(0.0, clip, physical=4))
+    assert _relative_error(summed, expected) <= 1e-4
+
+
+def test_one_patient_moves_the_pre_noise_sum_by_at_most_the_clip_bound(setup: Setup):
+    clip = 0.05
+    base_sizes = (2, 1, 3)
+    heavy = 8  # the added patient's records
+    patients = _patients(base_sizes)
+    features = setup.mixed_lengths(len(patients) + heavy)
+    without, _ = _captured_step(setup, features[: len(patients)], patients, _plan(0.0, clip))
+    with_heavy, _ = _captured_step(
+        setup, features, [*patients, *[len(base_sizes)] * heavy], _plan(0.0, clip)
+    )
+    change = _norm({n: with_heavy[n] - without[n] for n in without})
+    assert change <= clip * (1 + 1e-4)
+    # The same records counted one by one (record-level DP) move it by far more than C:
+    # without grouping, this patient would be protected only at about 8·ε.
+    records, _ = _captured_step(setup, features, None, _plan(0.0, clip))
+    records_without, _ = _captured_step(setup, features[: len(patients)], None, _plan(0.0, clip))
+    assert _norm({n: records[n] - records_without[n] for n in records}) > 2 * clip
+
+
+def test_without_noise_and_clipping_a_patient_step_is_the_plain_step(setup: Setup):
+    patients = _patients(PATIENT_SIZES)
+    features = setup.mixed_lengths(len(patients))
+    plain = {n: sum(g[n] for g in _record_gradients(setup, features))
+             for n in setup.trainable()}
+    _, stepped = _captured_step(setup, features, patients, _plan(0.0, 1e6))
+    # Opacus divides the sum by the expected number of patients per step (q·P = P here).
+    scaled = {n: g * len(PATIENT_SIZES) for n, g in stepped.items()}
+    assert _relative_error(scaled, plain) <= 1e-4
+
+
+def _patient_file(path: Path, labels: tuple[str, ...], patients: int, seed: int) -> Path:
+    """A classification file with patient ids: 1 to 5 records per patient."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["fracture", "asthma", "diabetes", "otitis", "migraine", "anemia", "sepsis"]
+    lines = []
+    for patient in range(patients):
+        for _ in range(rng.randint(1, 5)):
+            label = rng.choice(labels)
+            text = f"{rng.choice(words)} of the {rng.choice(words)} {rng.randint(1, 99)}"
+            lines.append(json.dumps({"text": text, "label": label,
+                                     "patient_id": f"P{patient:04d}"}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _patient_config(root: Path, bert: Path, labels: tuple[str, ...]) -> RunConfig:
+    config = tiny_run_config(bert, "classify", root, labels)
+    return replace_section(
+        config, "privacy", enabled=True, unit="patient", target_epsilon=4.0,
+        ledger_dir=str(root / "ledgers"),
+    )
+
+
+def test_reported_epsilon_is_recomputed_from_patient_sampling_with_a_second_accountant(
+    tmp_path: Path, no_dropout_bert: Path, classify_data: tuple[Path, tuple[str, ...]],
+):
+    _, labels = classify_data
+    _patient_file(tmp_path / "hospital-1.jsonl", labels, patients=40, seed=3)
+    config = _patient_config(tmp_path, no_dropout_bert, labels)
+    node = NodeSettings(partition_id=0)
+    update = train_local_update(initial_global_adapter(config), Job(1, config, "run-p"), node)
+    metrics = update.metrics
+    assert metrics["dp-patient-level"] == 1.0
+    # Independently: the patients of the training split, q = 1 / ceil(P / batch_size).
+    identity = hospital_identity(node, config.data)
+    splits = data_for(config, identity, model_for(config)).splits
+    patients = {example.patient for example in splits.train}
+    assert len(patients) < len(splits.train)  # several records per patient
+    evaluated = {e.patient for e in (*splits.validation, *splits.test)}
+    assert not patients & evaluated  # no patient both trains and is evaluated
+    q = 1.0 / math.ceil(len(patients) / config.train.batch_size)
+    assert metrics["sample-rate"] == pytest.approx(q)
+    history = [(metrics["noise-multiplier"], q, int(metrics["dp-steps"]))]
+    rdp = compute_epsilon(history, metrics["delta"], "rdp")
+    prv = compute_epsilon(history, metrics["delta"], "prv")
+    assert metrics["epsilon"] == pytest.approx(rdp, rel=1e-9)
+    # RDP's conversion is an upper bound; PRV is numerically tight: within their known gap.
+    assert prv <= rdp * 1.02 and rdp <= prv * 1.5
+    # δ ≤ 1/(10·P), counted over patients.
+    assert metrics["delta"] <= 1.0 / (10 * len(patients))
+
+
+def test_patient_level_round_refuses_a_line_without_patient(
+    tmp_path: Path, no_dropout_bert: Path, classify_data: tuple[Path, tuple[str, ...]],
+):
+    from fedtune.client.data import DataValidationError
+
+    _, labels = classify_data
+    path = _patient_file(tmp_path / "hospital-1.jsonl", labels, patients=10, seed=4)
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[4])
+    del record["patient_id"]
+    lines[4] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+    config = _patient_config(tmp_path, no_dropout_bert, labels)
+    with pytest.raises(DataValidationError, match=rf"{path}:5: missing field 'patient_id'"):
+        train_local_update(initial_global_adapter(config), Job(1, config, "run-q"),
+                           NodeSettings(partition_id=0))
+    assert not (tmp_path / "ledgers" / "hospital-1.json").exists()  # nothing was spent
+
+
+def test_patient_gradients_leave_no_opacus_state_on_the_model(setup: Setup):
+    patients = _patients((2, 2))
+    features = setup.mixed_lengths(4)
+    handle = ModelHandle(model=setup.model, tokenizer=None, device=torch.device("cpu"))
+    train_privately(handle.model, features, _settings(setup), _plan(1.0, 1.0, steps=2),
+                    setup.pad, 0, setup.task, patients=patients)
+    assert not any(hasattr(p, "grad_sample") for p in setup.model.parameters())
