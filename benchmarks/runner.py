@@ -35,6 +35,7 @@ def _registry() -> dict[str, Benchmark]:
     from fedtune.benchmarks.deployment import bench_deployment
     from fedtune.benchmarks.dp_overhead import bench_dp
     from fedtune.benchmarks.frozen_cache import bench_frozen_cache
+    from fedtune.benchmarks.patient_dp import bench_patient_dp
     from fedtune.benchmarks.pooling import bench_pooling
     from fedtune.benchmarks.round_overhead import bench_round
     from fedtune.benchmarks.secagg import bench_secagg
@@ -44,6 +45,7 @@ def _registry() -> dict[str, Benchmark]:
     return {
         "round": bench_round,
         "dp": bench_dp,
+        "patient-dp": bench_patient_dp,
         "demo": bench_demo,
         "secagg": bench_secagg,
         "strategies": bench_strategies,

@@ -74,7 +74,9 @@ def train_local_update(
     # One DP training per ledger at a time: budget check, training and record are atomic, so
     # two processes of one node can never both spend the same remaining budget.
     with ledger_lock(identity, config, node):
-        privacy = plan_round(config, identity, node, data.privacy_units(), job.run_id)
+        privacy = plan_round(
+            config, identity, node, data.privacy_units(), len(features), job.run_id
+        )
         check_shared_lora_a(global_adapter, config)  # FFA-LoRA: A must be the shared init
         objective = local_objective(config)  # FedProx's proximal term, FFA-LoRA's frozen A
         set_adapter(handle.model, global_adapter)

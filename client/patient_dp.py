@@ -2,8 +2,10 @@
 
 A patient with k records, trained record by record, is protected only at about k·ε. Here the
 unit of the privacy analysis is the patient: every step Poisson-samples *patients* (each joins
-with probability q, q over patients), the per-example gradients Opacus computes for all of a
-sampled patient's records are summed into one gradient per patient, that sum is clipped to
+independently with probability q; q = 1/⌈records / batch_size⌉, so a step holds batch_size
+records on average and costs what a record-level step costs), the per-example gradients
+Opacus computes for all of a sampled patient's records are summed into one gradient per
+patient, that sum is clipped to
 `max_grad_norm`, and Gaussian noise N(0, σ²C²) is added to the sum of the clipped patient
 gradients. Adding or removing one patient therefore changes the pre-noise sum by at most C,
 which is exactly the sampled Gaussian mechanism the accountant composes (with q_patients).
@@ -136,8 +138,8 @@ def patient_loader(
 ) -> torch.utils.data.DataLoader[Any]:
     """A loader whose batches are Poisson draws over patient numbers (Opacus' sampler).
 
-    Opacus reads the expected batch size (q·P patients) from it; its items are patient
-    numbers, which `physical_chunks` turns into records.
+    Opacus reads the expected batch size (q·P patients: what it divides the noisy sum by)
+    from it; its items are patient numbers, which `physical_chunks` turns into records.
     """
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 

@@ -104,12 +104,15 @@ def plan_round(
     identity: HospitalIdentity,
     node: NodeSettings,
     num_units: int,
+    num_records: int,
     run_id: str,
 ) -> RoundPrivacy | None:
     """Decide this round's DP parameters, or None when neither side asks for DP.
 
-    `num_units` counts what `privacy.unit` protects: training patients or training records;
-    q and the steps of an epoch are over those units.
+    `num_units` counts what `privacy.unit` protects (training patients or training records)
+    and sets δ. q = 1/⌈records / batch_size⌉ is the chance that each unit joins a step: with
+    patients as the unit a step then holds batch_size records in expectation, so it costs
+    what a record-level step costs, and `train.batch_size` means records either way.
 
     Raises PrivacyBudgetExhausted when the round would exceed the budget (nothing trains),
     and LedgerError when the ledger on disk cannot be trusted.
@@ -130,8 +133,8 @@ def plan_round(
     path = ledger_path(config, identity, node)
     delta = choose_delta(settings.target_delta, num_units, settings.unit, path)
     ledger = PrivacyLedger.open(path, identity.name, settings.accountant, delta, settings.unit)
-    sample_rate = poisson_sample_rate(config.train.batch_size, num_units)
-    steps = planned_steps(config.train, num_units)
+    sample_rate = poisson_sample_rate(config.train.batch_size, num_records)
+    steps = planned_steps(config.train, num_records)
     run_plan = ledger.plan(run_id)
     if run_plan is None:
         try:

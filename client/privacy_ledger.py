@@ -1,6 +1,7 @@
 """A hospital's privacy ledger: every DP-SGD step it ever took on its patients' data.
 
-A sample-level (ε, δ) guarantee covers *all* releases computed from the data, so it must compose
+An (ε, δ) guarantee, per record or per patient (`unit`, fixed for the ledger's life), covers
+*all* releases computed from the data, so it must compose
 over every round of every run and survive node restarts. The ledger lives on the hospital's
 disk, and ε is always recomputed from the full history with an Opacus accountant, never summed
 (summing is loose and invites mixing accountants or δs); the stored ε is only for people.

@@ -64,7 +64,8 @@ SIZE_REVEALING_METRICS = ("sample-rate", "noise-multiplier", "dp-steps", "train-
 # model; tested): a metric not listed stays at the hospital. Its exact ε and δ after a round
 # are functions of its data size (q = B/n with σ known from the plan), and so is its training
 # time: they stay in its ledger and log; the coordinator learns the run's planned ε bound.
-DEPLOYED_MASKED_METRICS = ("dp", "epsilon-target", "train-loss", "train-last-loss",
+DEPLOYED_MASKED_METRICS = ("dp", "dp-patient-level", "epsilon-target", "train-loss",
+                           "train-last-loss",
                            "skipped-lines", "delta-clipped", "weight-capped",
                            "noise-truncated", "client-dp", "secagg-seconds")
 

@@ -89,9 +89,9 @@ def model_card(
         "",
         _privacy_intro(config),
         "",
-        "| hospital | ε | δ | ε budget | training data SHA-256 | examples "
+        "| hospital | protects | ε | δ | ε budget | training data SHA-256 | examples "
         "| base model SHA-256 seen |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for hospital in hospitals:
         guarantee = privacy.get(hospital, {})
@@ -102,9 +102,11 @@ def model_card(
         delta = (f"{guarantee['delta']:.0e}" if "delta" in guarantee
                  else "kept at the hospital" if "epsilon-target" in guarantee else "-")
         budget = f"{guarantee['epsilon-budget']:g}" if "epsilon-budget" in guarantee else "-"
+        unit = ("-" if not guarantee else "each patient"
+                if guarantee.get("dp-patient-level", 0.0) > 0 else "each record")
         examples = seen.get("data_examples", "not disclosed")
         lines.append(
-            f"| {shown[hospital]} | {eps} | {delta} | {budget} | "
+            f"| {shown[hospital]} | {unit} | {eps} | {delta} | {budget} | "
             f"`{seen.get('data_sha256', 'not reported')}` | {examples} | "
             f"`{str(seen.get('model_sha256', 'not reported'))[:16]}…` |"
         )
@@ -125,9 +127,10 @@ def model_card(
         "not validated for diagnosis or treatment decisions.",
         "- Evaluated only on the participating hospitals' held-out splits, which share their "
         "populations, coding practice and data biases; validate locally before any use.",
-        "- The privacy guarantee is sample-level (ε, δ) per hospital, composed over every "
-        "round it took part in (its ledger); it does not cover the reported metrics, and a "
-        "large ε is a weak guarantee.",
+        "- The privacy guarantee is (ε, δ) per hospital for the unit its row names (each "
+        "patient, or each record: then a patient with k records only at about k·ε), composed "
+        "over every round it took part in (its ledger); it does not cover the reported "
+        "metrics, and a large ε is a weak guarantee.",
         "- Secure aggregation hides each hospital's update from the coordinator, not the "
         "final model from anyone who receives it.",
         "",
@@ -148,10 +151,17 @@ def _privacy_intro(config: RunConfig) -> str:
     if not config.privacy.enabled:
         return ("Differential privacy was not requested by the coordinator; a hospital with a "
                 "privacy budget trains with DP anyway (its row then shows its ε).")
-    return (f"Sample-level differential privacy with Opacus DP-SGD at every hospital, "
+    unit = "each patient (all of a patient's records together)" if (
+        config.privacy.unit == "patient") else "each record (a patient with k records: about k·ε)"
+    return (f"Differential privacy with Opacus DP-SGD at every hospital, protecting {unit} "
+            f"unless a hospital's row says it protects each patient; "
             f"{config.privacy.accountant} accountant, target ε = "
             f"{config.privacy.target_epsilon:g} per run; ε and δ below are what each hospital's "
-            "privacy ledger reported after its last round in this adapter.")
+            "privacy ledger reported after its last round in this adapter. (ε, δ) means: "
+            "whether or not one such unit's data was used, every update the hospital sent is "
+            "almost equally likely (within a factor e^ε), except with probability δ. Not "
+            "covered: the evaluation metrics hospitals reported, and which rounds the "
+            "coordinator ran within the budget.")
 
 
 def _evaluation(

@@ -117,21 +117,28 @@ class RoundReport:
         )
 
     def privacy(self, guarantees: Mapping[str, Mapping[str, float]], accountant: str) -> None:
-        """Each hospital's sample-level guarantee for everything it trained in this run."""
+        """Each hospital's guarantee for everything it trained in this run, naming what it
+        protects (each patient or each record) and what (ε, δ) means."""
         if not guarantees:
             self.say("Differential privacy: off (no hospital trained with DP in this run).")
             return
-        self.say(f"Sample-level differential privacy per hospital ({accountant} accountant):")
+        self.say(f"Differential privacy per hospital ({accountant} accountant); (ε, δ) means: "
+                 "whether or not one patient's (or record's) data was used, every update the "
+                 "hospital sent is almost equally likely (within e^ε), except with "
+                 "probability δ. Not covered: evaluation metrics, and which rounds were run.")
         for hospital, values in sorted(guarantees.items()):
+            unit = "each patient" if values.get("dp-patient-level", 0.0) > 0 else "each record"
             if "epsilon" not in values:  # a deployed hospital keeps its exact ε, δ at home
                 self.say(
-                    f"  {hospital}: ε ≤ {values['epsilon-target']:.3f} (its plan for this run, "
+                    f"  {hospital}: protects {unit}, ε ≤ {values['epsilon-target']:.3f} (its "
+                    "plan for this run, "
                     "enforced by its own ledger; the exact ε and δ stay at the hospital: they "
                     "would reveal its data size)"
                 )
                 continue
             self.say(
-                f"  {hospital}: (ε = {values['epsilon']:.3f}, δ = {values['delta']:.0e}), "
+                f"  {hospital}: protects {unit}, (ε = {values['epsilon']:.3f}, "
+                f"δ = {values['delta']:.0e}), "
                 f"budget ε = {values['epsilon-budget']:.3f}"
             )
 

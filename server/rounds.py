@@ -296,7 +296,8 @@ class _Federation:
         clip, cap = secure.clip_norm, secure.max_weight
         for hospital, metrics in sorted(train_metrics.items()):
             if metrics.get("dp", 0.0) > 0:
-                keys = ("epsilon", "delta", "epsilon-budget", "epsilon-target")
+                keys = ("epsilon", "delta", "epsilon-budget", "epsilon-target",
+                        "dp-patient-level")
                 self.state.guarantees[hospital] = {k: metrics[k] for k in keys if k in metrics}
             if metrics.get("skipped-lines", 0) > 0:
                 self.say(f"  note: {hospital} skipped {int(metrics['skipped-lines'])} invalid "

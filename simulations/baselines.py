@@ -126,16 +126,42 @@ def greedy_exact_match(
     return exact / max(len(features), 1)
 
 
+@dataclass(frozen=True)
+class TrainPart:
+    """A training split as DP-SGD sees it: the features and, with privacy.unit = "patient",
+    each feature's patient number (0..P-1), else None."""
+
+    features: list[Any]
+    patients: list[int] | None
+
+    @property
+    def units(self) -> int:
+        """n of the privacy analysis: patients, or records."""
+        return len(set(self.patients)) if self.patients is not None else len(self.features)
+
+
 def hospital_train_features(
     config: RunConfig, hospital_files: Sequence[Path], handle: ModelHandle
-) -> list[list[Any]]:
+) -> list[TrainPart]:
     """Each hospital's encoded ``train`` split: exactly what it trains on when federated."""
-    return [
-        data_for(config, HospitalIdentity(path.stem, path, simulated=True), handle).features[
-            "train"
-        ]
-        for path in hospital_files
-    ]
+    parts = []
+    for path in hospital_files:
+        data = data_for(config, HospitalIdentity(path.stem, path, simulated=True), handle)
+        patients = None if data.train_patients is None else list(data.train_patients)
+        parts.append(TrainPart(data.features["train"], patients))
+    return parts
+
+
+def pooled(parts: Sequence[TrainPart]) -> TrainPart:
+    """All hospitals' training splits as one; patient numbers stay distinct per hospital."""
+    features = [f for part in parts for f in part.features]
+    if any(part.patients is None for part in parts):
+        return TrainPart(features, None)
+    patients: list[int] = []
+    for part in parts:
+        offset = len(set(patients))
+        patients += [offset + p for p in part.patients or ()]
+    return TrainPart(features, patients)
 
 
 def run_centralized(
@@ -149,11 +175,12 @@ def run_centralized(
     """All training examples pooled; per round ``local_steps`` steps of the federation's
     examples (``hospitals × batch_size`` each)."""
     handle = model_for(config)
-    pooled = [f for part in hospital_train_features(config, hospital_files, handle) for f in part]
+    everything = pooled(hospital_train_features(config, hospital_files, handle))
     batch = config.train.batch_size * len(hospital_files)
     pooled_config = config.with_overrides(train={"batch_size": batch})
     steps = config.train.local_steps
-    return _train_curve(pooled_config, handle, pooled, steps, initial, test, epsilon, progress)
+    return _train_curve(pooled_config, handle, everything, steps, initial, test, epsilon,
+                        progress)
 
 
 def run_local_only(
@@ -170,7 +197,7 @@ def run_local_only(
     rounds = config.federation.rounds
     start_score = score(config, handle, initial, test)  # the same start for every hospital
     outcomes = []
-    for k, features in enumerate(parts):
+    for k, part in enumerate(parts):
 
         def hospital_progress(done: int, _total: int, k: int = k) -> None:
             if progress is not None:
@@ -178,7 +205,7 @@ def run_local_only(
 
         outcomes.append(
             _train_curve(
-                config, handle, features, config.train.local_steps, initial, test, epsilon,
+                config, handle, part, config.train.local_steps, initial, test, epsilon,
                 hospital_progress, start_score,
             )
         )
@@ -193,7 +220,7 @@ def run_local_only(
 def _train_curve(
     config: RunConfig,
     handle: ModelHandle,
-    features: list[Any],
+    part: TrainPart,
     steps_per_round: int,
     initial: Adapter,
     test: SharedTestSet,
@@ -202,6 +229,7 @@ def _train_curve(
     start_score: float | None = None,
 ) -> BaselineOutcome:
     """Train ``federation.rounds`` chunks from ``initial``, scoring after each one."""
+    features = part.features
     rounds = config.federation.rounds
     settings = dataclasses.replace(config.train, local_steps=steps_per_round, local_epochs=0.0)
     pad_id = int(handle.tokenizer.pad_token_id)
@@ -211,7 +239,7 @@ def _train_curve(
     curve = [(0, start_score)]
     plan, history, delta = None, [], 0.0
     if epsilon is not None:
-        delta = config.privacy.target_delta or default_delta(len(features))
+        delta = config.privacy.target_delta or default_delta(part.units)
         sample_rate = poisson_sample_rate(settings.batch_size, len(features))
         sigma = calibrate_noise_multiplier(
             target_epsilon=epsilon, delta=delta, sample_rate=sample_rate,
@@ -230,7 +258,7 @@ def _train_curve(
             train_locally(handle.model, features, settings, pad_id, seed, task)
         else:
             result = train_privately(handle.model, features, settings, plan, pad_id, seed, task,
-                                     patients=None)
+                                     patients=part.patients)
             history.append((plan.noise_multiplier, plan.sample_rate, result.steps))
         trained = get_adapter(handle.model)
         curve.append((server_round, score(config, handle, trained, test)))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.ops.icd10 import CHAPTERS, chapter_of, load_icd10_codes
+from fedtune.ops.synthetic_patients import synthetic_patient_ids
 
 DATASETS = ("icd10-chapters", "icd10-chapters-instruct", "icd10-categories")
 TASK_OF = {
@@ -103,12 +104,17 @@ def build_dataset(name: str, pool_size: int, test_size: int, seed: int) -> Medic
 def write_hospital_files(
     dataset: MedicalDataset, hospitals: Sequence[Sequence[int]], out_dir: Path
 ) -> list[Path]:
-    """Write ``hospital-<k>.jsonl`` per hospital (pool indices), the test set and labels."""
+    """Write ``hospital-<k>.jsonl`` per hospital (pool indices), the test set and labels.
+
+    Each hospital line names a synthetic patient (several diagnoses per patient, skewed;
+    ``fedtune.ops.synthetic_patients``), so patient-level DP is measured on realistic data.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, indices in enumerate(hospitals, start=1):
         path = out_dir / f"hospital-{k}.jsonl"
-        _write_jsonl(path, [dataset.pool[i] for i in indices])
+        patients = synthetic_patient_ids(len(indices), f"{dataset.name}/{k}", f"h{k}")
+        _write_jsonl(path, [dataset.pool[i] for i in indices], patients)
         paths.append(path)
     for stale in out_dir.glob("hospital-*.jsonl"):
         if stale not in paths:
@@ -121,7 +127,7 @@ def write_hospital_files(
 
 def write_test_file(dataset: MedicalDataset, path: Path) -> str:
     """Write the shared test set; return its SHA-256 (the arms record it)."""
-    _write_jsonl(path, list(dataset.test))
+    _write_jsonl(path, list(dataset.test), None)
     return file_fingerprint(path)
 
 
@@ -172,6 +178,13 @@ def _balanced_draw(
     return drawn
 
 
-def _write_jsonl(path: Path, examples: Sequence[Example]) -> None:
-    lines = [json.dumps(example.record, ensure_ascii=False) for example in examples]
+def _write_jsonl(
+    path: Path, examples: Sequence[Example], patients: Sequence[str] | None
+) -> None:
+    """Hospital files name each line's synthetic patient; the shared test set does not."""
+    records = [dict(example.record) for example in examples]
+    if patients is not None:
+        for record, patient in zip(records, patients, strict=True):
+            record["patient_id"] = patient
+    lines = [json.dumps(record, ensure_ascii=False) for record in records]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -221,14 +221,15 @@ def test_reported_epsilon_is_recomputed_from_patient_sampling_with_a_second_acco
     update = train_local_update(initial_global_adapter(config), Job(1, config, "run-p"), node)
     metrics = update.metrics
     assert metrics["dp-patient-level"] == 1.0
-    # Independently: the patients of the training split, q = 1 / ceil(P / batch_size).
+    # Independently: the patients of the training split; each joins a step with probability
+    # q = 1 / ceil(records / batch_size), so a step holds batch_size records on average.
     identity = hospital_identity(node, config.data)
     splits = data_for(config, identity, model_for(config)).splits
     patients = {example.patient for example in splits.train}
     assert len(patients) < len(splits.train)  # several records per patient
     evaluated = {e.patient for e in (*splits.validation, *splits.test)}
     assert not patients & evaluated  # no patient both trains and is evaluated
-    q = 1.0 / math.ceil(len(patients) / config.train.batch_size)
+    q = 1.0 / math.ceil(len(splits.train) / config.train.batch_size)
     assert metrics["sample-rate"] == pytest.approx(q)
     history = [(metrics["noise-multiplier"], q, int(metrics["dp-steps"]))]
     rdp = compute_epsilon(history, metrics["delta"], "rdp")
@@ -266,3 +267,77 @@ def test_patient_gradients_leave_no_opacus_state_on_the_model(setup: Setup):
     train_privately(handle.model, features, _settings(setup), _plan(1.0, 1.0, steps=2),
                     setup.pad, 0, setup.task, patients=patients)
     assert not any(hasattr(p, "grad_sample") for p in setup.model.parameters())
+
+
+def test_check_data_reports_patients_and_refuses_lines_without_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from fedtune.ops.cli import main
+
+    data = tmp_path / "ward.jsonl"
+    lines = [
+        {"text": "chest pain", "label": "cardio", "patient_id": "A"},
+        {"text": "angina", "label": "cardio", "patient_id": "A"},
+        {"text": "fever", "label": "infect", "patient_id": 17},
+        {"text": "cough", "label": "infect", "patient_id": "A"},
+        {"text": "rash", "label": "derm", "patient_id": "B"},
+    ]
+    data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert main(["check-data", str(data), "--unit", "patient"]) == 0
+    out = capsys.readouterr().out
+    assert "3 patients; lines per patient: min 1, median 1, max 3" in out
+    lines.insert(2, {"text": "syncope", "label": "cardio"})
+    lines.append({"text": "eczema", "label": "derm", "patient_id": ["B"]})
+    data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert main(["check-data", str(data)]) == 2  # a list is no patient id, whatever the unit
+    capsys.readouterr()
+    assert main(["check-data", str(data), "--unit", "patient"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3: missing field 'patient_id'" in err
+    assert f"{data}:7: field 'patient_id' must be text or a whole number" in err
+
+
+def test_csv_patient_column_and_a_split_that_keeps_patients_together(tmp_path: Path):
+    from fedtune.client.data import DataValidationError, load_hospital_data, split_examples
+
+    data = tmp_path / "ward.csv"
+    rows = ["text,label,patient_id"]
+    rows += [f"note {i},{'a' if i % 2 else 'b'},P{i % 13}" for i in range(60)]
+    data.write_text("\n".join(rows) + "\n")
+    examples = load_hospital_data(data, require_patient_id=True).examples
+    assert {e.patient for e in examples} == {f"P{i}" for i in range(13)}
+    split = split_examples(examples, seed=1, by_patient=True)
+    parts = [{e.patient for e in part} for part in (split.train, split.validation, split.test)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert sum(len(p) for p in parts) == 13 and all(parts)
+    headless = tmp_path / "old.csv"
+    headless.write_text("text,label\nnote,a\n")
+    with pytest.raises(DataValidationError, match="lacks column.s. patient_id"):
+        load_hospital_data(headless, require_patient_id=True)
+
+
+def test_a_patient_level_node_stays_patient_level_whatever_the_run_asks(
+    no_dropout_bert: Path, classify_data: tuple[Path, tuple[str, ...]], tmp_path: Path,
+):
+    from fedtune.client.node_settings import NodeSettingsError, parse_node_settings
+    from fedtune.client.session import apply_node_settings
+
+    root, labels = classify_data
+    config = replace_section(tiny_run_config(no_dropout_bert, "classify", root, labels),
+                             "privacy", unit="record")
+    node = parse_node_settings({"partition-id": 0, "privacy-unit": "patient"})
+    assert apply_node_settings(config, node).privacy.unit == "patient"
+    asked = replace_section(config, "privacy", unit="patient")
+    lenient = parse_node_settings({"partition-id": 0, "privacy-unit": "record"})
+    assert apply_node_settings(asked, lenient).privacy.unit == "patient"  # the stronger wins
+    with pytest.raises(NodeSettingsError, match="privacy-unit must be 'record' or 'patient'"):
+        parse_node_settings({"privacy-unit": "visit"})
+
+
+def test_ghost_clipping_cannot_be_patient_level():
+    from fedtune.core.config import ConfigError, PrivacySettings
+
+    with pytest.raises(ConfigError, match="ghost clipping never forms them"):
+        PrivacySettings(unit="patient", grad_sample_mode="ghost")
+    with pytest.raises(ConfigError, match="privacy.unit = 'visit' is not one of"):
+        PrivacySettings(unit="visit")

@@ -29,7 +29,8 @@ ROUNDS = [(1.1, 0.05, 20), (1.1, 0.05, 20), (0.9, 0.04, 15), (1.3, 0.06, 10)]
 
 
 def open_ledger(path: Path, accountant: str = "rdp", hospital: str = "st-mary") -> PrivacyLedger:
-    return PrivacyLedger.open(path, hospital=hospital, accountant=accountant, delta=DELTA)
+    return PrivacyLedger.open(path, hospital=hospital, accountant=accountant, delta=DELTA,
+                              unit="record")
 
 
 def stepped_epsilon(accountant: RDPAccountant | PRVAccountant, rounds: list) -> float:
@@ -168,13 +169,15 @@ def test_untrustworthy_file_is_refused_and_left_untouched(
         ({"hospital": "north-clinic"}, "belongs to 'st-mary', not 'north-clinic'"),
         ({"delta": 1e-6}, "δ=1e-05"),
         ({"accountant": "prv"}, "accountant='rdp'"),
+        ({"unit": "patient"}, "protects each record, but the run asks for privacy.unit"),
     ],
 )
 def test_foreign_or_restated_ledger_is_refused_and_left_untouched(
     recorded_ledger: Path, settings: dict, message: str
 ):
     before = recorded_ledger.read_bytes()
-    wanted = {"hospital": "st-mary", "accountant": "rdp", "delta": DELTA, **settings}
+    wanted = {"hospital": "st-mary", "accountant": "rdp", "delta": DELTA, "unit": "record",
+              **settings}
     with pytest.raises(LedgerError, match=message):
         PrivacyLedger.open(recorded_ledger, **wanted)
     assert recorded_ledger.read_bytes() == before
@@ -264,3 +267,5 @@ def test_describe_ledger_in_plain_words(recorded_ledger: Path):
     round_lines = [line for line in text.splitlines() if line.startswith("run run-a round ")]
     assert len(round_lines) == 2
     assert "run run-a round 2: σ=1.10, q=0.050, 20 steps → ε=" in text
+    assert "protects: each record" in text and "about k·ε" in text  # what is not covered
+    assert "meaning: whether or not any one record's data was used" in text

@@ -56,7 +56,7 @@ def test_a_node_stops_training_at_the_round_its_budget_allows(
     classify_config: RunConfig, tmp_path: Path
 ):
     """Explicit σ from the coordinator; hospital-1's admin set a small budget."""
-    sigma, budget, rounds = 0.8, 3.0, 6
+    sigma, budget, rounds = 0.9, 3.0, 6
     config = _dp(replace_section(classify_config, "federation", rounds=rounds, min_hospitals=1),
                  tmp_path / "ledgers", noise_multiplier=sigma, target_epsilon=50.0)
     nodes = {0: {"partition-id": 0, "privacy-epsilon-budget": budget}, 1: {"partition-id": 1}}
@@ -176,11 +176,53 @@ def test_the_automatic_delta_of_an_existing_ledger_is_kept(tmp_path: Path):
     from fedtune.client.privacy_ledger import PrivacyLedger
 
     path = tmp_path / "h.json"
-    ledger = PrivacyLedger.open(path, "h", "rdp", default_delta(1200))
+    ledger = PrivacyLedger.open(path, "h", "rdp", default_delta(1200), "record")
     ledger.record("run", 1, 1.0, 0.05, 10)
-    assert ledger.delta == 1e-4
-    assert default_delta(90) == 1e-2  # the data shrank: a fresh default would differ
-    assert choose_delta(0.0, 90, path) == 1e-4  # ...but the ledger's δ stays
-    assert choose_delta(0.0, 90, tmp_path / "new.json") == 1e-2
+    assert ledger.delta == 1e-5
+    assert default_delta(90) == 1e-3  # the data shrank: a fresh default would differ
+    assert choose_delta(0.0, 90, "record", path) == 1e-5  # ...but the ledger's δ stays
+    assert choose_delta(0.0, 90, "record", tmp_path / "new.json") == 1e-3
     with pytest.raises(ConfigError, match="not below 1/n"):
-        choose_delta(0.02, 90, path)
+        choose_delta(0.02, 90, "patient", path)
+
+
+@pytest.mark.parametrize(("units", "delta"), [
+    (1, 1e-1), (9, 1e-2), (10, 1e-2), (11, 1e-3), (90, 1e-3), (999, 1e-4), (1000, 1e-4),
+    (1001, 1e-5), (1200, 1e-5), (10**6, 1e-7),
+])
+def test_default_delta_is_at_most_one_tenth_of_one_over_n(units: int, delta: float):
+    from fedtune.client.privacy import default_delta
+
+    assert default_delta(units) == delta
+    assert default_delta(units) * units * 10 <= 1.0 + 1e-12
+    assert default_delta(units) * 10 * units * 10 > 1.0  # the largest such power of ten
+
+
+def test_an_old_rule_ledger_keeps_its_delta_and_is_flagged_weaker(tmp_path: Path):
+    """A ledger begun under the old rule (δ just below 1/n: n = 999 gave 1e-3) keeps its δ,
+    and `fedtune ledger` says it is weaker than today's default."""
+    import json
+
+    from fedtune.client.privacy import choose_delta
+    from fedtune.client.privacy_ledger import (
+        OLD_DELTA_RULE,
+        PrivacyLedger,
+        _checksum,
+        describe_ledger,
+    )
+
+    path = tmp_path / "old.json"
+    ledger = PrivacyLedger.open(path, "h", "rdp", 1e-3, "record")
+    ledger.record("run", 1, 1.0, 0.05, 10)
+    document = json.loads(path.read_text())
+    body = {k: v for k, v in document.items() if k not in ("checksum", "unit", "delta_rule")}
+    path.write_text(json.dumps({**body, "checksum": _checksum(body)}))  # as old code wrote it
+    assert choose_delta(0.0, 999, "record", path) == 1e-3  # kept: ε is not re-stated
+    reopened = PrivacyLedger.open(path, "h", "rdp", 1e-3, "record")
+    assert reopened.delta_rule == OLD_DELTA_RULE and reopened.unit == "record"
+    assert "WEAKER THAN TODAY'S DEFAULT" in describe_ledger(path)
+    fresh = tmp_path / "new.json"
+    assert choose_delta(0.0, 999, "record", fresh) == 1e-4
+    new = PrivacyLedger.open(fresh, "h", "rdp", 1e-4, "record")
+    new.record("run", 1, 1.0, 0.05, 10)
+    assert "WEAKER" not in describe_ledger(fresh)

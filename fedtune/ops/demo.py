@@ -51,11 +51,13 @@ _DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 _EXAMPLES_PER_HOSPITAL = {"classify": 1500, "instruct": 250}
-# DP-SGD: clip each example's gradient at 1.0; physical batches bound memory only.
+# DP-SGD protects each patient (the generated files name about one patient per 3 lines):
+# each patient's summed gradient is clipped at 1.0; physical batches bound memory only.
 _DEMO_PRIVACY: dict[str, dict[str, Any]] = {
-    "classify": {"max_grad_norm": 1.0, "max_physical_batch_size": 64},
-    "instruct": {"max_grad_norm": 1.0, "max_physical_batch_size": 8},
+    "classify": {"unit": "patient", "max_grad_norm": 1.0, "max_physical_batch_size": 64},
+    "instruct": {"unit": "patient", "max_grad_norm": 1.0, "max_physical_batch_size": 8},
 }
+
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class DemoOptions:
     examples_per_hospital: int | None = None
     run_dir: Path = Path("runs/demo")
     seed: int = 0
-    privacy: bool = True  # DP on by default: every hospital promises ε ≤ epsilon per patient
+    privacy: bool = True  # DP on by default: each hospital protects each patient at ε
     epsilon: float = 8.0
     secure_aggregation: bool = True  # the coordinator learns only the sum of the deltas
     strategy: str = "fedavg"  # any federation.strategy; adaptive ones get their own η below
@@ -137,7 +139,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict[s
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = write_demo_config(options)
     privacy = (
-        f"differential privacy on (each hospital ε ≤ {options.epsilon:g})"
+        f"differential privacy on (each hospital protects each patient, all of their "
+        f"records together, at ε ≤ {options.epsilon:g})"
         if options.privacy
         else "differential privacy OFF (research comparison only)"
     )

@@ -30,6 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from fedtune.ops.synthetic_patients import synthetic_patient_ids
+
 
 class IcdChapter(NamedTuple):
     """A chapter of ICD-10-CM: the inclusive range of 3-character categories it covers."""
@@ -142,8 +144,9 @@ def write_hospital_datasets(
     Files use the formats a real hospital would provide (``client.data``): classification
     ``{"text", "label"}`` with the chapter title as label (and ``labels.json``, the titles in
     chapter order), or instruction ``{"instruction", "input", "output"}``. ``manifest.json``
-    records counts, specialty chapters and chapter histograms. The same arguments always
-    produce byte-identical files. Returns the hospital files in order.
+    records counts, specialty chapters and chapter histograms. Each hospital line carries a
+    synthetic ``patient_id`` (``ops.synthetic_patients``: several diagnoses per patient). The
+    same arguments always produce byte-identical files. Returns the hospital files in order.
     """
     if task not in ("classify", "instruct"):
         raise ValueError(f"task must be 'classify' or 'instruct', got {task!r}")
@@ -183,8 +186,9 @@ def write_hospital_datasets(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"hospital-{k}.jsonl" for k in range(1, num_hospitals + 1)]
-    for path, codes in zip(paths, hospitals, strict=True):
-        _write_jsonl(path, codes, task)
+    for k, (path, codes) in enumerate(zip(paths, hospitals, strict=True), start=1):
+        patients = synthetic_patient_ids(len(codes), f"{seed}/{k}", f"h{k}")
+        _write_jsonl(path, codes, task, patients)
     for stale in out_dir.glob("hospital-*.jsonl"):  # from an earlier run with more hospitals
         if stale not in paths:
             stale.unlink()
@@ -192,7 +196,7 @@ def write_hospital_datasets(
         if not wanted:  # a leftover would describe another dataset
             (out_dir / name).unlink(missing_ok=True)
     if test:
-        _write_jsonl(out_dir / TEST_FILE, test, task)
+        _write_jsonl(out_dir / TEST_FILE, test, task, None)
     if task == "classify":
         titles = [CHAPTERS[number - 1].title for number in chapters]
         (out_dir / LABELS_FILE).write_text(json.dumps(titles, indent=2) + "\n", encoding="utf-8")
@@ -239,14 +243,20 @@ def _draw(
     return drawn
 
 
-def _write_jsonl(path: Path, codes: list[Code], task: Task) -> None:
-    """One example per line, in the same format a hospital's own export would have."""
+def _write_jsonl(
+    path: Path, codes: list[Code], task: Task, patients: list[str] | None
+) -> None:
+    """One example per line, in the same format a hospital's own export would have; a
+    hospital's lines name their (synthetic) patient, the shared test set's do not."""
     lines = []
-    for code, text in codes:
+    for index, (code, text) in enumerate(codes):
+        record: dict[str, str]
         if task == "classify":
             record = {"text": text, "label": CHAPTERS[chapter_of(code) - 1].title}
         else:
             record = {"instruction": INSTRUCTION, "input": text, "output": code[:3]}
+        if patients is not None:
+            record["patient_id"] = patients[index]
         lines.append(json.dumps(record, ensure_ascii=False))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
