@@ -149,7 +149,8 @@ def _deploy(work_dir: Path, config_path: Path, data: Path) -> None:
             "ca_certificate": str(fed / "ca.pem"), "node_key": str(files.node_key),
             "identity_key": str(files.identity_key), "enrollment": str(fed / "enrollment.json"),
             "data": str(data / f"hospital-{k}.jsonl"), "privacy_ledger": str(home / "ledger.json"),
-            "privacy_epsilon_budget": 8.0, "device": "cpu", "local_port": 9200 + k,
+            "privacy_epsilon_budget": 8.0, "privacy_unit": "patient", "device": "cpu",
+            "local_port": 9200 + k,
         }}
         path = home / "node.toml"
         with path.open("wb") as handle:

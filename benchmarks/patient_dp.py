@@ -107,6 +107,8 @@ def _sigma(run_dir: Path) -> float:
 
 
 def _step_times(work_dir: Path) -> dict[str, float]:
+    import json
+
     import torch
 
     from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
@@ -117,9 +119,10 @@ def _step_times(work_dir: Path) -> dict[str, float]:
     from fedtune.ops.icd10 import write_hospital_datasets
 
     write_hospital_datasets(work_dir, 1, "classify", 1500, seed=0)
+    labels = json.loads((work_dir / "labels.json").read_text(encoding="utf-8"))
     config = parse_run_config({
         "model": {"source": "embedded:minilm", "task": "classify", "max_length": 40,
-                  "labels_file": str(work_dir / "labels.json")},
+                  "labels": labels},
         "data": {"simulation_root": str(work_dir)},
         "privacy": {"enabled": True, "unit": "patient"},
     }, origin="bench")

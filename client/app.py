@@ -29,6 +29,7 @@ from fedtune.client.hospital_log import (
     EvaluationLimitReached,
     IdentifiersInData,
     check_evaluation_allowed,
+    privacy_statement,
     record_hospital_event,
 )
 from fedtune.client.local_round import train_local_update
@@ -147,6 +148,7 @@ def train(msg: Message, context: Context) -> Message:
     record_hospital_event(node, "sent-update", {
         "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
         "delta_sha256": adapter_sha256(delta), "mode": "in clear", "lineage": update.lineage,
+        "privacy": privacy_statement(update.metrics),
     })
     return Message(content, reply_to=msg)
 

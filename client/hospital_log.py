@@ -18,9 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.client.node_settings import DEFAULT_MAX_EVALUATIONS, NodeSettings
+from fedtune.client.privacy_ledger import guarantee_sentence
 from fedtune.core.audit import AuditLog
 
 log = logging.getLogger("fedtune.hospital")
+
+
+def privacy_statement(metrics: dict[str, float]) -> dict[str, Any] | None:
+    """What this round's DP protected, for the hospital's own log (exact ε and δ included:
+    the log stays at the hospital). None when the round trained without DP."""
+    if not metrics.get("dp") or "epsilon" not in metrics:
+        return None
+    unit = "patient" if metrics.get("dp-patient-level") else "record"
+    return {
+        "protects": f"each {unit}",
+        "epsilon": metrics["epsilon"],
+        "delta": metrics["delta"],
+        "meaning": guarantee_sentence(unit, metrics["epsilon"], metrics["delta"]),
+    }
 
 
 def record_hospital_event(node: NodeSettings, event: str, data: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from fedtune.client.federated_objectives import check_shared_lora_a, local_objec
 from fedtune.client.hospital_log import check_identifiers
 from fedtune.client.node_settings import NodeSettings
 from fedtune.client.privacy import ledger_lock, plan_round
+from fedtune.client.privacy_ledger import guarantee_sentence
 from fedtune.client.secure_views import record_plaintext_view, refuse_recording_outside_simulation
 from fedtune.client.session import (
     HospitalIdentity,
@@ -114,6 +115,10 @@ def train_local_update(
         **privacy_metrics,
     }
     log.info("%s: round %d trained %d steps", identity.name, job.server_round, result.steps)
+    if privacy is not None:
+        log.info("%s: protects each %s at (ε = %.3f, δ = %g) after this round; %s",
+                 identity.name, privacy.ledger.unit, metrics["epsilon"], metrics["delta"],
+                 guarantee_sentence(privacy.ledger.unit, metrics["epsilon"], metrics["delta"]))
     if data.dataset.skipped:
         log.warning("%s: skipped %d invalid data line(s)", identity.name, len(data.dataset.skipped))
     record_plaintext_view(

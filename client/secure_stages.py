@@ -19,7 +19,12 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtune.client.hospital_log import bytes_sha256, logged_events, record_hospital_event
+from fedtune.client.hospital_log import (
+    bytes_sha256,
+    logged_events,
+    privacy_statement,
+    record_hospital_event,
+)
 from fedtune.client.local_round import train_local_update
 from fedtune.client.node_settings import NodeSettings, node_key, parse_node_settings
 from fedtune.client.outgoing import prepare_update
@@ -143,7 +148,7 @@ def masked_input(msg: Message, context: Context) -> Message:
     record_hospital_event(node, "sent-update", {
         "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
         "masked_input_sha256": bytes_sha256(masked.tobytes()), "mode": "masked",
-        "lineage": update.lineage,
+        "lineage": update.lineage, "privacy": privacy_statement(update.metrics),
     })
     return _reply(
         msg, identity, {MASKED_INPUT: masked_record(masked), METRICS: MetricRecord(metrics),

@@ -121,7 +121,7 @@ def write_node_file(
             "ca_certificate": str(ca or fed / "ca.pem"), "node_key": str(node_key),
             "identity_key": str(identity_key), "enrollment": str(fed / "enrollment.json"),
             "data": str(data), "privacy_ledger": str(home / "ledger.json"),
-            "privacy_epsilon_budget": 8.0, "device": "cpu",
+            "privacy_epsilon_budget": 8.0, "privacy_unit": "patient", "device": "cpu",
             "local_port": port or free_port(), "join_timeout_s": 15.0,
         }
     }

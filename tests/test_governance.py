@@ -217,6 +217,7 @@ def test_a_node_file_carries_the_hospitals_pins_to_its_clientapp(tmp_path: Path)
     node.write_text(
         '[node]\nhospital = "st-anna"\ncoordinator = "127.0.0.1:9443"\ninsecure = true\n'
         'data = "ward.jsonl"\nprivacy_ledger = "ledger.json"\nprivacy_epsilon_budget = 8\n'
+        'privacy_unit = "record"\n'
         f'allowed_model_sha256 = "{"a" * 64}"\nallowed_strategies = "fedavg,fedprox"\n'
         'max_epsilon = 4.0\npii_acknowledged = true\nsecagg_min_threshold = 3\n'
     )

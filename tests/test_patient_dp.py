@@ -341,3 +341,20 @@ def test_ghost_clipping_cannot_be_patient_level():
         PrivacySettings(unit="patient", grad_sample_mode="ghost")
     with pytest.raises(ConfigError, match="privacy.unit = 'visit' is not one of"):
         PrivacySettings(unit="visit")
+
+
+def test_the_node_file_must_say_what_its_epsilon_protects(tmp_path: Path):
+    from fedtune.core.config import ConfigError
+    from fedtune.ops.deployment import hospital_node_settings, load_node_settings
+
+    base = ('[node]\nhospital = "st-anna"\ncoordinator = "127.0.0.1:9443"\ninsecure = true\n'
+            'data = "ward.jsonl"\nprivacy_ledger = "ledger.json"\nprivacy_epsilon_budget = 8\n')
+    node = tmp_path / "node.toml"
+    node.write_text(base)
+    with pytest.raises(ConfigError, match="needs privacy_unit"):
+        load_node_settings(node)
+    node.write_text(base + 'privacy_unit = "visit"\n')
+    with pytest.raises(ConfigError, match="privacy-unit must be 'record' or 'patient'"):
+        load_node_settings(node)
+    node.write_text(base + 'privacy_unit = "patient"\n')
+    assert hospital_node_settings(load_node_settings(node)).privacy_unit == "patient"

@@ -268,14 +268,15 @@ def _json_tail(text: str) -> str:
 _NODE_KEYS = {
     "hospital": str, "coordinator": str, "ca_certificate": str, "node_key": str,
     "identity_key": str, "enrollment": str, "data": str, "privacy_ledger": str,
-    "privacy_epsilon_budget": float, "device": str, "local_port": int,
+    "privacy_epsilon_budget": float, "privacy_unit": str, "device": str, "local_port": int,
     "allow_plain_updates": bool, "allowed_model": str, "insecure": bool,
     "join_timeout_s": float, "allowed_model_sha256": str, "allowed_strategies": str,
     "max_epsilon": float, "allowed_app_sha256": str, "pii_acknowledged": bool,
     "audit_log": str, "share_data_summary": bool, "secagg_min_threshold": int,
     "secagg_min_survivors": int, "data_split": str, "split_seed": int, "max_evaluations": int,
 }
-_NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget")
+_NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget",
+                  "privacy_unit")
 _NODE_PATHS = ("ca_certificate", "node_key", "identity_key", "enrollment", "data",
                "privacy_ledger", "audit_log")
 
@@ -304,6 +305,9 @@ class NodeSettings:
     data: str
     privacy_ledger: str
     privacy_epsilon_budget: float
+    # What ε protects: "patient" (every line names its patient_id; each patient as a whole)
+    # or "record" (each line; a run asking for "patient" still gets it). Required.
+    privacy_unit: str
     ca_certificate: str = ""
     node_key: str = ""
     identity_key: str = ""
@@ -381,6 +385,7 @@ def hospital_node_settings(settings: NodeSettings) -> HospitalNodeSettings:
         data_path=Path(settings.data),
         privacy_ledger=Path(settings.privacy_ledger),
         privacy_epsilon_budget=settings.privacy_epsilon_budget,
+        privacy_unit=settings.privacy_unit,
         device=settings.device,
         allow_plain_updates=settings.allow_plain_updates,
         allowed_model=settings.allowed_model,
