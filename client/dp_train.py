@@ -169,6 +169,10 @@ def _train_privately(
             noise_generator=noise_generator,
             grad_sample_mode=plan.grad_sample_mode,
         )
+    if index is not None:
+        # Opacus divides the noisy sum by the expected batch, int(q·P) patients: never by 0
+        # (few patients with many records each and a small batch_size give q·P < 1).
+        prepared[1].expected_batch_size = max(1, prepared[1].expected_batch_size)
     if plan.grad_sample_mode == "ghost":
         private_model, private_optimizer, dp_criterion, private_loader = prepared
     else:
@@ -289,36 +293,51 @@ def _patient_steps(
     steps_taken = 0
     examples_seen = 0
     draws = patient_batches(private_loader)
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    while steps_taken < plan.steps:
-        sampled = next(draws)
-        if not sampled:  # an empty draw still releases noise (see _dp_steps)
-            _noise_only_step(run.optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        while steps_taken < plan.steps:
+            records = _patient_step(run, next(draws), features, index, lengths, plan,
+                                    pad_token_id, losses)
             steps_taken += 1
-            continue
-        chunks = physical_chunks(sampled, index, lengths, plan.max_physical_batch_size)
-        gradients = PatientGradients(run.optimizer.params, len(sampled))
-        step_loss, step_records = 0.0, 0
-        for chunk in chunks:
-            batch = collate_indexed([(r, features[r]) for r in chunk.rows], pad_token_id)
-            rows = batch.pop(EXAMPLE_INDEX)
-            if run.prefix:
-                run.prefix.feed(rows, int(batch["input_ids"].shape[1]))
-            batch = {k: v.to(run.device) for k, v in batch.items()}
-            with autocast_for(run.device):
-                logits = run.model(**model_inputs(batch)).logits
-                loss = run.criterion(logits, batch["labels"])
-            loss.backward()
-            gradients.add(chunk.slots)
-            step_loss += float(loss.detach()) * len(chunk.rows)
-            step_records += len(chunk.rows)
-        gradients.hand_to_optimizer()
-        run.optimizer.step()  # Opacus: clip each patient's row, add N(0, σ²C²), scale, step
-        run.optimizer.zero_grad(set_to_none=True)
-        steps_taken += 1
-        examples_seen += step_records
-        losses.append(step_loss / step_records)
+            examples_seen += records
     return steps_taken, examples_seen
+
+
+def _patient_step(
+    run: _PatientRun,
+    sampled: list[int],
+    features: Sequence[Any],
+    index: PatientIndex,
+    lengths: Sequence[int],
+    plan: DPPlan,
+    pad_token_id: int,
+    losses: list[float],
+) -> int:
+    """One patient-level DP-SGD step on the sampled patients; returns the records it used."""
+    if not sampled:  # an empty draw still releases noise (see _dp_steps)
+        _noise_only_step(run.optimizer)
+        return 0
+    chunks = physical_chunks(sampled, index, lengths, plan.max_physical_batch_size)
+    gradients = PatientGradients(run.optimizer.params, len(sampled))
+    step_loss, step_records = 0.0, 0
+    for chunk in chunks:
+        batch = collate_indexed([(r, features[r]) for r in chunk.rows], pad_token_id)
+        rows = batch.pop(EXAMPLE_INDEX)
+        if run.prefix:
+            run.prefix.feed(rows, int(batch["input_ids"].shape[1]))
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with autocast_for(run.device):
+            logits = run.model(**model_inputs(batch)).logits
+            loss = run.criterion(logits, batch["labels"])
+        loss.backward()
+        gradients.add(chunk.slots)
+        step_loss += float(loss.detach()) * len(chunk.rows)
+        step_records += len(chunk.rows)
+    gradients.hand_to_optimizer()
+    run.optimizer.step()  # Opacus: clip each patient's row, add N(0, σ²C²), scale, step
+    run.optimizer.zero_grad(set_to_none=True)
+    losses.append(step_loss / step_records)
+    return step_records
 
 
 def _noise_only_step(private_optimizer: Any) -> None:
