@@ -161,7 +161,6 @@ def _model(model_dir: Path, four_bit: bool) -> tuple[Any, int, int]:
 
 def bf16_dp_step_ratio(work: Path) -> dict[str, Any]:
     """(a): DP-SGD vs plain LoRA steps, bf16 autocast, same batch, same steps."""
-    import torch
 
     from fedtune.client.dp_train import DPPlan, train_privately
     from fedtune.client.train import train_locally
