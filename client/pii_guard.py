@@ -136,6 +136,12 @@ _IDENTIFIER_FIELDS: dict[str, str] = {
 }
 
 
+# The one field fedtune reads to group a patient's lines (privacy.unit = "patient"). It is
+# never model input and never leaves the node, so its value (often the MRN itself) is not a
+# risk of the model repeating it: the check skips exactly this top-level field / CSV column.
+PATIENT_FIELD = "patient_id"
+
+
 def identifiers_in_text(text: str) -> set[str]:
     """The kinds of likely direct identifier in one piece of text."""
     kinds = set()
@@ -286,6 +292,8 @@ def _jsonl_fields(path: Path) -> _Scanned:
                     value = json.loads(text)
                 except json.JSONDecodeError:
                     value = text
+                if isinstance(value, dict):
+                    value = {k: v for k, v in value.items() if k != PATIENT_FIELD}
                 for field, kind in _identifiers_in_value(value, None):
                     findings.add(PiiFinding(number, kind, field))
             yield number, number, findings
@@ -333,6 +341,8 @@ def _csv_fields(path: Path) -> _Scanned:
             findings: set[PiiFinding] = set()
             for index, cell in enumerate(row):
                 column = header[index] if index < len(header) else f"column {index + 1}"
+                if column == PATIENT_FIELD:
+                    continue
                 by_name = _IDENTIFIER_FIELDS.get(re.sub(r"[^a-z0-9]", "", column.lower()))
                 if by_name and cell.strip():
                     findings.add(PiiFinding(line, by_name, column))

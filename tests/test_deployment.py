@@ -218,12 +218,14 @@ def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
     for record in trained:
         assert sorted(record["hospitals_used"]) == sorted(HOSPITALS)
         assert record["secure_aggregation"], "the round did not use secure aggregation"
-        for name in HOSPITALS:  # the planned bound only: the exact ε would reveal n
-            assert record["privacy_per_hospital"][name] == {"epsilon-target": 8.0}
+        for name in HOSPITALS:  # the planned bound and the unit: the exact ε would reveal n
+            assert record["privacy_per_hospital"][name] == {"epsilon-target": 8.0,
+                                                            "dp-patient-level": 1.0}
     for name in HOSPITALS:  # each hospital's own ledger, on its own disk
         ledger = json.loads((tmp_path / name / "ledger.json").read_text())
         assert len(ledger["entries"]) == 2
         assert 0 < ledger["entries"][-1]["epsilon"] <= 8.0  # the exact ε, kept at home
+        assert ledger["unit"] == "patient"  # the node file's privacy_unit
         # Every ClientApp ran through the node's own check of the coordinator's bundle.
         assert "app bundle verified" in (tmp_path / f"{name}.log").read_text()
 

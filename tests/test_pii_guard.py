@@ -156,7 +156,7 @@ def test_the_summary_says_what_where_and_how_to_acknowledge_without_the_identifi
 def test_csv_rows_report_their_first_physical_line_and_identifier_columns(tmp_path: Path):
     path = tmp_path / "ward.csv"
     path.write_text(
-        "text,label,patient_id\n"  # line 1
+        "text,label,mrn\n"  # line 1
         "Chest pain for 2 days,cardio,\n"  # line 2: no id in this row
         '"Multi-line note:\nBP 120/80",cardio,\n'  # lines 3-4
         '"Call (555) 123-4567 re results",cardio,\n'  # line 5
@@ -166,9 +166,26 @@ def test_csv_rows_report_their_first_physical_line_and_identifier_columns(tmp_pa
     report = scan_for_identifiers(path)
     assert {(f.line, f.kind, f.field) for f in report.examples} == {
         (5, "phone", "text"),
-        (6, "mrn", "patient_id"),
+        (6, "mrn", "mrn"),
     }
     assert report.lines == 6 and report.flagged_lines == 2
+
+
+def test_the_patient_id_fedtune_groups_by_is_not_flagged_but_other_id_fields_are(tmp_path: Path):
+    """patient_id is read only to group a patient's lines (privacy.unit = "patient"): never
+    model input, never sent. A text that names an MRN, or another id field, is still found."""
+    jsonl = tmp_path / "ward.jsonl"
+    jsonl.write_text(
+        '{"text": "chest pain", "label": "cardio", "patient_id": "MRN 00482913"}\n'
+        '{"text": "MRN: 00482913 seen", "label": "cardio", "patient_id": "P1"}\n'
+        '{"text": "fever", "label": "infect", "patient_id": "P2", "mrn": "A-1"}\n',
+        encoding="utf-8",
+    )
+    report = scan_for_identifiers(jsonl)
+    assert {(f.line, f.field) for f in report.examples} == {(2, "text"), (3, "mrn")}
+    csv_file = tmp_path / "ward.csv"
+    csv_file.write_text("text,label,patient_id\nSyncope,cardio,A-778812\n", encoding="utf-8")
+    assert not scan_for_identifiers(csv_file).found
 
 
 def test_bytes_that_are_not_utf8_do_not_stop_the_scan(tmp_path: Path):
