@@ -34,8 +34,10 @@ NO_CUDA_MESSAGE = (
     "'CUDA path'."
 )
 # ≈ 0.5 B parameters: wide enough that the GPU, not Python, sets the step time.
-LLAMA_SHAPE = {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 16,
-               "num_attention_heads": 16, "num_key_value_heads": 8}
+LLAMA_SHAPE: dict[str, Any] = {
+    "hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 16,
+    "num_attention_heads": 16, "num_key_value_heads": 8,
+}
 SEQUENCE, BATCH, TIMED_STEPS, QLORA_STEPS = 128, 16, 10, 4
 DEVICE = "cuda"  # the CPU dry-run test shrinks LLAMA_SHAPE and sets "cpu" to run check (a)
 CHAT_TEMPLATE = (
@@ -126,7 +128,8 @@ def save_random_llama(path: Path) -> Path:
     config = LlamaConfig(vocab_size=len(vocab), max_position_embeddings=512,
                          tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
                          **LLAMA_SHAPE)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' typed `to`
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
