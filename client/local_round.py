@@ -75,6 +75,8 @@ def train_local_update(
     # One DP training per ledger at a time: budget check, training and record are atomic, so
     # two processes of one node can never both spend the same remaining budget.
     with ledger_lock(identity, config, node):
+        if (data.train_patients is not None) != (config.privacy.unit == "patient"):
+            raise RuntimeError("the encoded data and privacy.unit disagree on the unit")
         privacy = plan_round(
             config, identity, node, data.privacy_units(), len(features), job.run_id
         )

@@ -131,8 +131,9 @@ class PrivacyLedger:
                 f"privacy.unit = {unit!r}. Its ε cannot be re-stated for another unit (a "
                 f"record-level ε says nothing exact about a patient with several records). "
                 f"Set privacy.unit = {ledger.unit!r}, or have the hospital's privacy officer "
-                "start a new ledger file for the new unit and keep this one as the record of "
-                "what was spent."
+                "start a new ledger file for the new unit and keep this one: what it records "
+                "still applies on top (for patients, about k·ε for a patient with k records), "
+                "so the new ledger's ε alone understates the total."
             )
         return ledger
 
@@ -335,8 +336,8 @@ def guarantee_sentence(unit: str, epsilon: float, delta: float) -> str:
     return (
         f"meaning: whether or not any one {unit}'s data was used, every model update this "
         f"hospital sent is almost equally likely (within a factor e^{epsilon:.2f}), except "
-        f"with probability δ = {delta:g}. Not covered: evaluation metrics sent in clear, and "
-        "which rounds the coordinator asks for within the budget."
+        f"with probability δ = {delta:g}. Not covered: the training loss and evaluation metrics "
+        "the hospital reported, and which rounds the coordinator asks for within the budget."
     )
 
 

@@ -160,8 +160,8 @@ def _privacy_intro(config: RunConfig) -> str:
             "privacy ledger reported after its last round in this adapter. (ε, δ) means: "
             "whether or not one such unit's data was used, every update the hospital sent is "
             "almost equally likely (within a factor e^ε), except with probability δ. Not "
-            "covered: the evaluation metrics hospitals reported, and which rounds the "
-            "coordinator ran within the budget.")
+            "covered: the training losses and evaluation metrics hospitals reported, and which "
+            "rounds the coordinator ran within the budget.")
 
 
 def _evaluation(
