@@ -125,7 +125,8 @@ class RoundReport:
         self.say(f"Differential privacy per hospital ({accountant} accountant); (ε, δ) means: "
                  "whether or not one patient's (or record's) data was used, every update the "
                  "hospital sent is almost equally likely (within e^ε), except with "
-                 "probability δ. Not covered: reported losses and metrics, and which rounds were run.")
+                 "probability δ. Not covered: reported losses and metrics, and which rounds "
+                 "were run.")
         for hospital, values in sorted(guarantees.items()):
             unit = "each patient" if values.get("dp-patient-level", 0.0) > 0 else "each record"
             if "epsilon" not in values:  # a deployed hospital keeps its exact ε, δ at home

@@ -48,7 +48,7 @@ def test_epsilon_is_composed_over_rounds_and_stays_within_the_target(
         compute_epsilon(ledger.history(), ledger.delta, "rdp"), rel=1e-12
     )
     assert summary["privacy"]["per_hospital"]["hospital-2"]["epsilon"] <= 4.0
-    assert any("hospital-1: (ε = " in line for line in lines)
+    assert any("hospital-1: protects each record, (ε = " in line for line in lines)
     assert any("ε ≤" in line for line in lines)  # the round table shows ε
 
 
