@@ -358,3 +358,22 @@ def test_the_node_file_must_say_what_its_epsilon_protects(tmp_path: Path):
         load_node_settings(node)
     node.write_text(base + 'privacy_unit = "patient"\n')
     assert hospital_node_settings(load_node_settings(node)).privacy_unit == "patient"
+
+
+def test_generated_hospital_files_name_patients_with_several_skewed_diagnoses(tmp_path: Path):
+    from collections import Counter
+
+    from fedtune.client.data import load_hospital_data, patient_summary
+    from fedtune.ops.icd10 import write_hospital_datasets
+    from fedtune.ops.synthetic_patients import synthetic_patient_ids
+
+    assert synthetic_patient_ids(500, "s", "h") == synthetic_patient_ids(500, "s", "h")
+    sizes = sorted(Counter(synthetic_patient_ids(3000, "s", "h")).values())
+    assert 2.0 < 3000 / len(sizes) < 4.5  # about 3 lines per patient on average
+    assert sizes[len(sizes) // 2] == 1 and sizes[-1] >= 10  # most have one, a tail has many
+    (path,) = write_hospital_datasets(tmp_path, 1, "classify", 300, seed=0, test_examples=30)
+    summary = patient_summary(load_hospital_data(path, require_patient_id=True).examples)
+    assert summary.lines == 300 and summary.lines_without_patient == 0
+    assert summary.patients < 200 and summary.max_lines > summary.min_lines
+    test_lines = (tmp_path / "test.jsonl").read_text().splitlines()
+    assert all("patient_id" not in json.loads(line) for line in test_lines)
