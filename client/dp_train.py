@@ -191,10 +191,9 @@ def _train_privately(
                     device, prefix, losses,
                 )
             else:
-                steps_taken, examples_seen = _patient_steps(
-                    _PatientRun(private_model, private_optimizer, dp_criterion, device, prefix),
-                    private_loader, features, index, lengths, plan, pad_token_id, losses,
-                )
+                run = _PatientRun(private_model, private_optimizer, dp_criterion, device, prefix,
+                                  features, index, lengths, plan, pad_token_id)
+                steps_taken, examples_seen = _patient_steps(run, private_loader, losses)
     finally:
         _detach_opacus(private_model)
     model.eval()
@@ -270,24 +269,22 @@ def _dp_steps(
 
 @dataclass(frozen=True)
 class _PatientRun:
-    """The wrapped model and optimizer a patient-level round steps with."""
+    """What a patient-level round steps with: the wrapped model and optimizer, the data."""
 
     model: Any
     optimizer: Any
     criterion: Any
     device: torch.device
     prefix: FrozenPrefix | None
+    features: Sequence[Any]
+    index: PatientIndex
+    lengths: Sequence[int]
+    plan: DPPlan
+    pad_token_id: int
 
 
 def _patient_steps(
-    run: _PatientRun,
-    private_loader: DataLoader[Any],
-    features: Sequence[Any],
-    index: PatientIndex,
-    lengths: Sequence[int],
-    plan: DPPlan,
-    pad_token_id: int,
-    losses: list[float],
+    run: _PatientRun, private_loader: DataLoader[Any], losses: list[float]
 ) -> tuple[int, int]:
     """Patient-level DP-SGD steps; returns (steps taken, records seen)."""
     steps_taken = 0
@@ -295,33 +292,22 @@ def _patient_steps(
     draws = patient_batches(private_loader)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        while steps_taken < plan.steps:
-            records = _patient_step(run, next(draws), features, index, lengths, plan,
-                                    pad_token_id, losses)
+        while steps_taken < run.plan.steps:
+            examples_seen += _patient_step(run, next(draws), losses)
             steps_taken += 1
-            examples_seen += records
     return steps_taken, examples_seen
 
 
-def _patient_step(
-    run: _PatientRun,
-    sampled: list[int],
-    features: Sequence[Any],
-    index: PatientIndex,
-    lengths: Sequence[int],
-    plan: DPPlan,
-    pad_token_id: int,
-    losses: list[float],
-) -> int:
+def _patient_step(run: _PatientRun, sampled: list[int], losses: list[float]) -> int:
     """One patient-level DP-SGD step on the sampled patients; returns the records it used."""
     if not sampled:  # an empty draw still releases noise (see _dp_steps)
         _noise_only_step(run.optimizer)
         return 0
-    chunks = physical_chunks(sampled, index, lengths, plan.max_physical_batch_size)
+    chunks = physical_chunks(sampled, run.index, run.lengths, run.plan.max_physical_batch_size)
     gradients = PatientGradients(run.optimizer.params, len(sampled))
     step_loss, step_records = 0.0, 0
     for chunk in chunks:
-        batch = collate_indexed([(r, features[r]) for r in chunk.rows], pad_token_id)
+        batch = collate_indexed([(r, run.features[r]) for r in chunk.rows], run.pad_token_id)
         rows = batch.pop(EXAMPLE_INDEX)
         if run.prefix:
             run.prefix.feed(rows, int(batch["input_ids"].shape[1]))

@@ -40,17 +40,8 @@ MODES = ("hooks", "functorch", "ghost")
 TASKS = ("classify", "instruct")
 
 # Frozen embeddings: no module input needs a gradient, and PyTorch says so on every backward.
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from more threads; on a shared 2-core machine oversubscribed
-    threads made this file 15x slower (6 min instead of 25 s). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 class Setup:

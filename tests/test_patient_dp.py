@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,11 @@ from fedtune.core.initial_adapter import initial_global_adapter
 from fedtune.core.privacy_accounting import compute_epsilon
 from fedtune.core.wire import Job
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 # Patients of 1 to 6 records: the skew that makes record-level DP under-protect.
 PATIENT_SIZES = (1, 3, 2, 6, 1, 4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
