@@ -17,7 +17,8 @@ from pathlib import Path
 from fedtune.benchmarks.runner import BenchResult
 from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
 from fedtune.client.frozen_prefix import frozen_prefix_for
-from fedtune.client.session import HospitalIdentity, data_for, model_for
+from fedtune.client.hospital import HospitalIdentity
+from fedtune.client.session import data_for, model_for
 from fedtune.core.config import TrainSettings
 from fedtune.core.model import get_adapter, set_adapter
 from fedtune.simulations.experiment import load_experiment

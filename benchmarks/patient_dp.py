@@ -114,8 +114,9 @@ def _step_times(work_dir: Path) -> dict[str, float]:
     import torch
 
     from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
+    from fedtune.client.hospital import hospital_identity
     from fedtune.client.node_settings import NodeSettings
-    from fedtune.client.session import data_for, hospital_identity, model_for
+    from fedtune.client.session import data_for, model_for
     from fedtune.core.config import parse_run_config
     from fedtune.core.model import get_adapter, set_adapter
     from fedtune.ops.icd10 import write_hospital_datasets

@@ -7,6 +7,12 @@ global adapter and reply with metrics on the hospital's validation or test split
 A problem the hospital's admin must fix (bad data, a config this node cannot run) is
 answered with an error reply that names the hospital and the reason, so the coordinator can
 report it and carry on with the other hospitals.
+
+Light at import: a deployed node answers every message in a fresh process (Flower 1.41 starts
+one `flwr-clientapp` per message), and most messages of a secure round (keys, shares, the
+survivor check, unmasking) need no model. So this module and the secure stages import nothing
+of torch, transformers, peft or Opacus; only the handlers that train or evaluate import them,
+when they run (`tests/test_light_stages.py` holds this).
 """
 
 from __future__ import annotations
@@ -21,30 +27,19 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client import secure_stages
 from fedtune.client.data import DataValidationError
-from fedtune.client.evaluate import evaluate_classification, evaluate_generation
-from fedtune.client.federated_objectives import (
-    SharedInitMismatch,
-)
+from fedtune.client.hospital import hospital_identity
 from fedtune.client.hospital_log import (
     EvaluationLimitReached,
     IdentifiersInData,
-    check_evaluation_allowed,
     privacy_statement,
     record_hospital_event,
 )
-from fedtune.client.local_round import train_local_update
 from fedtune.client.node_settings import NodeSettings, node_key, parse_node_settings
 from fedtune.client.outgoing import prepare_update
 from fedtune.client.privacy_ledger import LedgerError, PrivacyBudgetExhausted
-from fedtune.client.session import (
-    apply_node_settings,
-    data_for,
-    hospital_identity,
-    model_for,
-)
 from fedtune.core.adapters import adapter_sha256
 from fedtune.core.config import ConfigError
-from fedtune.core.model import set_adapter
+from fedtune.core.errors import SharedInitMismatch
 from fedtune.core.secagg.fixed_point import FixedPointOverflow
 from fedtune.core.secagg.identity import IdentityError
 from fedtune.core.secagg.primitives import BadSignature, ShareRejected
@@ -138,6 +133,8 @@ def train(msg: Message, context: Context) -> Message:
             "data, its admin can allow it with --node-config "
             f'"{node_key("allow_plain_updates")}=true"'
         )
+    from fedtune.client.local_round import train_local_update  # torch: only when training
+
     update = train_local_update(global_adapter, job, node)
     # Weighted by the coordinator (it sees the example count in this mode anyway).
     prepared = prepare_update(update.delta, global_adapter, job.config, weight=1)
@@ -157,44 +154,16 @@ def train(msg: Message, context: Context) -> Message:
 @_refusing_on_problems
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the global adapter on this hospital's validation or test split."""
+    from fedtune.client.local_evaluation import evaluate_adapter  # torch: only when evaluating
+
     global_adapter, job = parse_request(msg)
     node = parse_node_settings(context.node_config)
-    config = apply_node_settings(job.config, node)
-    identity = hospital_identity(node, config.data)
-    check_evaluation_allowed(node, job.run_id)
-    handle = model_for(config)
-    data = data_for(config, identity, handle)
-    set_adapter(handle.model, global_adapter)
-    limit = config.evaluation.max_examples
-    features = data.features[job.split][:limit]
-    if not features:
-        return _refuse(msg, HOSPITAL_DATA_ERROR, context, f"no {job.split} examples")
-    batch_size = config.train.batch_size
-    pad_id = int(handle.tokenizer.pad_token_id)
-    if config.model.task == "classify":
-        metrics = evaluate_classification(
-            handle.model, features, len(config.model.labels), batch_size, pad_id
-        )
-    else:
-        examples = list(getattr(data.splits, job.split))[:limit]
-        metrics = evaluate_generation(
-            handle.model,
-            handle.tokenizer,
-            features,
-            examples,
-            batch_size,
-            config.evaluation.generation_examples,
-            config.evaluation.max_new_tokens,
-        )
-    if not identity.simulated and config.secure_aggregation.enabled:
-        # The held-out split's size would tell the coordinator the data's size, which
-        # secure aggregation hides; its metrics are then averaged over hospitals unweighted.
-        metrics = {k: v for k, v in metrics.items() if k != "num-examples"}
+    result = evaluate_adapter(global_adapter, job, node, job.split)
     record_hospital_event(node, "sent-metrics", {
         "round": job.server_round, "split": job.split, "run_id": job.run_id,
-        "global_adapter_sha256": adapter_sha256(global_adapter), "metrics": metrics,
+        "global_adapter_sha256": adapter_sha256(global_adapter), "metrics": result.metrics,
     })
-    return Message(evaluate_reply_content(metrics, identity.name), reply_to=msg)
+    return Message(evaluate_reply_content(result.metrics, result.hospital.name), reply_to=msg)
 
 
 def _code_for(exc: Exception) -> int:

@@ -192,6 +192,7 @@ def load_hospital_data(
     labels: Sequence[str] | None = None,
     skip_bad_lines: bool = False,
     require_patient_id: bool = False,
+    answers: bool = True,
 ) -> HospitalDataset:
     """Load and validate a hospital's data file, all problems at once.
 
@@ -200,6 +201,8 @@ def load_hospital_data(
     label set would otherwise crash training or silently shift class ids.
     ``require_patient_id`` (privacy.unit = "patient"): a line without a patient cannot be
     grouped with that patient's other lines, so the patient-level guarantee would not hold.
+    ``answers = False`` (new records to predict on): the label, output or completion may be
+    absent (read as ""), and a chat may end with the user's turn (all of it is the prompt).
     """
     path = require_data_file(path)
     if fmt != "auto" and fmt not in set(DataFormat):
@@ -216,7 +219,7 @@ def load_hospital_data(
 
     raw = path.read_bytes()
     if path.suffix.lower() == ".csv":
-        records = _csv_records(path, raw, require_patient_id)
+        records = _csv_records(path, raw, require_patient_id, answers)
     else:
         records = _jsonl_records(raw)
     problems: list[str] = []
@@ -226,7 +229,7 @@ def load_hospital_data(
             if isinstance(record, _LineProblem):
                 raise record
             data_format = data_format or _detect_format(record)
-            example = _parse_example(record, data_format, line, allowed_labels)
+            example = _parse_example(record, data_format, line, allowed_labels, answers)
             patient = _patient_field(record, require_patient_id)
             examples.append(dataclasses.replace(example, patient=patient) if patient else example)
         except _LineProblem as problem:
@@ -268,7 +271,9 @@ def _jsonl_records(raw: bytes) -> list[tuple[int, _Record]]:
     return records
 
 
-def _csv_records(path: Path, raw: bytes, require_patient_id: bool) -> list[tuple[int, _Record]]:
+def _csv_records(
+    path: Path, raw: bytes, require_patient_id: bool, answers: bool = True
+) -> list[tuple[int, _Record]]:
     """Read a ``text,label`` CSV; quoted fields may span lines, so we track where rows start."""
     try:
         content = raw.decode("utf-8-sig")
@@ -287,7 +292,8 @@ def _csv_records(path: Path, raw: bytes, require_patient_id: bool) -> list[tuple
                 continue
             if header is None:
                 header = [cell.strip() for cell in row]
-                required = ("text", "label", *(("patient_id",) if require_patient_id else ()))
+                required = ("text", *(("label",) if answers else ()),
+                            *(("patient_id",) if require_patient_id else ()))
                 missing = ", ".join(name for name in required if name not in header)
                 if missing:
                     problem = f"{path}:{line}: the header row lacks column(s) {missing}"
@@ -325,8 +331,13 @@ def _parse_example(
     data_format: DataFormat,
     line: int,
     allowed_labels: frozenset[str] | None,
+    answers: bool = True,
 ) -> Example:
     """Validate one record against the file's format and build the example."""
+
+    def answer(name: str) -> str:
+        return _text_field(record, name) if answers or name in record else ""
+
     foreign = [
         key
         for fmt, keys in _FORMAT_KEYS.items()
@@ -339,8 +350,8 @@ def _parse_example(
             f"holds {data_format} data"
         )
     if data_format is DataFormat.CLASSIFICATION:
-        text, label = _text_field(record, "text"), _text_field(record, "label")
-        if allowed_labels is not None and label not in allowed_labels:
+        text, label = _text_field(record, "text"), answer("label")
+        if allowed_labels is not None and label and label not in allowed_labels:
             shown = ", ".join(repr(name) for name in sorted(allowed_labels)[:10])
             more = f" and {len(allowed_labels) - 10} more" if len(allowed_labels) > 10 else ""
             raise _LineProblem(f"unknown label {label!r}; allowed labels: {shown}{more}")
@@ -351,15 +362,16 @@ def _parse_example(
         if extra is not None and not isinstance(extra, str):
             raise _LineProblem(f"field 'input' must be text, got {_json_type(extra)}")
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        return PromptResponse((Turn("user", user),), None, _text_field(record, "output"), line)
+        return PromptResponse((Turn("user", user),), None, answer("output"), line)
     if data_format is DataFormat.COMPLETION:
         prompt = _text_field(record, "prompt")
-        return PromptResponse(None, prompt, _text_field(record, "completion"), line)
-    return _parse_chat(record, line)
+        return PromptResponse(None, prompt, answer("completion"), line)
+    return _parse_chat(record, line, answers)
 
 
-def _parse_chat(record: dict[str, Any], line: int) -> PromptResponse:
-    """A chat line: prompt turns plus a final assistant response."""
+def _parse_chat(record: dict[str, Any], line: int, answers: bool = True) -> PromptResponse:
+    """A chat line: prompt turns plus a final assistant response (without `answers`, a chat
+    that ends with the user's turn is all prompt)."""
     messages = record.get("messages")
     if messages is None:
         raise _LineProblem("missing field 'messages'")
@@ -374,6 +386,8 @@ def _parse_chat(record: dict[str, Any], line: int) -> PromptResponse:
         if role not in CHAT_ROLES:
             raise _LineProblem(f"{where} has role {role!r}; allowed: {', '.join(CHAT_ROLES)}")
         turns.append(Turn(role, _text_field(message, "content", where)))
+    if not answers and turns[-1].role == "user":
+        return PromptResponse(tuple(turns), None, "", line)  # the model answers the user
     if turns[-1].role != "assistant":
         raise _LineProblem(
             "the last message must be the assistant's response (role "

@@ -29,12 +29,9 @@ import torch
 
 from fedtune.core.adapters import Adapter
 from fedtune.core.config import RunConfig
+from fedtune.core.errors import SharedInitMismatch
 
 LORA_A_MARKER = ".lora_A."
-
-
-class SharedInitMismatch(ValueError):
-    """The coordinator's LoRA A matrices are not the shared initial ones (FFA-LoRA)."""
 
 
 @dataclass(frozen=True)

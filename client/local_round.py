@@ -18,23 +18,19 @@ from dataclasses import dataclass
 
 from fedtune.client.dp_train import train_privately
 from fedtune.client.federated_objectives import check_shared_lora_a, local_objective
+from fedtune.client.hospital import HospitalIdentity, apply_node_settings, hospital_identity
 from fedtune.client.hospital_log import check_identifiers
 from fedtune.client.node_settings import NodeSettings
 from fedtune.client.privacy import ledger_lock, plan_round
 from fedtune.client.privacy_ledger import guarantee_sentence
 from fedtune.client.secure_views import record_plaintext_view, refuse_recording_outside_simulation
-from fedtune.client.session import (
-    HospitalIdentity,
-    apply_node_settings,
-    data_for,
-    hospital_identity,
-    model_for,
-)
+from fedtune.client.session import data_for, model_for
 from fedtune.client.train import train_locally
 from fedtune.core.adapters import Adapter, adapter_delta
 from fedtune.core.config import RunConfig
 from fedtune.core.lineage import DataFingerprint, model_sha256
-from fedtune.core.model import get_adapter, model_cache_root, resolve_model_source, set_adapter
+from fedtune.core.model import get_adapter, set_adapter
+from fedtune.core.model_source import model_cache_root, resolve_model_source
 from fedtune.core.update_rules import uploaded
 from fedtune.core.wire import Job
 

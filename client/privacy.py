@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.client.dp_train import DPPlan, poisson_sample_rate
+from fedtune.client.hospital import HospitalIdentity
 from fedtune.client.node_settings import NodeSettings, node_key
 from fedtune.client.privacy_ledger import (
     PrivacyLedger,
@@ -26,7 +27,6 @@ from fedtune.client.privacy_ledger import (
     calibrate_noise_multiplier,
     read_ledger_file,
 )
-from fedtune.client.session import HospitalIdentity
 from fedtune.client.train import planned_steps
 from fedtune.core.config import ConfigError, RunConfig
 from fedtune.core.privacy_accounting import default_delta

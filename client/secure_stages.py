@@ -2,6 +2,8 @@
 
 Each handler reads the stage's request, runs the pure protocol step, keeps the round's
 secrets in the node's own `context.state` (they never leave the hospital) and replies.
+Only the masked-input stage trains; the others import nothing heavy, so a deployed node,
+which answers each message in a fresh process, answers them in well under a second.
 Any failed check (a bad signature, a tampered share, an inconsistent survivor list) raises,
 and the ClientApp answers with an error naming this hospital: it takes no further part in
 the round, so nothing of its data can be unmasked.
@@ -19,17 +21,16 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedtune.client.hospital import HospitalIdentity, apply_node_settings, hospital_identity
 from fedtune.client.hospital_log import (
     bytes_sha256,
     logged_events,
     privacy_statement,
     record_hospital_event,
 )
-from fedtune.client.local_round import train_local_update
 from fedtune.client.node_settings import NodeSettings, node_key, parse_node_settings
 from fedtune.client.outgoing import prepare_update
 from fedtune.client.secure_views import refuse_recording_outside_simulation
-from fedtune.client.session import HospitalIdentity, apply_node_settings, hospital_identity
 from fedtune.core.adapters import adapter_sha256
 from fedtune.core.audit import canonical_sha256
 from fedtune.core.config import ConfigError, RunConfig
@@ -126,6 +127,9 @@ def masked_input(msg: Message, context: Context) -> Message:
     mask_set, inbox = parse_inbox(msg)
     protocol.accept_shares(state, mask_set, inbox)
     spent += time.perf_counter() - started
+    # The one stage that trains, and the only one that imports torch (see client/app.py).
+    from fedtune.client.local_round import train_local_update
+
     update = train_local_update(global_adapter, job, node)
     started = time.perf_counter()
     config = job.config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtune.client.session import HospitalIdentity
+from fedtune.client.hospital import HospitalIdentity
 from fedtune.core.adapters import Adapter
 from fedtune.core.config import ConfigError, RunConfig
 from fedtune.core.secagg.encoding import flatten

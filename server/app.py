@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.core.config import ConfigError, load_run_config, resolve_paths
 from fedtune.core.initial_adapter import initial_global_adapter
+from fedtune.server.prompt_grid import PromptGrid
 from fedtune.server.rounds import run_federation
 from fedtune.server.run_dir import RunDirectory
 
@@ -51,7 +52,8 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.create(config)
     print(f"fedtune: run directory {run_dir.path}", flush=True)
     initial = initial_global_adapter(config)
-    run_federation(grid, config, run_dir, initial, say=_say, resume=resume)
+    # Replies are collected as they arrive, not every 3 s (server/prompt_grid.py).
+    run_federation(PromptGrid(grid), config, run_dir, initial, say=_say, resume=resume)
 
 
 def _say(line: str) -> None:

@@ -15,13 +15,8 @@ import torch
 
 from fedtune.core.adapters import adapter_sha256
 from fedtune.core.lineage import model_sha256
-from fedtune.core.model import (
-    attach_lora,
-    load_base_model,
-    model_cache_root,
-    resolve_model_source,
-    set_adapter,
-)
+from fedtune.core.model import attach_lora, load_base_model, set_adapter
+from fedtune.core.model_source import model_cache_root, resolve_model_source
 from fedtune.server.audit_trail import CoordinatorAudit
 from fedtune.server.model_card import model_card, write_model_card
 from fedtune.server.run_dir import RunDirectory
@@ -82,6 +77,7 @@ def export_adapter(
                 "gguf_file": gguf_file,
                 "labels": list(config.model.labels),
                 "pooling": config.model.pooling,  # "mean": the base's pooler is not used
+                "max_length": config.model.max_length,  # tokens, as in training
             },
             indent=2,
         )

@@ -33,8 +33,9 @@ from fedtune.client.data import load_hospital_data
 from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
 from fedtune.client.encoding import collate, encode_classification, encode_generation
 from fedtune.client.evaluate import evaluate_classification
+from fedtune.client.hospital import HospitalIdentity
 from fedtune.client.privacy import default_delta
-from fedtune.client.session import HospitalIdentity, ModelHandle, data_for, model_for
+from fedtune.client.session import ModelHandle, data_for, model_for
 from fedtune.client.train import train_locally
 from fedtune.core.adapters import Adapter
 from fedtune.core.config import RunConfig

@@ -22,19 +22,20 @@ from fedtune.client.dp_train import DPPlan, train_privately
 from fedtune.client.encoding import collate
 from fedtune.client.federated_objectives import (
     LocalObjective,
-    SharedInitMismatch,
     add_proximal_term,
     check_shared_lora_a,
     local_objective,
     objective_in_effect,
     shared_lora_a,
 )
+from fedtune.client.hospital import hospital_identity
 from fedtune.client.losses import PerExampleLoss, model_inputs
 from fedtune.client.node_settings import NodeSettings
-from fedtune.client.session import ModelHandle, data_for, hospital_identity
+from fedtune.client.session import ModelHandle, data_for
 from fedtune.client.train import adapter_optimizer, train_locally
 from fedtune.core.adapters import Adapter
 from fedtune.core.config import RunConfig, TrainSettings
+from fedtune.core.errors import SharedInitMismatch
 from fedtune.core.initial_adapter import initial_global_adapter
 from fedtune.core.model import attach_lora, get_adapter, load_base_model, set_adapter
 

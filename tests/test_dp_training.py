@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader
 
 from fedtune.client.dp_train import DPPlan, poisson_sample_rate, train_privately
 from fedtune.client.encoding import collate
+from fedtune.client.hospital import hospital_identity
 from fedtune.client.losses import PerExampleLoss, model_inputs
 from fedtune.client.node_settings import NodeSettings
-from fedtune.client.session import ModelHandle, data_for, hospital_identity
+from fedtune.client.session import ModelHandle, data_for
 from fedtune.core.config import RunConfig, TrainSettings
 from fedtune.core.model import attach_lora, get_adapter, load_base_model, set_adapter
 

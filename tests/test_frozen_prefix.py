@@ -23,7 +23,8 @@ from fedtune.client.frozen_prefix import (
     frozen_prefix_for,
     indexed,
 )
-from fedtune.client.session import HospitalIdentity, data_for, model_for
+from fedtune.client.hospital import HospitalIdentity
+from fedtune.client.session import data_for, model_for
 from fedtune.client.train import frozen_prefix_in_use, train_locally
 from fedtune.core.config import ConfigError, RunConfig
 from fedtune.core.model import attach_lora, get_adapter, load_base_model, set_adapter

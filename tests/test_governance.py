@@ -11,9 +11,10 @@ from tiny import deployed_nodes, replace_section
 
 from fedtune.client.approval import RunNotApproved, check_run_approved
 from fedtune.client.data import load_hospital_data, split_examples
+from fedtune.client.hospital import apply_node_settings
 from fedtune.client.node_settings import parse_node_settings
 from fedtune.client.privacy_ledger import read_ledger_file
-from fedtune.client.session import apply_node_settings, example_record
+from fedtune.client.session import example_record
 from fedtune.core.adapters import adapter_sha256
 from fedtune.core.app_code import APP_PACKAGES, app_code_sha256
 from fedtune.core.config import RunConfig

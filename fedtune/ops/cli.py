@@ -7,6 +7,7 @@ message with exit code 2, without a Python traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -212,6 +213,34 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--pseudonymize", action="store_true",
                         help="name hospitals on the model card by per-run pseudonyms")
     export.set_defaults(handler=_export)
+
+    predict = commands.add_parser(
+        "predict", help="run an exported adapter on new records (labels or answers)",
+        description="Load an export (plain transformers + PEFT) and write one JSON line per "
+        "record of FILE: classification gives the label and every label's probability, "
+        "generation the model's answer. FILE is in any training format; the label or "
+        "response may be left out. Bad lines are refused as file:line.",
+    )
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics of an exported adapter on a labelled file",
+        description="Accuracy, macro-F1 and loss (classification), or loss, perplexity and "
+        "exact match (generation), computed as the hospitals compute them during a run.",
+    )
+    for sub in (predict, evaluate):
+        sub.add_argument("export_dir", type=Path, help="the folder `fedtune export` wrote")
+        sub.add_argument("--data", type=Path, required=True, help="records (JSONL or CSV)")
+        sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                         help="where the model runs (auto: CUDA when present)")
+        sub.add_argument("--base", type=Path, default=None,
+                         help="the base model's folder, if not where the export says")
+        sub.add_argument("--batch-size", type=int, default=16, help="records per batch")
+        sub.add_argument("--max-new-tokens", type=int, default=32,
+                         help="generation: the longest answer, in tokens")
+    predict.add_argument("--out", type=Path, required=True, help="output JSONL file")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.set_defaults(handler=_predict)
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+    evaluate.set_defaults(handler=_evaluate)
 
     versions = commands.add_parser(
         "versions", help="list a run's saved global adapters with their validation metrics",
@@ -581,6 +610,12 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.run_dir} holds no run to resume.")
     _roll_back_if_asked(args.run_dir, args.from_round, resuming=args.resume)
     launch(plan)
+    from fedtune.ops.run_outcome import export_hint, verdict
+    from fedtune.server.run_dir import RunDirectory
+
+    run_dir = args.run_dir.resolve()
+    print(verdict(RunDirectory(run_dir).summary()))
+    print(export_hint(run_dir))
     return 0
 
 
@@ -691,6 +726,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from fedtune.ops.predict import load_export, predict_file
+
+    loaded = load_export(args.export_dir, args.device, args.base)
+    count = predict_file(loaded, args.data, args.out, args.batch_size, args.max_new_tokens,
+                         progress=not args.no_progress)
+    print(f"Wrote {count} prediction(s) of the round-{loaded.round} adapter to {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fedtune.ops.predict import evaluate_file, load_export, metrics_table
+
+    loaded = load_export(args.export_dir, args.device, args.base)
+    metrics = evaluate_file(loaded, args.data, args.batch_size, args.max_new_tokens)
+    print(f"Round-{loaded.round} adapter on {args.data}:")
+    print(metrics_table(metrics))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def _app_hash(_args: argparse.Namespace) -> int:
     from fedtune.core.app_code import app_code_sha256
 
@@ -701,7 +759,7 @@ def _app_hash(_args: argparse.Namespace) -> int:
 def _fingerprint_model(args: argparse.Namespace) -> int:
     from fedtune.core.config import ModelSettings
     from fedtune.core.lineage import model_fingerprint
-    from fedtune.core.model import resolve_model_source
+    from fedtune.core.model_source import resolve_model_source
 
     directory, _ = resolve_model_source(ModelSettings(source=str(args.model_dir)))
     found = model_fingerprint(directory)

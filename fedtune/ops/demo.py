@@ -23,6 +23,7 @@ import tomli_w
 
 from fedtune.ops.icd10 import write_hospital_datasets
 from fedtune.ops.launch import LaunchPlan, launch
+from fedtune.ops.run_outcome import export_hint, verdict
 
 # Sized for the ≤ 5 minute target on a 2-core CPU (see README for measured times).
 _DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
@@ -158,21 +159,5 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict[s
     launch(plan, say=say)
     summary = RunDirectory(run_dir).summary()
     say(verdict(summary))
-    say(f"Export the adapter with: fedtune export {run_dir} --out {run_dir / 'adapter'}")
+    say(export_hint(run_dir))
     return summary
-
-
-def verdict(summary: dict[str, Any]) -> str:
-    """One sentence: did federation beat the base model on held-out data?"""
-    metric = "accuracy" if summary["task"] == "classify" else "exact-match"
-    base = summary["base_test"]["weighted"]
-    final = summary["final_test"]["weighted"]
-    parts = []
-    for name in (metric, "loss"):
-        if name in base and name in final:
-            parts.append(f"{name} {base[name]:.4f} → {final[name]:.4f}")
-    better = final.get("loss", 0.0) < base.get("loss", 0.0) and final.get(metric, 0.0) >= base.get(
-        metric, 0.0
-    )
-    outcome = "better than" if better else "NOT better than"
-    return f"Global model is {outcome} the base model on held-out data: " + ", ".join(parts)

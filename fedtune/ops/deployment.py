@@ -48,6 +48,7 @@ from fedtune.ops.simulation import format_config_value
 
 CONNECTION = "fedtune-federation"
 SUPERLINK_DB = "superlink.db"
+SUPEREXEC_POLL_INTERVAL_S = 0.1
 _STARTUP_TIMEOUT_S = 60.0
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
 
@@ -83,6 +84,10 @@ def coordinator_env(home: Path) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         TRANSFORMERS_VERBOSITY="error",
         TOKENIZERS_PARALLELISM="false",
+        # How often Flower's SuperExec (in the SuperLink and in every SuperNode) looks for an
+        # app process to start: each message a node answers starts one, so Flower's default
+        # 1 s is paid per message; 0.1 s costs a small local database query per poll.
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPEREXEC_POLL_INTERVAL_S),
     )
     return env
 
@@ -418,9 +423,12 @@ def node_config_string(settings: NodeSettings) -> str:
 
 
 def supernode_command(settings: NodeSettings) -> list[str]:
-    """The SuperNode's command line (runtime dependency installation stays off: default)."""
+    """The SuperNode's command line (runtime dependency installation stays off: default);
+    Flower's SuperNode, polling every 0.25 s instead of 3 s (ops/node_supernode.py)."""
+    from fedtune.ops.node_supernode import supernode_launcher
+
     command = [
-        flower_tool("flower-supernode"), "--superlink", settings.coordinator,
+        *supernode_launcher(), "--superlink", settings.coordinator,
         "--port", str(settings.local_port), "--node-config", node_config_string(settings),
     ]
     if settings.insecure:

@@ -28,6 +28,7 @@ import os
 import sys
 import tomllib
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from fedtune.core.app_code import app_code_sha256, app_files
@@ -104,7 +105,6 @@ def _record_refusal(reason: str) -> None:
 
 def main() -> None:
     """`flwr-clientapp`, with every bundle verified before Flower installs it."""
-    from flwr.supernode.cli import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
     install = runtime.install_from_fab
@@ -124,7 +124,37 @@ def main() -> None:
     # Flower 1.41's run_clientapp installs the pulled bundle with this module-level name
     # (pinned version; tests/test_deployment.py plays a modified bundle against it).
     runtime.install_from_fab = install_verified
-    flwr_clientapp()
+    _flwr_clientapp(runtime.run_clientapp)
+
+
+def _flwr_clientapp(run_clientapp: Callable[..., None]) -> None:
+    """Flower 1.41's `flwr_clientapp` command, restated.
+
+    Flower's own lives in `flwr.supernode.cli`, whose package import also loads the whole
+    SuperNode (FastAPI, SQLAlchemy, Alembic): about 1 s of every message's process, spent on
+    code a ClientApp process never runs. Same arguments, same call.
+    """
+    import argparse
+
+    from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
+    from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    parser = argparse.ArgumentParser(description="Run a Flower ClientApp (fedtune node)")
+    parser.add_argument("--runtime-api-address", dest="runtime_api_address",
+                        default=SUPERNODE_DEFAULT_CLIENT_ADDRESS, type=str)
+    add_args_flwr_app_common(parser=parser)
+    args = parser.parse_args()
+    run_clientapp(
+        runtime_api_address=args.runtime_api_address,
+        token=try_obtain_flwr_app_token(args),
+        insecure=args.insecure,
+        certificates=validate_and_resolve_root_certificates(
+            args.root_certificates, args.insecure
+        ),
+        parent_pid=args.parent_pid,
+        runtime_dependency_install=args.runtime_dependency_install,
+    )
 
 
 def write_launcher(folder: Path) -> Path:
