@@ -210,10 +210,12 @@ def classify_rows(loaded: LoadedExport, examples: Sequence[LabeledText], batch_s
 @torch.no_grad()
 def generate_rows(loaded: LoadedExport, examples: Sequence[PromptResponse], batch_size: int,
                   max_new_tokens: int, progress: bool = False) -> Iterator[dict[str, Any]]:
-    """Per record: its line and the greedy answer, prompts rendered as in training."""
+    """Per record: its line and the greedy answer, prompts rendered as in training and
+    whole (as the hospitals' exact-match evaluation generates; max_length bounds training
+    sequences, not prompts)."""
     tokenizer = loaded.tokenizer
     pad = int(tokenizer.pad_token_id)
-    prompts = [prompt_token_ids(e, tokenizer)[-loaded.max_length:] for e in examples]
+    prompts = [prompt_token_ids(e, tokenizer) for e in examples]
     for start in _batches(len(prompts), batch_size, progress):
         chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
