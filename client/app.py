@@ -33,6 +33,7 @@ from fedtune.client.hospital_log import (
     IdentifiersInData,
     privacy_statement,
     record_hospital_event,
+    record_sent_metrics,
 )
 from fedtune.client.node_settings import NodeSettings, node_key, parse_node_settings
 from fedtune.client.outgoing import prepare_update
@@ -47,10 +48,12 @@ from fedtune.core.secagg.protocol import ProtocolAbort
 from fedtune.core.wire import (
     JOB,
     LINEAGE,
+    VALIDATION,
     evaluate_reply_content,
     lineage_record,
     parse_request,
     train_reply_content,
+    validation_record,
 )
 
 log = logging.getLogger("fedtune.hospital")
@@ -142,6 +145,10 @@ def train(msg: Message, context: Context) -> Message:
     delta = prepared.as_adapter()
     content = train_reply_content(delta, metrics, update.hospital.name)
     content[LINEAGE] = lineage_record(update.lineage)
+    if update.validation is not None:
+        content[VALIDATION] = validation_record(update.validation)
+        record_sent_metrics(node, job.server_round, job.run_id, "validation",
+                            adapter_sha256(global_adapter), update.validation)
     record_hospital_event(node, "sent-update", {
         "round": job.server_round, "attempt": job.attempt, "run_id": job.run_id,
         "delta_sha256": adapter_sha256(delta), "mode": "in clear", "lineage": update.lineage,
@@ -158,12 +165,15 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     global_adapter, job = parse_request(msg)
     node = parse_node_settings(context.node_config)
+    digest = adapter_sha256(global_adapter)
     result = evaluate_adapter(global_adapter, job, node, job.split)
-    record_hospital_event(node, "sent-metrics", {
-        "round": job.server_round, "split": job.split, "run_id": job.run_id,
-        "global_adapter_sha256": adapter_sha256(global_adapter), "metrics": result.metrics,
-    })
-    return Message(evaluate_reply_content(result.metrics, result.hospital.name), reply_to=msg)
+    record_sent_metrics(node, job.server_round, job.run_id, job.split, digest, result.metrics)
+    content = evaluate_reply_content(result.metrics, result.hospital.name)
+    if job.validate:  # the final evaluation also validates the last round's adapter
+        validation = evaluate_adapter(global_adapter, job, node, "validation").metrics
+        record_sent_metrics(node, job.server_round, job.run_id, "validation", digest, validation)
+        content[VALIDATION] = validation_record(validation)
+    return Message(content, reply_to=msg)
 
 
 def _code_for(exc: Exception) -> int:

@@ -107,3 +107,14 @@ def check_identifiers(data_path: Path, node: NodeSettings) -> None:
     if not node.pii_acknowledged:
         raise IdentifiersInData(_checked[key])
     log.warning("training on data with acknowledged identifiers: %s", data_path)
+
+
+def record_sent_metrics(
+    node: NodeSettings, server_round: int, run_id: str, split: str, adapter_sha256: str,
+    metrics: dict[str, float],
+) -> None:
+    """The hospital's record of evaluation metrics it sent (what `max-evaluations` counts)."""
+    record_hospital_event(node, "sent-metrics", {
+        "round": server_round, "split": split, "run_id": run_id,
+        "global_adapter_sha256": adapter_sha256, "metrics": metrics,
+    })

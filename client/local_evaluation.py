@@ -21,6 +21,10 @@ from fedtune.core.model import set_adapter
 from fedtune.core.wire import Job
 
 
+class EmptySplit(DataValidationError):
+    """The split asked for holds no examples at this hospital."""
+
+
 @dataclass(frozen=True)
 class LocalEvaluation:
     hospital: HospitalIdentity
@@ -41,7 +45,7 @@ def evaluate_adapter(
     limit = config.evaluation.max_examples
     features = data.features[split][:limit]
     if not features:
-        raise DataValidationError(identity.data_path, [
+        raise EmptySplit(identity.data_path, [
             f"the {split} split is empty, so there is nothing to evaluate on (the data "
             "file has too few records or patients for its split fractions)"
         ], skippable=False)

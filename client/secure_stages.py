@@ -27,6 +27,7 @@ from fedtune.client.hospital_log import (
     logged_events,
     privacy_statement,
     record_hospital_event,
+    record_sent_metrics,
 )
 from fedtune.client.node_settings import NodeSettings, node_key, parse_node_settings
 from fedtune.client.outgoing import prepare_update
@@ -60,7 +61,16 @@ from fedtune.core.secagg.wire import (
     view_signature_record,
 )
 from fedtune.core.update_rules import secure_codec, update_weight
-from fedtune.core.wire import JOB, LINEAGE, METRICS, Job, lineage_record, parse_request
+from fedtune.core.wire import (
+    JOB,
+    LINEAGE,
+    METRICS,
+    VALIDATION,
+    Job,
+    lineage_record,
+    parse_request,
+    validation_record,
+)
 
 _STATE = "secagg-round"  # context.state record holding this round's secrets
 _USED = "secagg-attempts"  # context.state record: every (run, round, attempt) keyed so far
@@ -154,10 +164,14 @@ def masked_input(msg: Message, context: Context) -> Message:
         "masked_input_sha256": bytes_sha256(masked.tobytes()), "mode": "masked",
         "lineage": update.lineage, "privacy": privacy_statement(update.metrics),
     })
-    return _reply(
-        msg, identity, {MASKED_INPUT: masked_record(masked), METRICS: MetricRecord(metrics),
-                        LINEAGE: lineage_record(update.lineage)}
-    )
+    records: dict[str, Any] = {MASKED_INPUT: masked_record(masked),
+                               METRICS: MetricRecord(metrics),
+                               LINEAGE: lineage_record(update.lineage)}
+    if update.validation is not None:  # of the adapter this message carried (Job.validate)
+        records[VALIDATION] = validation_record(update.validation)
+        record_sent_metrics(node, job.server_round, job.run_id, "validation",
+                            adapter_sha256(global_adapter), update.validation)
+    return _reply(msg, identity, records)
 
 
 def confirm_view(msg: Message, context: Context) -> Message:

@@ -56,6 +56,8 @@ class RoundCollection:
     details: dict[str, Any] = field(default_factory=dict)  # e.g. secure-aggregation timings
     # Per hospital: fingerprints of its training data and base model (fedtune.lineage).
     lineage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per hospital: the round's starting adapter on its validation split (Job.validate).
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

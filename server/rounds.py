@@ -34,6 +34,7 @@ from fedtune.core.wire import (
     parse_lineage,
     parse_metrics,
     parse_train_reply,
+    parse_validation,
     request_content,
 )
 from fedtune.server.audit_trail import CoordinatorAudit
@@ -92,7 +93,7 @@ def run_federation(
         state, global_adapter = CoordinatorState(), initial_adapter
         run_dir.save_adapter(0, global_adapter)
         _wait_for_hospitals(grid, settings.min_hospitals, settings.wait_for_hospitals_s, say)
-        base = _evaluate(grid, global_adapter, config, run_dir.run_id, 0, "test", names)
+        base, _ = _evaluate(grid, global_adapter, config, run_dir.run_id, 0, "test", names)
         report.evaluation("base model (before round 1), test split", base.per_hospital)
         _log_refusals(base.refusals, say)
         run_dir.log(_evaluation_record(base, 0, "test"))
@@ -123,7 +124,9 @@ def run_federation(
         best = best_round(run_dir)
         prune_versions(run_dir, settings.keep_adapters, {best} if best is not None else set())
         patience = settings.early_stopping_patience
-        if patience and best is not None and server_round - best >= patience:
+        # With evaluation.with_training, round r's validation arrives with round r + 1.
+        validated = max(state.validation, default=0)
+        if patience and best is not None and validated - best >= patience:
             say(f"Early stopping after round {server_round}: the validation "
                 f"{headline_metric(config.model.task)} has not improved for {patience} "
                 f"round(s); the best is round {best} (what `fedtune export` takes).")
@@ -131,8 +134,14 @@ def run_federation(
             federation.audit.event("early-stop", {"round": server_round, "best_round": best})
             break
 
-    final = _evaluate(grid, global_adapter, config, run_dir.run_id, settings.rounds, "test", names)
+    last = state.completed_round
+    validate = federation.asks_validation(last)
+    final, last_validation = _evaluate(grid, global_adapter, config, run_dir.run_id,
+                                       settings.rounds, "test", names, validate=validate)
     _log_refusals(final.refusals, say)
+    if validate:
+        federation.validated(last, EvaluationResult(per_hospital=last_validation))
+    federation.report_unvalidated()
     run_dir.log(_evaluation_record(final, settings.rounds, "test"))
     client_level = client_level_guarantee(config, state.participation, state.connected)
     summary = {
@@ -183,6 +192,41 @@ class _Federation:
         self.state = state
         self.audit = CoordinatorAudit(run_dir)
         self.tracker = ExperimentTracker(config.tracking, run_dir.run_id, config.to_dict())
+        # evaluation.with_training: rounds whose table line waits for their validation
+        self._unreported: dict[int, tuple[dict[str, dict[str, float]], float, list[float]]] = {}
+
+    def asks_validation(self, server_round: int) -> bool:
+        """Whether the next message that carries round `server_round`'s adapter also asks
+        for its validation: with evaluation.with_training, once per round after the first."""
+        return (self.config.evaluation.with_training and server_round >= 1
+                and not self.state.validation.get(server_round))
+
+    def validated(self, server_round: int, validation: EvaluationResult) -> None:
+        """Round `server_round`'s adapter was validated: record, track, report it."""
+        if not validation.per_hospital:
+            return
+        state, run_dir = self.state, self.run_dir
+        state.validation[server_round] = dict(validation.weighted)
+        run_dir.save_state(state)
+        run_dir.log(_evaluation_record(validation, server_round, "validation"))
+        self.audit.validation(server_round, dict(validation.weighted))
+        train, seconds, epsilons = self._unreported.pop(server_round, ({}, 0.0, []))
+        self._track(server_round, validation, seconds, len(train), epsilons)
+        self.report.round(server_round, train, validation.per_hospital, seconds)
+
+    def report_unvalidated(self) -> None:
+        """Table lines of rounds whose validation never came (no hospital sent it)."""
+        for server_round in sorted(self._unreported):
+            train, seconds, _ = self._unreported.pop(server_round)
+            self.report.round(server_round, train, {}, seconds)
+
+    def _track(self, server_round: int, validation: EvaluationResult, seconds: float,
+               hospitals: int, epsilons: list[float]) -> None:
+        self.tracker.log_round(server_round, {
+            **{f"validation/{k}": float(v) for k, v in validation.weighted.items()},
+            "round/seconds": seconds, "round/hospitals": float(hospitals),
+            **({"privacy/max_epsilon": max(epsilons)} if epsilons else {}),
+        })
 
     def try_round(self, server_round: int, attempt: int, global_adapter: Adapter) -> Adapter | None:
         """Train, aggregate, check, save and validate; None (adapter untouched) if aborted."""
@@ -193,7 +237,8 @@ class _Federation:
             self.grid, settings.min_hospitals, settings.wait_for_hospitals_s, say
         )
         node_ids = hospitals_for_round(available, settings, config.train.seed, server_round)
-        job = Job(server_round, config, run_dir.run_id, attempt=attempt)
+        job = Job(server_round, config, run_dir.run_id, attempt=attempt,
+                  validate=self.asks_validation(server_round - 1))
         # Saved before anyone is asked: a resumed run continues the attempt numbering.
         run_dir.save_state(state)
         run_dir.log(RoundStarted(round=server_round, attempt=attempt,
@@ -211,6 +256,8 @@ class _Federation:
         train_metrics, refusals = collected.train_metrics, collected.refusals
         train_phase_seconds = time.perf_counter() - started
         _log_refusals(refusals, say)
+        if job.validate:  # the round's starting adapter, validated with the training replies
+            self.validated(server_round - 1, EvaluationResult(per_hospital=collected.validation))
         self._note_hospital_reports(train_metrics)
         record = RoundRecord(
             round=server_round,
@@ -260,7 +307,20 @@ class _Federation:
         if client_level:
             record.client_level_privacy = client_level
         self.audit.privacy(server_round, record.privacy_per_hospital, client_level)
-        validation = _evaluate(
+        bounds = (epsilon_bound(g) for g in record.privacy_per_hospital.values())
+        epsilons = [e for e in bounds if e is not None]
+        record.aggregate_norm = adapter_norm(update.mean_delta())
+        record.global_adapter_sha256 = adapter_sha256(global_adapter)
+        if config.evaluation.with_training:
+            # Validated by the next message that carries this adapter (next round's training
+            # or the final evaluation); the resume point is saved now.
+            state.completed(server_round, {}, collected.lineage)
+            run_dir.save_state(state)
+            record.seconds = time.perf_counter() - started
+            run_dir.log(record)
+            self._unreported[server_round] = (train_metrics, record.seconds, epsilons)
+            return global_adapter
+        validation, _ = _evaluate(
             self.grid, global_adapter, config, run_dir.run_id, server_round, "validation",
             self.names,
         )
@@ -269,19 +329,11 @@ class _Federation:
         state.completed(server_round, validation.weighted, collected.lineage)
         run_dir.save_state(state)
         seconds = time.perf_counter() - started
-        record.aggregate_norm = adapter_norm(update.mean_delta())
-        record.global_adapter_sha256 = adapter_sha256(global_adapter)
         record.validation = _flat(validation)
         record.seconds = seconds
         run_dir.log(record)
         self.audit.validation(server_round, dict(validation.weighted))
-        bounds = (epsilon_bound(g) for g in record.privacy_per_hospital.values())
-        epsilons = [e for e in bounds if e is not None]
-        self.tracker.log_round(server_round, {
-            **{f"validation/{k}": float(v) for k, v in validation.weighted.items()},
-            "round/seconds": seconds, "round/hospitals": float(len(train_metrics)),
-            **({"privacy/max_epsilon": max(epsilons)} if epsilons else {}),
-        })
+        self._track(server_round, validation, seconds, len(train_metrics), epsilons)
         self.report.round(server_round, train_metrics, validation.per_hospital, seconds)
         return global_adapter
 
@@ -321,11 +373,12 @@ def _collect_plain(
     """Secure aggregation off: every delta arrives in clear and is summed here."""
     global_adapter, reference = reference, uploaded(reference, job.config)
 
-    def parse(reply: Any) -> tuple[Adapter, dict[str, float], dict[str, Any]]:
+    def parse(reply: Any) -> tuple[Adapter, dict[str, float], dict[str, Any],
+                                   dict[str, float] | None]:
         delta, reply_metrics = parse_train_reply(reply)
         lineage = parse_lineage(reply)
         check_update(delta, reference, names.of(reply))
-        return delta, reply_metrics, lineage
+        return delta, reply_metrics, lineage, parse_validation(reply)
 
     content = request_content(global_adapter, job)
     result = exchange(
@@ -337,7 +390,9 @@ def _collect_plain(
     deltas: list[Adapter] = []
     weights: list[float] = []
     for hospital, answer in result.answers.items():
-        delta, reply_metrics, lineage = answer.parsed
+        delta, reply_metrics, lineage, validation = answer.parsed
+        if validation is not None:
+            out.validation[hospital] = validation
         if views is not None:
             buffer = io.BytesIO()
             np.save(buffer, flatten(delta, reference).astype(np.float32))
@@ -381,15 +436,25 @@ def _evaluate(
     server_round: int,
     split: str,
     names: HospitalNames,
-) -> EvaluationResult:
-    content = request_content(adapter, Job(server_round, config, run_id, split=split))
+    validate: bool = False,
+) -> tuple[EvaluationResult, dict[str, dict[str, float]]]:
+    """Every connected hospital evaluates `adapter` on `split`; with `validate`, also on
+    its validation split, in the same message (returned second, per hospital)."""
+    job = Job(server_round, config, run_id, split=split, validate=validate)
+    content = request_content(adapter, job)
+
+    def parse(reply: Any) -> tuple[dict[str, float], dict[str, float] | None]:
+        return parse_metrics(reply), parse_validation(reply)
+
     result = exchange(
         grid, names, dict.fromkeys(grid_node_ids(grid), content), EVALUATE,
         f"{server_round}-{split}", config.federation.round_timeout_s,
-        config.federation.max_reply_mb, parse_metrics, stage=f"{split} evaluation",
+        config.federation.max_reply_mb, parse, stage=f"{split} evaluation",
     )
-    per_hospital = {hospital: answer.parsed for hospital, answer in result.answers.items()}
-    return EvaluationResult(per_hospital=per_hospital, refusals=result.refusals)
+    per_hospital = {hospital: answer.parsed[0] for hospital, answer in result.answers.items()}
+    validation = {hospital: answer.parsed[1] for hospital, answer in result.answers.items()
+                  if answer.parsed[1] is not None}
+    return EvaluationResult(per_hospital=per_hospital, refusals=result.refusals), validation
 
 
 def _wait_for_hospitals(

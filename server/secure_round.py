@@ -58,6 +58,7 @@ from fedtune.core.wire import (
     adapter_to_record,
     parse_lineage,
     parse_optional_metrics,
+    parse_validation,
 )
 from fedtune.server.collect import HospitalNames, Refusal, RoundCollection
 from fedtune.server.exchange import HospitalGrid, Reply, exchange
@@ -160,13 +161,16 @@ def collect_secure(
         content[GLOBAL_ADAPTER] = adapter_to_record(global_adapter)
         requests[node_of[hospital]] = content
     def masked_input(reply: Reply) -> np.ndarray:
-        parse_lineage(reply)  # a malformed fingerprint record refuses the reply too
+        parse_lineage(reply)  # a malformed fingerprint or validation record refuses the
+        parse_validation(reply)  # reply too
         return parse_masked(reply, length)
 
     masked = stage.exchange(requests, MASKED, slow, masked_input)
     for hospital, (_, _, reply) in masked.items():
         out.train_metrics[hospital] = parse_optional_metrics(reply)
         out.lineage[hospital] = parse_lineage(reply)
+        if (validation := parse_validation(reply)) is not None:
+            out.validation[hospital] = validation
         if views is not None:
             views.received(job.server_round, hospital, masked_payload_bytes(reply), "uint32")
     survivors = sorted(masked)

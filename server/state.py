@@ -78,7 +78,8 @@ class CoordinatorState:
     ) -> None:
         """A round's adapter and strategy state are saved: it is the new resume point."""
         self.completed_round = server_round
-        self.validation[server_round] = dict(validation)
+        if validation:  # with evaluation.with_training it arrives later (`validation[r] = …`)
+            self.validation[server_round] = dict(validation)
         self.lineage.update(copy.deepcopy(lineage))
 
     def rolled_back(self, to_round: int) -> None:

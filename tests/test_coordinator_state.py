@@ -93,23 +93,39 @@ def test_a_run_without_state_is_refused_with_a_reason(classify_config: RunConfig
         run_dir.load_state()
 
 
-def test_the_metrics_log_reads_back_as_typed_records(classify_config: RunConfig, tmp_path):
+@pytest.mark.parametrize("with_training", [False, True])
+def test_the_metrics_log_reads_back_as_typed_records(
+    classify_config: RunConfig, tmp_path, with_training: bool
+):
     config = replace_section(in_clear(classify_config), "federation", rounds=2, min_hospitals=2)
+    config = replace_section(config, "evaluation", with_training=with_training)
     run_dir = _run(config, InProcessGrid(2), tmp_path / "run")
     records = run_dir.records()
-    assert [type(r) for r in records] == [
-        Evaluation, RoundStarted, SumRevealed, RoundRecord,
-        RoundStarted, SumRevealed, RoundRecord, Evaluation,
-    ]
+    if with_training:  # each round's validation arrives with the next message carrying it
+        expected = [Evaluation, RoundStarted, SumRevealed, RoundRecord,
+                    RoundStarted, Evaluation, SumRevealed, RoundRecord, Evaluation, Evaluation]
+    else:
+        expected = [Evaluation, RoundStarted, SumRevealed, RoundRecord,
+                    RoundStarted, SumRevealed, RoundRecord, Evaluation]
+    assert [type(r) for r in records] == expected
     rounds = completed_rounds(records)
     assert [r.round for r in rounds] == [1, 2]
     # round 2 starts from round 1's adapter
     assert rounds[0].global_adapter_sha256 == records[4].global_adapter_sha256
-    assert rounds[0].validation is not None and "weighted" in rounds[0].validation
-    assert run_dir.load_state().validation[2] == rounds[1].validation["weighted"]
+    state = run_dir.load_state()
+    if with_training:
+        validations = [r for r in records if isinstance(r, Evaluation)
+                       and r.split == "validation"]
+        assert [v.round for v in validations] == [1, 2]
+        assert state.validation[2] == validations[1].weighted
+        assert rounds[1].validation is None
+    else:
+        assert rounds[0].validation is not None and "weighted" in rounds[0].validation
+        assert state.validation[2] == rounds[1].validation["weighted"]
     with run_dir.metrics_file.open("a") as handle:
         handle.write(json.dumps({"event": "teleport", "round": 3}) + "\n")
-    with pytest.raises(DamagedLog, match=r"metrics.jsonl:9: unknown event 'teleport'"):
+    line = len(expected) + 1
+    with pytest.raises(DamagedLog, match=rf"metrics.jsonl:{line}: unknown event 'teleport'"):
         run_dir.records()
 
 

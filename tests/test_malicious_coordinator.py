@@ -45,7 +45,7 @@ from fedtune.core.secagg.wire import (
     survivors_record,
 )
 from fedtune.core.wire import GLOBAL_ADAPTER, JOB, Job, adapter_to_record
-from fedtune.server.records import RoundRecord
+from fedtune.server.records import Evaluation, RoundRecord
 from fedtune.server.rounds import run_federation
 from fedtune.server.run_dir import RunDirectory
 
@@ -288,7 +288,7 @@ def test_a_deployed_hospitals_replies_reveal_nothing_of_its_size(
     from flwr.app import Message as FlowerMessage
 
     from fedtune.client.secure_stages import DEPLOYED_MASKED_METRICS
-    from fedtune.core.wire import EVALUATE, METRICS
+    from fedtune.core.wire import EVALUATE, METRICS, VALIDATION
 
     source = Path(classify_config.data.simulation_root)
     sizes = {"Small": 24, "Middle": 40, "Large": 60}
@@ -331,8 +331,12 @@ def test_a_deployed_hospitals_replies_reveal_nothing_of_its_size(
         assert set(values) <= listed, set(values) - listed
         assert values["epsilon-target"] == 6.0 and values["dp"] == 1.0
     evaluations = metrics_of(EVALUATE)
-    assert len(evaluations) == 9  # 3 hospitals × (base test, validation, final test)
-    for values in evaluations.values():
+    assert len(evaluations) == 6  # 3 hospitals × (base test, final test)
+    # evaluation.with_training: round 1's validation rides on the final evaluation's reply
+    validations = [dict(r.content.metric_records[VALIDATION]) for r in grid.replies
+                   if r.has_content() and VALIDATION in r.content.metric_records]
+    assert len(validations) == 3
+    for values in [*evaluations.values(), *validations]:
         assert set(values) == {"loss", "accuracy", "macro-f1"}
     # The coordinator still reports a guarantee for each hospital: the planned bound.
     assert any("ε ≤ 6.000 (its plan for this run" in line for line in lines)
@@ -379,24 +383,39 @@ def test_a_coordinator_chosen_split_is_ignored_by_a_deployed_node(
         assert record.train[name]["num-examples"] == len(expected)
 
 
+@pytest.mark.parametrize("with_training", [False, True])
 def test_a_deployed_node_answers_a_bounded_number_of_evaluations(
-    classify_config: RunConfig, tmp_path: Path
+    classify_config: RunConfig, tmp_path: Path, with_training: bool
 ):
+    """max-evaluations = 2 over base test, two validations and the final test: whether a
+    validation travels in its own message or with the next training (evaluation.
+    with_training), the node answers two and refuses the rest, and still trains."""
     from tiny import in_clear
 
     _, nodes = _plain_deployed(classify_config, tmp_path, **{"max-evaluations": 2})
     config = replace_section(in_clear(classify_config), "federation", rounds=2, min_hospitals=2)
+    config = replace_section(config, "evaluation", with_training=with_training)
     run_dir = RunDirectory(tmp_path / "run")
     run_dir.create(config)
     run_federation(InProcessGrid(2, node_configs=nodes), config, run_dir,
                    initial_global_adapter(config), say=lambda _: None)
     rounds = [r for r in run_dir.records() if isinstance(r, RoundRecord)]
-    assert rounds[0].validation is not None and rounds[0].validation["per_hospital"]
-    refused = rounds[1].validation["refused"]  # base test + round 1 = 2 evaluations: done
-    assert sorted(refused) == ["City-General", "St-Anna"]
-    assert all("max-evaluations = 2" in reason for reason in refused.values())
+    assert [r.round for r in rounds if not r.aborted] == [1, 2]  # training goes on
     final = run_dir.summary()["final_test"]
     assert final["per_hospital"] == {} and len(final["refused"]) == 2
+    assert all("max-evaluations = 2" in reason for reason in final["refused"].values())
+    state = run_dir.load_state()
+    assert set(state.validation) == {1}  # base test + round 1's validation = 2: done
+    if not with_training:
+        assert rounds[0].validation is not None and rounds[0].validation["per_hospital"]
+        refused = rounds[1].validation["refused"]
+        assert sorted(refused) == ["City-General", "St-Anna"]
+        assert all("max-evaluations = 2" in reason for reason in refused.values())
+    else:
+        (validation,) = [r for r in run_dir.records()
+                         if isinstance(r, Evaluation) and r.split == "validation"]
+        assert validation.round == 1
+        assert sorted(validation.per_hospital) == ["City-General", "St-Anna"]
 
 
 def test_a_restarted_deployed_node_still_refuses_to_key_an_attempt_twice(

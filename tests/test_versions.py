@@ -13,7 +13,7 @@ from tiny import in_clear, replace_section
 from fedtune.core.adapters import adapter_sha256
 from fedtune.core.config import ConfigError, RunConfig
 from fedtune.core.initial_adapter import initial_global_adapter
-from fedtune.core.wire import EVALUATE, METRICS
+from fedtune.core.wire import EVALUATE, METRICS, TRAIN, VALIDATION
 from fedtune.server.rounds import run_federation
 from fedtune.server.run_dir import RunDirectory
 from fedtune.server.versions import (
@@ -36,15 +36,28 @@ def _run(config: RunConfig, grid: InProcessGrid, path: Path, resume: bool = Fals
 
 
 def _validation_accuracy(per_round: dict[int, float]):  # type: ignore[no-untyped-def]
-    """Hospitals' validation replies report this accuracy in each round (a scripted curve)."""
+    """Hospitals' validation replies report this accuracy for each round's adapter (a
+    scripted curve), wherever the validation travels: in its own evaluate reply, or
+    (evaluation.with_training) with the next round's training reply or the final test's."""
+    trained = {"round": 0}  # the last round a training reply came for
 
     def tamper(_node_id: int, reply: Message) -> Message:
-        if reply.metadata.message_type == EVALUATE and not reply.has_error():
-            server_round, split = reply.metadata.group_id.split("-")  # as the request's
-            metrics = reply.content.metric_records[METRICS]
-            if split == "validation" and int(server_round) in per_round:
-                metrics["accuracy"] = per_round[int(server_round)]
-                metrics["loss"] = 1.0
+        if reply.has_error():
+            return reply
+        kind, group = reply.metadata.message_type, reply.metadata.group_id
+        metrics, validated = None, None
+        if kind == TRAIN:
+            trained["round"] = int(group)
+            validated = int(group) - 1
+        elif kind == EVALUATE:
+            validated = trained["round"]
+        if kind == EVALUATE and group.endswith("-validation"):
+            metrics, validated = reply.content.metric_records[METRICS], int(group.split("-")[0])
+        elif VALIDATION in reply.content.metric_records:
+            metrics = reply.content.metric_records[VALIDATION]
+        if metrics is not None and validated in per_round:
+            metrics["accuracy"] = per_round[validated]
+            metrics["loss"] = 1.0
         return reply
 
     return tamper
@@ -54,20 +67,28 @@ def _rounds_run(run_dir: RunDirectory) -> list[int]:
     return [r["round"] for r in run_dir.read_metrics() if r["event"] == "round"]
 
 
+@pytest.mark.parametrize("with_training", [False, True])
 def test_early_stopping_stops_after_patience_rounds_without_improvement(
-    classify_config: RunConfig, tmp_path: Path
+    classify_config: RunConfig, tmp_path: Path, with_training: bool
 ):
     config = replace_section(in_clear(classify_config), "federation", rounds=6,
                              early_stopping_patience=2)
+    config = replace_section(config, "evaluation", with_training=with_training)
     curve = {1: 0.6, 2: 0.5, 3: 0.55, 4: 0.9, 5: 0.9, 6: 0.9}
     grid = InProcessGrid(2, tamper=_validation_accuracy(curve))
     lines = _run(config, grid, tmp_path / "run")
     run_dir = RunDirectory(tmp_path / "run")
-    assert _rounds_run(run_dir) == [1, 2, 3]  # round 1 stayed best for 2 more rounds
-    assert best_round(run_dir) == 1
-    assert run_dir.summary()["best_round"] == 1
-    assert any(line.startswith("Early stopping after round 3") and "round 1" in line
+    # Round 1 stayed best for 2 more rounds; validated with the next round's training, round
+    # 3's validation is known one round later, so the run stops one round later.
+    last = 4 if with_training else 3
+    assert _rounds_run(run_dir) == list(range(1, last + 1))
+    # ...and then the final evaluation validates round 4 (0.9): the best of the run.
+    best = 4 if with_training else 1
+    assert best_round(run_dir) == best
+    assert run_dir.summary()["best_round"] == best
+    assert any(line.startswith(f"Early stopping after round {last}") and "round 1" in line
                for line in lines)
+    assert set(run_dir.load_state().validation) == set(range(1, last + 1))
 
 
 def test_retention_keeps_the_initial_the_last_and_the_best_adapters(

@@ -320,6 +320,13 @@ class EvaluationSettings:
     max_examples: int = 512  # cap per hospital and split, to bound evaluation time
     generation_examples: int = 64  # instruct: examples scored by exact match (generation)
     max_new_tokens: int = 8
+    # Each training message also evaluates the global adapter it carries (the previous
+    # round's) on the validation split, and the final test evaluation also validates the
+    # last one: a round needs no evaluation message of its own. Same numbers, one model-
+    # carrying message fewer per hospital and round (a deployed node starts a process, and
+    # imports torch, per message). Round r's table line then prints when its validation
+    # arrives, with round r + 1's replies.
+    with_training: bool = True
 
     def __post_init__(self) -> None:
         _positive("evaluation.max_examples", self.max_examples)

@@ -26,6 +26,9 @@ JOB = "job"  # server -> hospital: round number, run configuration, evaluation s
 DELTA = "delta"  # hospital -> server: local adapter - global adapter
 METRICS = "metrics"  # hospital -> server: counts, losses, timings (never data)
 LINEAGE = "lineage"  # hospital -> server: fingerprints of its training data and base model
+# hospital -> server: metrics of the adapter a request carried on the validation split, in a
+# train reply or the final test evaluation's reply (Job.validate)
+VALIDATION = "validation-of-received"
 HOSPITAL = "hospital"  # hospital -> server: the hospital's name, as its admin configured it
 
 # Evaluation splits a hospital holds locally.
@@ -77,6 +80,8 @@ class Job:
     # 1 for a round's first try; an aborted round is tried again with the next number, and
     # secure aggregation binds its keys to it (a retry never reuses a first try's keys).
     attempt: int = 1
+    # Also evaluate the carried adapter on the validation split (evaluation.with_training).
+    validate: bool = False
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -86,6 +91,7 @@ class Job:
                 "run-config": self.config.to_json(),
                 "run-id": self.run_id,
                 "split": self.split,
+                "validate": self.validate,
             }
         )
 
@@ -100,6 +106,7 @@ class Job:
             run_id=str(record["run-id"]),
             split=split,
             attempt=int(record["attempt"]),  # type: ignore[arg-type]
+            validate=bool(record["validate"]),
         )
 
 
@@ -179,6 +186,23 @@ def parse_optional_metrics(message: Message) -> dict[str, float]:
     if METRICS not in message.content.metric_records:
         return {}
     return parse_metrics(message)
+
+
+def validation_record(metrics: dict[str, float]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def parse_validation(message: Message) -> dict[str, float] | None:
+    """The validation metrics of the adapter the request carried, or None when the reply has
+    none (not asked, or the hospital reached its evaluation limit); non-finite is malformed."""
+    record = message.content.metric_records.get(VALIDATION)
+    if record is None:
+        return None
+    metrics = {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise MalformedReply(f"its validation metrics {', '.join(bad)} are not finite")
+    return metrics
 
 
 def lineage_record(lineage: dict[str, str | int]) -> ConfigRecord:
