@@ -88,7 +88,9 @@ def _arm(run_dir: RunDirectory, summary: dict[str, Any], strategy: str) -> dict[
         raise RuntimeError(f"{strategy}: round(s) {aborted} aborted; see {run_dir.path}")
     epsilons = [v["epsilon"] for v in summary["privacy"]["per_hospital"].values()]
     return {
-        "validation": [float((r.validation or {})["weighted"]["accuracy"]) for r in rounds],
+        # each round's weighted validation, whether it travelled alone or with training
+        "validation": [float(run_dir.load_state().validation[r.round]["accuracy"])
+                       for r in rounds],
         "base_test_accuracy": summary["base_test"]["weighted"]["accuracy"],
         "test_accuracy": summary["final_test"]["weighted"]["accuracy"],
         "test_loss": summary["final_test"]["weighted"]["loss"],

@@ -210,6 +210,7 @@ def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
     code = server.wait(timeout=900)
     log = server_log.read_text()
     assert code == 0, log[-3000:]
+    assert "than the base model on held-out data" in log and "fedtune predict" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_round"] == 2
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -228,6 +229,36 @@ def test_three_hospitals_train_two_rounds_over_tls_with_node_authentication(
         assert ledger["unit"] == "patient"  # the node file's privacy_unit
         # Every ClientApp ran through the node's own check of the coordinator's bundle.
         assert "app bundle verified" in (tmp_path / f"{name}.log").read_text()
+    _assert_validation_is_what_a_separate_evaluation_gives(run_dir, federation, rounds)
+
+
+def _assert_validation_is_what_a_separate_evaluation_gives(
+    run_dir: Path, federation: dict[str, Path], records: list[dict]
+) -> None:
+    """evaluation.with_training (the default): round 1's validation came with round 2's
+    masked inputs, round 2's with the final test evaluation. Each hospital's numbers are
+    those of evaluating that round's saved adapter at the hospital, as a separate
+    evaluation message would (same node settings, hence the node's own data split)."""
+    from fedtune.client.local_evaluation import evaluate_adapter
+    from fedtune.core.wire import Job
+    from fedtune.ops.deployment import hospital_node_settings, load_node_settings
+    from fedtune.server.run_dir import RunDirectory
+
+    run = RunDirectory(run_dir)
+    validations = {r["round"]: r["per_hospital"] for r in records
+                   if r.get("event") == "evaluate" and r.get("split") == "validation"}
+    assert sorted(validations) == [1, 2]
+    for server_round, per_hospital in validations.items():
+        assert sorted(per_hospital) == sorted(HOSPITALS)
+        for name in HOSPITALS:
+            node = hospital_node_settings(load_node_settings(federation[name]))
+            job = Job(server_round, run.config(), run.run_id)
+            expected = evaluate_adapter(run.load_adapter(server_round), job, node,
+                                        "validation").metrics
+            assert set(per_hospital[name]) == set(expected) == {"loss", "accuracy", "macro-f1"}
+            for metric, value in expected.items():
+                assert per_hospital[name][metric] == pytest.approx(value, abs=1e-5), (
+                    server_round, name, metric)
 
 
 def test_a_coordinator_shipping_modified_code_is_refused_by_every_node(

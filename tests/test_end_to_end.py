@@ -46,6 +46,9 @@ def test_two_hospitals_two_rounds_on_the_simulation_engine(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["final_test"]["per_hospital"]) == {"hospital-1", "hospital-2"}
     assert "Held-out test split" in out  # the coordinator's table reached the console
+    # It ends as the demo does: the verdict on held-out data and how to use the model.
+    assert "than the base model on held-out data" in out
+    assert f"fedtune export {run_dir.resolve()} --out" in out and "fedtune predict" in out
     # The launcher gave the virtual hospitals identity keys (relative to the config file).
     assert sorted(p.name for p in (tmp_path / "keys").glob("*.key")) == [
         "hospital-1.key", "hospital-2.key"]

@@ -610,13 +610,18 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.run_dir} holds no run to resume.")
     _roll_back_if_asked(args.run_dir, args.from_round, resuming=args.resume)
     launch(plan)
+    _say_outcome(args.run_dir)
+    return 0
+
+
+def _say_outcome(run_dir: Path) -> None:
+    """The last lines of a finished run, as the demo prints them: verdict and export hint."""
     from fedtune.ops.run_outcome import export_hint, verdict
     from fedtune.server.run_dir import RunDirectory
 
-    run_dir = args.run_dir.resolve()
+    run_dir = run_dir.resolve()
     print(verdict(RunDirectory(run_dir).summary()))
     print(export_hint(run_dir))
-    return 0
 
 
 def _roll_back_if_asked(run_dir: Path, from_round: int | None, resuming: bool) -> None:
@@ -663,6 +668,7 @@ def _server(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, insecure=args.insecure, resume=args.resume is not None,
     )
     serve(plan)
+    _say_outcome(run_dir)
     return 0
 
 
