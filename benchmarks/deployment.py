@@ -225,6 +225,9 @@ def _deploy(work_dir: Path, config_path: Path, data: Path) -> None:
             "data": str(data / f"hospital-{k}.jsonl"), "privacy_ledger": str(home / "ledger.json"),
             "privacy_epsilon_budget": 8.0, "privacy_unit": "patient", "device": "cpu",
             "local_port": 9200 + k,
+            # one CPU thread per hospital, as the simulation gives each virtual hospital one
+            # CPU (Ray sets OMP_NUM_THREADS=1 in its actors): three nodes share this machine
+            "cpu_threads": 1,
         }}
         path = home / "node.toml"
         with path.open("wb") as handle:

@@ -123,6 +123,7 @@ def write_node_file(
             "data": str(data), "privacy_ledger": str(home / "ledger.json"),
             "privacy_epsilon_budget": 8.0, "privacy_unit": "patient", "device": "cpu",
             "local_port": port or free_port(), "join_timeout_s": 15.0,
+            "cpu_threads": 1,  # three nodes share the test machine's CPUs
         }
     }
     path = home / "node.toml"

@@ -296,3 +296,23 @@ def test_tracking_without_its_package_is_a_clear_configuration_error(monkeypatch
     monkeypatch.setattr(builtins, "__import__", without_tensorboard)
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         ExperimentTracker(TrackingSettings(tensorboard_dir="/tmp/tb"), "run", {})
+
+
+def test_a_node_file_limits_the_cpu_threads_of_its_training_processes(tmp_path: Path):
+    """`cpu_threads` becomes the thread limits every ClientApp process of the node inherits;
+    0 (the default) leaves all CPUs to it; a negative count is refused naming the key."""
+    from fedtune.core.config import ConfigError
+    from fedtune.ops.deployment import load_node_settings, thread_env
+
+    node = tmp_path / "node.toml"
+    base = ('[node]\nhospital = "st-anna"\ncoordinator = "127.0.0.1:9443"\ninsecure = true\n'
+            'data = "ward.jsonl"\nprivacy_ledger = "ledger.json"\nprivacy_epsilon_budget = 8\n'
+            'privacy_unit = "record"\n')
+    node.write_text(base)
+    assert load_node_settings(node).cpu_threads == 0 and thread_env(0) == {}
+    node.write_text(base + "cpu_threads = 2\n")
+    env = thread_env(load_node_settings(node).cpu_threads)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
+    node.write_text(base + "cpu_threads = -1\n")
+    with pytest.raises(ConfigError, match="cpu_threads must be >= 1"):
+        load_node_settings(node)

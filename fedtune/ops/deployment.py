@@ -279,6 +279,7 @@ _NODE_KEYS = {
     "max_epsilon": float, "allowed_app_sha256": str, "pii_acknowledged": bool,
     "audit_log": str, "share_data_summary": bool, "secagg_min_threshold": int,
     "secagg_min_survivors": int, "data_split": str, "split_seed": int, "max_evaluations": int,
+    "cpu_threads": int,
 }
 _NODE_REQUIRED = ("hospital", "coordinator", "data", "privacy_ledger", "privacy_epsilon_budget",
                   "privacy_unit")
@@ -347,6 +348,10 @@ class NodeSettings:
     data_split: str = ""
     split_seed: int = 0
     max_evaluations: int = -1
+    # CPU threads of each ClientApp process (torch, tokenizers); 0 = all of the machine's.
+    # Set it when the node shares its CPUs, e.g. several nodes on one machine: oversubscribed
+    # threads made three loopback nodes on 2 cores train 3.5× slower (benchmarks/RESULTS.md).
+    cpu_threads: int = 0
 
 
 def load_node_settings(path: Path) -> NodeSettings:
@@ -372,6 +377,9 @@ def load_node_settings(path: Path) -> NodeSettings:
         )
     if values["privacy_epsilon_budget"] <= 0:
         raise ConfigError(f"{path}: [node] privacy_epsilon_budget must be > 0.")
+    if values.get("cpu_threads", 0) < 0:
+        raise ConfigError(f"{path}: [node] cpu_threads must be >= 1 (or 0: all CPUs), got "
+                          f"{values['cpu_threads']}.")
     settings = NodeSettings(**values)
     try:  # what the ClientApp will check, checked now: the node refuses to start instead
         parse_node_settings(hospital_node_settings(settings).to_node_config())
@@ -446,6 +454,16 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     ]
 
 
+def thread_env(cpu_threads: int) -> dict[str, str]:
+    """Thread limits every ClientApp process inherits (torch reads OMP_NUM_THREADS at start);
+    {} leaves each library's default (all CPUs)."""
+    if cpu_threads <= 0:
+        return {}
+    value = str(cpu_threads)
+    return {"OMP_NUM_THREADS": value, "MKL_NUM_THREADS": value,
+            "OPENBLAS_NUM_THREADS": value, "RAYON_NUM_THREADS": value}
+
+
 def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = print) -> int:
     """Run the hospital's SuperNode in the foreground until it exits or Ctrl-C.
 
@@ -461,7 +479,7 @@ def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = pr
         say("WARNING: insecure = true: NO TLS and NO node authentication (local experiments "
             "only, never with patient data).")
     home.mkdir(parents=True, exist_ok=True)
-    env = {**coordinator_env(home), "PYTHONUNBUFFERED": "1"}
+    env = {**coordinator_env(home), "PYTHONUNBUFFERED": "1", **thread_env(settings.cpu_threads)}
     audit_log = hospital_node_settings(settings).audit_log
     # The SuperNode's ClientApp processes are this node's own `flwr-clientapp`, which runs
     # only a bundle that is byte-identical to the fedtune installed here (node_clientapp).
