@@ -470,7 +470,8 @@ def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = pr
     A SuperNode that the coordinator does not (yet) know is refused at activation and Flower
     gives up. That happens in normal operation too: a node started before the coordinator, or
     in the seconds between the SuperLink's start and its registration of enrolled keys. So
-    the node tries again every `_JOIN_RETRY_S` for `join_timeout_s`, saying why; a TLS
+    the node tries again (after 1 s, doubling up to every 10 s) for `join_timeout_s`,
+    saying why; a TLS
     verification failure is a set-up mistake and ends the node at once.
     """
     from fedtune.ops.node_clientapp import AUDIT_LOG_ENV, write_launcher
@@ -488,18 +489,24 @@ def run_node(settings: NodeSettings, home: Path, say: Callable[[str], None] = pr
         env["PATH"] = tools + os.pathsep + env["PATH"]
         env[AUDIT_LOG_ENV] = str(audit_log) if audit_log is not None else ""
         deadline = time.monotonic() + settings.join_timeout_s
+        wait = _JOIN_FIRST_RETRY_S
         while True:
             outcome, code = _supernode_once(settings, env, say)
             if outcome != "not-enrolled":
                 return code
-            if time.monotonic() + _JOIN_RETRY_S > deadline:
+            if time.monotonic() + wait > deadline:
                 say(f"fedtune: giving up after {settings.join_timeout_s:g} s: the coordinator "
                     "does not accept this node's key.")
                 return 1
-            say(f"fedtune: trying again in {_JOIN_RETRY_S:g} s.")
-            time.sleep(_JOIN_RETRY_S)
+            say(f"fedtune: trying again in {wait:g} s.")
+            time.sleep(wait)
+            wait = min(2 * wait, _JOIN_RETRY_S)
 
 
+# A node refused because the coordinator has just started (and not yet registered the
+# enrolled keys) joins within a second or two; one that is really not enrolled backs off to
+# a try every 10 s.
+_JOIN_FIRST_RETRY_S = 1.0
 _JOIN_RETRY_S = 10.0
 
 
