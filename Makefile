@@ -32,8 +32,10 @@ lint: setup
 	$(BIN)/mypy
 	cd build/typecheck && PYTHONPATH=. ../../$(BIN)/lint-imports ../../pyproject.toml
 
+# Two workers (CI has 2 cores; the deployment tests mostly wait on processes); the tests
+# that start Flower's simulation engine share one worker (xdist_group).
 test: lint
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=30
 
 bench: setup
 	$(BIN)/fedtune bench

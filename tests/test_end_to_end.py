@@ -16,7 +16,9 @@ from fedtune.ops.cli import main
 from fedtune.ops.flower_processes import find_simulation_processes
 from fedtune.server.run_dir import RunDirectory
 
-pytestmark = pytest.mark.slow
+# pytest-xdist (make test: -n 2 --dist loadgroup): every test that starts Flower's
+# simulation engine (Ray) runs on one worker, one Ray cluster at a time.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-simulation")]
 
 
 def test_two_hospitals_two_rounds_on_the_simulation_engine(

@@ -22,6 +22,10 @@ from fedtune.simulations.experiment import load_experiment
 from fedtune.simulations.results import load_results
 from fedtune.simulations.sweep import plan_runs, run_config_for, run_experiment
 
+# pytest-xdist (make test: -n 2 --dist loadgroup): every test that starts Flower's
+# simulation engine (Ray) runs on one worker, one Ray cluster at a time.
+pytestmark = pytest.mark.xdist_group("flower-simulation")
+
 SHIPPED = Path(__file__).resolve().parent.parent / "simulations"
 
 

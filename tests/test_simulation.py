@@ -23,6 +23,10 @@ from fedtune.ops.simulation import (
     run_simulation,
 )
 
+# pytest-xdist (make test: -n 2 --dist loadgroup): every test that starts Flower's
+# simulation engine (Ray) runs on one worker, one Ray cluster at a time.
+pytestmark = pytest.mark.xdist_group("flower-simulation")
+
 # ---- run-config formatter, checked against flwr's own parser ---------------------------
 
 ROUND_TRIP_VALUES: list[RunConfigValue] = [
