@@ -161,7 +161,10 @@ def train(msg: Message, context: Context) -> Message:
 @_refusing_on_problems
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the global adapter on this hospital's validation or test split."""
-    from fedtune.client.local_evaluation import evaluate_adapter  # torch: only when evaluating
+    from fedtune.client.local_evaluation import (  # torch: only when evaluating
+        evaluate_adapter,
+        validate_received,
+    )
 
     global_adapter, job = parse_request(msg)
     node = parse_node_settings(context.node_config)
@@ -169,8 +172,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = evaluate_adapter(global_adapter, job, node, job.split)
     record_sent_metrics(node, job.server_round, job.run_id, job.split, digest, result.metrics)
     content = evaluate_reply_content(result.metrics, result.hospital.name)
-    if job.validate:  # the final evaluation also validates the last round's adapter
-        validation = evaluate_adapter(global_adapter, job, node, "validation").metrics
+    # The final evaluation also validates the last round's adapter (if the limit allows).
+    validation = validate_received(global_adapter, job, node) if job.validate else None
+    if validation is not None:
         record_sent_metrics(node, job.server_round, job.run_id, "validation", digest, validation)
         content[VALIDATION] = validation_record(validation)
     return Message(content, reply_to=msg)

@@ -8,17 +8,20 @@ the coordinator the size of its data, which the masked weight hides).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from fedtune.client.data import DataValidationError
 from fedtune.client.evaluate import evaluate_classification, evaluate_generation
 from fedtune.client.hospital import HospitalIdentity, apply_node_settings, hospital_identity
-from fedtune.client.hospital_log import check_evaluation_allowed
+from fedtune.client.hospital_log import EvaluationLimitReached, check_evaluation_allowed
 from fedtune.client.node_settings import NodeSettings
 from fedtune.client.session import data_for, model_for
 from fedtune.core.adapters import Adapter
 from fedtune.core.model import set_adapter
 from fedtune.core.wire import Job
+
+log = logging.getLogger("fedtune.hospital")
 
 
 class EmptySplit(DataValidationError):
@@ -66,3 +69,14 @@ def evaluate_adapter(
         # secure aggregation hides; its metrics are then averaged over hospitals unweighted.
         metrics = {k: v for k, v in metrics.items() if k != "num-examples"}
     return LocalEvaluation(identity, split, metrics)
+
+
+def validate_received(adapter: Adapter, job: Job, node: NodeSettings) -> dict[str, float] | None:
+    """The carried adapter on the validation split (Job.validate), as a separate evaluation
+    message would answer; None when this node is at its evaluation limit or has no validation
+    examples: the message's main work (training, the test evaluation) still goes ahead."""
+    try:
+        return evaluate_adapter(adapter, job, node, "validation").metrics
+    except (EvaluationLimitReached, EmptySplit) as exc:
+        log.warning("round %d: no validation sent: %s", job.server_round, exc)
+        return None

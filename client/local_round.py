@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from fedtune.client.dp_train import train_privately
 from fedtune.client.federated_objectives import check_shared_lora_a, local_objective
 from fedtune.client.hospital import HospitalIdentity, apply_node_settings, hospital_identity
-from fedtune.client.hospital_log import EvaluationLimitReached, check_identifiers
-from fedtune.client.local_evaluation import EmptySplit, evaluate_adapter
+from fedtune.client.hospital_log import check_identifiers
+from fedtune.client.local_evaluation import validate_received
 from fedtune.client.node_settings import NodeSettings
 from fedtune.client.privacy import ledger_lock, plan_round
 from fedtune.client.privacy_ledger import guarantee_sentence
@@ -65,7 +65,7 @@ def train_local_update(
     refuse_recording_outside_simulation(config, identity)
     if not identity.simulated:  # a deployed hospital's real file; simulations are generated
         check_identifiers(identity.data_path, node)
-    validation = _validate_received(global_adapter, job, node) if job.validate else None
+    validation = validate_received(global_adapter, job, node) if job.validate else None
     handle = model_for(config)
     data = data_for(config, identity, handle)
     features = data.features["train"]
@@ -133,18 +133,6 @@ def train_local_update(
     )
     return LocalUpdate(identity, delta, len(features), metrics,
                        lineage_of(config, identity, data.lineage, node), validation)
-
-
-def _validate_received(global_adapter: Adapter, job: Job, node: NodeSettings
-                       ) -> dict[str, float] | None:
-    """The carried adapter on the validation split, before it is trained: what a separate
-    evaluation message would have answered. A node at its evaluation limit, or without
-    validation examples, still trains; the coordinator sees no validation from it."""
-    try:
-        return evaluate_adapter(global_adapter, job, node, "validation").metrics
-    except (EvaluationLimitReached, EmptySplit) as exc:
-        log.warning("round %d: no validation sent with the update: %s", job.server_round, exc)
-        return None
 
 
 def lineage_of(

@@ -11,6 +11,7 @@ round left with two deployed survivors.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -416,6 +417,46 @@ def test_a_deployed_node_answers_a_bounded_number_of_evaluations(
                          if isinstance(r, Evaluation) and r.split == "validation"]
         assert validation.round == 1
         assert sorted(validation.per_hospital) == ["City-General", "St-Anna"]
+
+
+def test_a_coordinator_asking_for_validation_with_every_message_gets_no_more_than_the_limit(
+    classify_config: RunConfig, tmp_path: Path
+):
+    """The attack on `Job.validate`: a coordinator that sets it on every training and
+    evaluation message (here by rewriting each request) to get noise-free metrics beyond
+    the node's `max-evaluations`. The nodes answer one evaluation (the limit), keep
+    training every round, and no reply carries metrics past the limit."""
+    from flwr.app import Message as FlowerMessage
+    from tiny import in_clear
+
+    from fedtune.core.wire import EVALUATE, JOB, TRAIN, VALIDATION, Job
+
+    _, nodes = _plain_deployed(classify_config, tmp_path, **{"max-evaluations": 1})
+    config = replace_section(in_clear(classify_config), "federation", rounds=3, min_hospitals=2)
+
+    def always_validate(_node_id: int, message: FlowerMessage) -> FlowerMessage:
+        if message.metadata.message_type in (TRAIN, EVALUATE):
+            job = Job.from_record(message.content.config_records[JOB])
+            message.content.config_records[JOB] = Job(
+                job.server_round, job.config, job.run_id, job.split, job.attempt,
+                validate=True).to_record()
+        return message
+
+    grid = InProcessGrid(2, node_configs=nodes, tamper_request=always_validate)
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.create(config)
+    run_federation(grid, config, run_dir, initial_global_adapter(config), say=lambda _: None)
+    rounds = [r for r in run_dir.records() if isinstance(r, RoundRecord)]
+    assert [r.round for r in rounds if not r.aborted] == [1, 2, 3]  # training never stopped
+    for node_id in grid.node_ids:
+        sent = [r for r in grid.replies if r.metadata.src_node_id == node_id
+                and r.has_content() and (VALIDATION in r.content.metric_records
+                                         or r.metadata.message_type == EVALUATE)]
+        assert len(sent) == 1, sent  # the base test evaluation only: its limit
+    hospital_logs = [tmp_path / f"{name}-audit.jsonl" for name in ("St-Anna", "City-General")]
+    for log in hospital_logs:
+        events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+        assert events.count("sent-metrics") == 1
 
 
 def test_a_restarted_deployed_node_still_refuses_to_key_an_attempt_twice(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny import replace_section
 
-from fedtune.client.data import LabeledText, PromptResponse, load_hospital_data
+from fedtune.client.data import DataValidationError, LabeledText, PromptResponse, load_hospital_data
 from fedtune.client.encoding import encode_classification, encode_generation, prompt_token_ids
 from fedtune.client.evaluate import evaluate_classification, evaluate_generation
 from fedtune.core.adapters import Adapter
@@ -252,11 +252,11 @@ def test_records_without_answers_are_read_only_when_asked(tmp_path: Path) -> Non
     (example,) = load_hospital_data(chat, answers=False).prompt_responses()
     assert isinstance(example, PromptResponse) and example.response == ""
     assert example.messages is not None and example.messages[-1].role == "user"
-    with pytest.raises(Exception, match="last message must be the assistant"):
+    with pytest.raises(DataValidationError, match="last message must be the assistant"):
         load_hospital_data(chat)
     csv = tmp_path / "new.csv"
     csv.write_text("text\nfracture of the wrist\n")
     (row,) = load_hospital_data(csv, answers=False).labeled_texts()
     assert row.text == "fracture of the wrist" and row.label == ""
-    with pytest.raises(Exception, match="lacks column"):
+    with pytest.raises(DataValidationError, match="lacks column"):
         load_hospital_data(csv)

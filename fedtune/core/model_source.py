@@ -37,6 +37,7 @@ EMBEDDED_MODELS = {
     ),
 }
 
+
 def model_cache_root() -> Path:
     """Where dequantized models are cached; FEDTUNE_CACHE overrides (e.g. a shared disk)."""
     configured = os.environ.get("FEDTUNE_CACHE")

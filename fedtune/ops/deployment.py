@@ -350,7 +350,7 @@ class NodeSettings:
     max_evaluations: int = -1
     # CPU threads of each ClientApp process (torch, tokenizers); 0 = all of the machine's.
     # Set it when the node shares its CPUs, e.g. several nodes on one machine: oversubscribed
-    # threads made three loopback nodes on 2 cores train 3.5× slower (benchmarks/RESULTS.md).
+    # threads made three loopback nodes on 2 cores train about 3× slower (benchmarks/RESULTS.md).
     cpu_threads: int = 0
 
 
