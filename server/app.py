@@ -52,8 +52,11 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.create(config)
     print(f"fedtune: run directory {run_dir.path}", flush=True)
     initial = initial_global_adapter(config)
-    # Replies are collected as they arrive, not every 3 s (server/prompt_grid.py).
-    run_federation(PromptGrid(grid), config, run_dir, initial, say=_say, resume=resume)
+    # Replies are collected as they arrive, not every 3 s, and each is read only up to
+    # federation.max_reply_mb (server/prompt_grid.py).
+    limit = int(config.federation.max_reply_mb * 1024**2)
+    run_federation(PromptGrid(grid, max_reply_bytes=limit), config, run_dir, initial, say=_say,
+                   resume=resume)
 
 
 def _say(line: str) -> None:

@@ -6,6 +6,9 @@ hospital had answered: with five stages per secure round, up to 15 s per round s
 on nothing. `PromptGrid` keeps Flower's push and pull calls and only pulls more often
 (`PULL_INTERVAL_S`, each pull one small request to the SuperLink). Flower's own simulation
 grid already pulls every 0.1 s and is used as it is.
+
+Deployed replies are pulled with each reply's bytes bounded (server/bounded_pull.py): a
+reply larger than `federation.max_reply_mb` is refused before it is decoded.
 """
 
 from __future__ import annotations
@@ -16,15 +19,20 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.superlink.grid.http_grid import HttpGrid
+
+from fedtune.server.bounded_pull import pull_messages_within
 
 PULL_INTERVAL_S = 0.1
 
 
 class PromptGrid(Grid):
-    """`grid` with a `send_and_receive` that pulls every PULL_INTERVAL_S."""
+    """`grid` with a `send_and_receive` that pulls every PULL_INTERVAL_S, and replies over
+    the network read only up to `max_reply_bytes` each."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, max_reply_bytes: int) -> None:
         self._grid = grid
+        self.max_reply_bytes = max_reply_bytes
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -50,6 +58,8 @@ class PromptGrid(Grid):
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        if isinstance(self._grid, HttpGrid):
+            return pull_messages_within(self._grid, message_ids, self.max_reply_bytes)
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(

@@ -57,9 +57,10 @@ def reply_size_bytes(message: Message) -> int:
 def check_reply_size(message: Message, limit_mb: float) -> None:
     """Refuse a reply larger than the run allows before parsing anything in it.
 
-    Flower 1.41's HTTP transport has no size limit of its own; a hospital's replies have a
-    known size (an adapter delta, shares, metrics), so anything far larger is refused as
-    malformed rather than decoded.
+    A hospital's replies have a known size (an adapter delta, shares, metrics), so anything
+    far larger is refused as malformed rather than parsed. A deployed reply is already
+    bounded while it is pulled, before it is decoded (server/bounded_pull.py); this check
+    also covers the simulation's replies, which are never pulled over the network.
     """
     size = reply_size_bytes(message)
     if size > limit_mb * 1024**2:
