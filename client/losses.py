@@ -40,7 +40,11 @@ class PerExampleLoss(nn.Module):
 
 
 def _per_example_token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss per example, averaged over that example's response tokens."""
+    """Next-token loss per example, averaged over that example's response tokens.
+
+    Prompt tuning puts its virtual tokens before the input, so the logits are longer than the
+    labels by that many positions: the last `labels` positions are the input's."""
+    logits = logits[:, logits.shape[1] - labels.shape[1]:, :]
     shifted_logits = logits[:, :-1, :].float()
     shifted_labels = labels[:, 1:]
     token_loss = nn.functional.cross_entropy(

@@ -28,7 +28,7 @@ from fedtune.client.privacy_ledger import (
     read_ledger_file,
 )
 from fedtune.client.train import planned_steps
-from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.config import ConfigError, RunConfig, refuse_adapter_without_dp_support
 from fedtune.core.privacy_accounting import default_delta
 
 
@@ -125,6 +125,8 @@ def plan_round(
         budget = min(settings.target_epsilon, own_budget)
     else:
         budget = own_budget if own_budget is not None else settings.target_epsilon
+    why = "this hospital trains with DP" if own_budget is not None else "privacy.enabled = true"
+    refuse_adapter_without_dp_support(config.adapter, settings.grad_sample_mode, why)
     if config.train.grad_accumulation != 1:
         raise ConfigError(
             "train.grad_accumulation must be 1 with DP: raise train.batch_size instead (DP "

@@ -29,7 +29,7 @@ from fedtune.client.encoding import encode_classification, encode_generation
 from fedtune.client.hospital import HospitalIdentity
 from fedtune.core.config import ConfigError, RunConfig
 from fedtune.core.lineage import DataFingerprint, data_fingerprint
-from fedtune.core.model import attach_lora, load_base_model, select_device
+from fedtune.core.model import attach_adapter, load_base_model, select_device
 
 
 @dataclass
@@ -64,13 +64,14 @@ _data: dict[tuple[object, ...], EncodedSplits] = {}
 
 
 def model_for(config: RunConfig) -> ModelHandle:
-    """The LoRA model this run needs, loaded once per process (one model kept at a time)."""
-    key = config.to_dict()["model"].__repr__() + config.to_dict()["lora"].__repr__()
+    """The adapted model this run needs, loaded once per process (one model kept at a time)."""
+    sections = config.to_dict()
+    key = repr([sections["model"], sections["lora"], sections["adapter"]])
     if key not in _models:
         _models.clear()  # a node serves one run at a time; free the previous model first
         device = select_device(config.model.device)
         base, tokenizer, fresh = load_base_model(config.model, config.model.labels, device)
-        model = attach_lora(base, config.lora, config.model.task, fresh)
+        model = attach_adapter(base, config.adapter, config.lora, config.model.task, fresh)
         _models[key] = ModelHandle(model=model, tokenizer=tokenizer, device=device)
     return _models[key]
 

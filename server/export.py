@@ -15,7 +15,7 @@ import torch
 
 from fedtune.core.adapters import adapter_sha256
 from fedtune.core.lineage import model_sha256
-from fedtune.core.model import attach_lora, load_base_model, set_adapter
+from fedtune.core.model import attach_adapter, load_base_model, set_adapter
 from fedtune.core.model_source import model_cache_root, resolve_model_source
 from fedtune.server.audit_trail import CoordinatorAudit
 from fedtune.server.model_card import model_card, write_model_card
@@ -60,7 +60,13 @@ def export_adapter(
     server_round = choose_round(run_dir, which)
     settings = dataclasses.replace(config.model, device="cpu", load_in_4bit=False)
     base, tokenizer, fresh = load_base_model(settings, config.model.labels, torch.device("cpu"))
-    model = attach_lora(base, config.lora, config.model.task, fresh)
+    if merged and config.adapter.is_prompt_learning:
+        raise ExportError(
+            f"--merged is not possible for adapter.method = {config.adapter.method!r}: its "
+            "virtual tokens are an input to the model, not weights that can be merged into "
+            "it. Export without --merged and load it with PeftModel.from_pretrained."
+        )
+    model = attach_adapter(base, config.adapter, config.lora, config.model.task, fresh)
     set_adapter(model, run_dir.load_adapter(server_round))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
@@ -72,6 +78,7 @@ def export_adapter(
                 "run_dir": str(run_dir.path.resolve()),
                 "round": server_round,
                 "task": config.model.task,
+                "adapter_method": config.adapter.method,
                 "base_model": config.model.source,
                 "base_model_dir": str(source_dir),
                 "gguf_file": gguf_file,

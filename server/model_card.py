@@ -19,6 +19,20 @@ from fedtune.server.report import headline_metric
 from fedtune.server.run_dir import RunDirectory
 from fedtune.server.versions import list_versions
 
+METHOD_TITLES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA³", "prompt-tuning": "prompt-tuning",
+                 "prefix-tuning": "prefix-tuning"}
+
+
+def method_settings(config: RunConfig) -> str:
+    """The PEFT method and the settings that shaped its trained values, in one line."""
+    method, lora = config.adapter.method, config.lora
+    targets = ", ".join(lora.target_modules) or "the architecture default"
+    if method in ("lora", "dora"):
+        return (f"{METHOD_TITLES[method]}: r = {lora.r}, α = {lora.alpha:g}, dropout = "
+                f"{lora.dropout:g}, target modules = {targets}")
+    if method == "ia3":
+        return f"IA³: target modules = {targets}"
+    return f"{method}: {config.adapter.num_virtual_tokens} virtual tokens"
 
 def pseudonym(hospital: str, run_id: str) -> str:
     """A stable per-run pseudonym: the same hospital is the same participant within a run's
@@ -50,10 +64,11 @@ def model_card(
         "---",
         "library_name: peft",
         f"base_model: {config.model.source}",
-        "tags: [fedtune, federated-learning, lora, differential-privacy]",
+        f"tags: [fedtune, federated-learning, {config.adapter.method}, differential-privacy]",
         "---",
         "",
-        f"# Federated LoRA adapter: {config.model.task} on {config.model.source}",
+        f"# Federated {METHOD_TITLES[config.adapter.method]} adapter: {config.model.task} on "
+        f"{config.model.source}",
         "",
         f"Trained with fedtune by {len(hospitals)} hospital(s) in {len(trained)} federated "
         f"round(s); this is the global adapter of round {server_round}"
@@ -66,9 +81,7 @@ def model_card(
         f"| base model | `{config.model.source}` |",
         f"| base model files SHA-256 | `{base_model_sha256}` |",
         f"| adapter SHA-256 (fedtune) | `{version.sha256 if version else 'not kept'}` |",
-        f"| LoRA | r = {config.lora.r}, α = {config.lora.alpha:g}, dropout = "
-        f"{config.lora.dropout:g}, target modules = "
-        f"{', '.join(config.lora.target_modules) or 'the architecture default'} |",
+        f"| adapter method | {method_settings(config)} |",
         *(
             [
                 "| pooling | mean of the token states under the attention mask, L2-normalized "

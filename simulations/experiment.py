@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.core.config import ConfigError, RunConfig, parse_run_config, resolve_paths
+from fedtune.core.config import (
+    ConfigError,
+    RunConfig,
+    adapter_section_as_written,
+    parse_run_config,
+    resolve_paths,
+)
 from fedtune.core.toml_files import check_tables, read_toml, scalar
 from fedtune.simulations.datasets import DATASETS, TASK_OF
 from fedtune.simulations.partition import PARTITION_METHODS
@@ -31,7 +37,8 @@ _REQUIRED = object()  # marks a key that has no default
 SWEEP_KEYS = ("epsilon", "hospitals", "alpha", "strategy", "lora_r")
 _EXPERIMENT_SECTIONS = ("experiment", "dataset", "partition", "resources", "sweep")
 _RUN_SECTIONS = (
-    "model", "lora", "train", "federation", "privacy", "secure_aggregation", "evaluation",
+    "model", "lora", "adapter", "train", "federation", "privacy", "secure_aggregation",
+    "evaluation",
 )
 # [data] is the runner's: it writes the hospitals' files and points the run at them.
 _ALLOWED = {
@@ -105,6 +112,7 @@ def load_experiment(path: Path) -> Experiment:
     known = (*_EXPERIMENT_SECTIONS, *_RUN_SECTIONS)
     check_tables(str(path), raw, {section: _ALLOWED.get(section) for section in known})
     run_raw = {section: dict(raw[section]) for section in _RUN_SECTIONS if section in raw}
+    run_raw = adapter_section_as_written(run_raw, str(path))
     base = resolve_paths(parse_run_config(run_raw, origin=str(path)), path.parent)
     tables = {name: raw.get(name, {}) for name in _EXPERIMENT_SECTIONS}
     exp, data, part, res = (tables[n] for n in ("experiment", "dataset", "partition", "resources"))

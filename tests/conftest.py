@@ -50,13 +50,24 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def fedtune_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel built from this checkout (the build environment is this venv: no network)."""
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(REPO)],
-        check=True, cwd=out,
-    )
+    """The wheel built from this checkout (the build environment is this venv: no network).
+
+    Built once for all pytest-xdist workers, under a lock in their shared temporary folder:
+    setuptools builds in the checkout's own build/ folder, and two workers building at once
+    removed each other's files there."""
+    from filelock import FileLock  # a dependency of torch
+
+    base = tmp_path_factory.getbasetemp()  # pytest-N/popen-gwK under xdist, else pytest-N
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "fedtune-wheel"
+    with FileLock(str(shared / "fedtune-wheel.lock")):
+        if not list(out.glob("fedtune-*.whl")):
+            out.mkdir(exist_ok=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                 "-q", "-w", str(out), str(REPO)],
+                check=True, cwd=out,
+            )
     (built,) = out.glob("fedtune-*.whl")
     return built
 

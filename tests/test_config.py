@@ -30,7 +30,7 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
 
 
 def test_unknown_section_is_refused():
-    with pytest.raises(ConfigError, match=r"unknown section \[trian\]; allowed: data"):
+    with pytest.raises(ConfigError, match=r"unknown section \[trian\]; allowed: adapter, data"):
         parse_run_config({"trian": {}}, origin="run.toml")
 
 

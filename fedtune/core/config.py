@@ -30,6 +30,22 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 PRIVACY_UNITS = ("record", "patient")
 POOLINGS = ("cls", "mean")
 HEAD_INITS = ("random", "label-names")
+# PEFT methods ([adapter] method). Which of them DP-SGD can train is decided by whether Opacus
+# computes correct per-sample gradients for their trainable layers (see DP_ADAPTER_METHODS).
+ADAPTER_METHODS = ("lora", "dora", "ia3", "prompt-tuning", "prefix-tuning")
+# Checked against per-example autograd on tiny models (tests/test_peft_methods.py). DoRA's
+# magnitude vector, IA3's scaling vectors and prompt tuning's embedding (one copy repeated over
+# the batch: Opacus would clip the whole batch's gradient as one sample) are not covered.
+DP_ADAPTER_METHODS = ("lora", "prefix-tuning")
+# The [adapter] keys each method reads; the LoRA shape keys are stored in RunConfig.lora.
+_LORA_SHAPE_KEYS = ("r", "alpha", "dropout", "target_modules")
+ADAPTER_METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "lora": ("method", *_LORA_SHAPE_KEYS),
+    "dora": ("method", *_LORA_SHAPE_KEYS),
+    "ia3": ("method", "target_modules", "feedforward_modules"),
+    "prompt-tuning": ("method", "num_virtual_tokens"),
+    "prefix-tuning": ("method", "num_virtual_tokens"),
+}
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "ffa-lora")
 
 
@@ -94,6 +110,39 @@ class LoraSettings:
         _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Which PEFT method is trained; each method's own settings.
+
+    lora: low-rank A·B on the attention projections (the default: cheap, well studied, and
+    exact per-sample gradients under DP). dora: LoRA plus a learned magnitude per output
+    column (closer to full fine-tuning at the same rank). ia3: one learned scaling vector per
+    targeted layer (the fewest trained values, so the smallest masked upload). prompt-tuning:
+    learned virtual tokens before the input (the base is untouched). prefix-tuning: learned
+    keys and values at every attention layer.
+
+    r, alpha, dropout and target_modules of lora/dora live in `RunConfig.lora` (a file may write
+    them under [adapter] or, as before, under [lora]); ia3 uses lora.target_modules too.
+    """
+
+    method: str = "lora"
+    # prompt/prefix tuning: 8 virtual tokens add little to a 128-token input and are plenty
+    # for a classification or short-answer task.
+    num_virtual_tokens: int = 8
+    # ia3: the feed-forward layers among target_modules (their input is scaled, not their
+    # output); empty: peft's defaults for the architecture.
+    feedforward_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _one_of("adapter.method", self.method, ADAPTER_METHODS)
+        _positive("adapter.num_virtual_tokens", self.num_virtual_tokens)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Virtual tokens rather than adapted layers: nothing to merge into the base."""
+        return self.method in ("prompt-tuning", "prefix-tuning")
 
 
 @dataclass(frozen=True)
@@ -350,6 +399,7 @@ class RunConfig:
 
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -364,6 +414,7 @@ class RunConfig:
                 "train.cache_frozen_layers = true is supported for model.task = 'classify' "
                 f"only (this run has model.task = {self.model.task!r}). Set it to false."
             )
+        _check_adapter_method(self)
         if self.privacy.client_level and not self.secure_aggregation.enabled:
             raise ConfigError(
                 "privacy.client_level needs secure aggregation: without it the coordinator "
@@ -395,9 +446,89 @@ class RunConfig:
         return parse_run_config(merged, origin="overrides")
 
 
+def refuse_adapter_without_dp_support(
+    adapter: AdapterSettings, grad_sample_mode: str, why: str
+) -> None:
+    """Refuse DP-SGD for a method whose per-sample gradients Opacus cannot compute correctly.
+
+    Called for the run's DP and again at each hospital (a node's own ε budget makes it train
+    with DP even when the run does not ask for it)."""
+    if adapter.method not in DP_ADAPTER_METHODS:
+        raise ConfigError(
+            f"adapter.method = {adapter.method!r} cannot be trained with differential privacy "
+            f"({why}): Opacus does not compute correct per-sample gradients for its trained "
+            f"values, so the privacy guarantee would not hold. Methods that can: "
+            f"{', '.join(DP_ADAPTER_METHODS)}."
+        )
+    if adapter.method == "prefix-tuning" and grad_sample_mode == "ghost":
+        raise ConfigError(
+            "adapter.method = 'prefix-tuning' needs privacy.grad_sample_mode = 'hooks' "
+            "or 'functorch': Opacus' ghost clipping fails on its prefix embedding."
+        )
+
+
+def _check_adapter_method(config: RunConfig) -> None:
+    """Cross-section rules of the PEFT method."""
+    adapter = config.adapter
+    if config.privacy.enabled:
+        refuse_adapter_without_dp_support(
+            adapter, config.privacy.grad_sample_mode, "privacy.enabled = true")
+    if config.federation.strategy == "ffa-lora" and adapter.method != "lora":
+        raise ConfigError(
+            f"federation.strategy = 'ffa-lora' freezes LoRA's A matrices and needs "
+            f"adapter.method = 'lora' (this run has {adapter.method!r}); choose another "
+            "strategy, e.g. 'fedavg'."
+        )
+    if adapter.is_prompt_learning and config.train.cache_frozen_layers:
+        raise ConfigError(
+            f"train.cache_frozen_layers = true cannot be used with adapter.method = "
+            f"{adapter.method!r}: its virtual tokens reach every layer, so no layer is frozen "
+            "below it. Set it to false."
+        )
+    if adapter.method == "prefix-tuning" and config.model.pooling == "mean":
+        raise ConfigError(
+            "adapter.method = 'prefix-tuning' cannot be used with model.pooling = 'mean' "
+            "(the prefix changes the attention, not the token outputs mean pooling reads); "
+            "use model.pooling = 'cls'."
+        )
+
+
+def adapter_section_as_written(raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    """A file's sections with a written [adapter] split into `adapter` and `lora`.
+
+    A file names its adapter either the old way ([lora], method LoRA) or with [adapter]
+    (method and that method's keys). Naming both, or a key the method does not read, is
+    refused with the keys the method allows.
+    """
+    written = raw.get("adapter")
+    if not isinstance(written, dict):
+        return raw
+    if "lora" in raw:
+        raise ConfigError(
+            f"{origin}: both [lora] and [adapter] are given; write the adapter once, under "
+            "[adapter] (method = \"lora\", r, alpha, dropout, target_modules) or under [lora]."
+        )
+    method = written.get("method", "lora")
+    if method not in ADAPTER_METHOD_KEYS:
+        raise ConfigError(f"{origin}: " + unknown(f"adapter.method {method!r}",
+                                                  ADAPTER_METHOD_KEYS))
+    allowed = ADAPTER_METHOD_KEYS[method]
+    for key in written:
+        if key not in allowed:
+            raise ConfigError(f"{origin}: " + unknown(
+                f"key {key!r} in [adapter] for method {method!r}", dict.fromkeys(allowed)))
+    out = dict(raw)
+    out["adapter"] = {k: v for k, v in written.items() if k not in _LORA_SHAPE_KEYS}
+    lora = {k: v for k, v in written.items() if k in _LORA_SHAPE_KEYS}
+    if lora:
+        out["lora"] = lora
+    return out
+
+
 def load_run_config(path: Path) -> RunConfig:
     """Read and validate a run configuration TOML file."""
-    config = parse_run_config(read_toml(path, "configuration file"), origin=str(path))
+    raw = adapter_section_as_written(read_toml(path, "configuration file"), str(path))
+    config = parse_run_config(raw, origin=str(path))
     try:
         config.secure_aggregation.require_threshold()
     except ConfigError as exc:

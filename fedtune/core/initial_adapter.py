@@ -15,7 +15,7 @@ import torch
 
 from fedtune.core.adapters import Adapter
 from fedtune.core.config import RunConfig
-from fedtune.core.model import attach_lora, get_adapter, load_base_model
+from fedtune.core.model import attach_adapter, get_adapter, load_base_model
 from fedtune.core.pooling import init_head_from_label_names
 
 
@@ -28,5 +28,5 @@ def initial_global_adapter(config: RunConfig) -> Adapter:
     )
     if config.model.head_init == "label-names":
         init_head_from_label_names(base, tokenizer, config.model.labels, config.model.max_length)
-    model = attach_lora(base, config.lora, config.model.task, fresh)
+    model = attach_adapter(base, config.adapter, config.lora, config.model.task, fresh)
     return get_adapter(model)

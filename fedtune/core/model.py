@@ -21,7 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import (
@@ -33,7 +43,7 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from fedtune.core.adapters import Adapter
-from fedtune.core.config import ConfigError, LoraSettings, ModelSettings
+from fedtune.core.config import AdapterSettings, ConfigError, LoraSettings, ModelSettings
 from fedtune.core.model_source import model_cache_root, resolve_model_source
 from fedtune.core.pooling import use_mean_pooling
 
@@ -171,17 +181,75 @@ def attach_lora(
     model: PreTrainedModel, lora: LoraSettings, task: str, modules_to_save: list[str]
 ) -> PeftModel:
     """Wrap the base with a LoRA adapter; the base stays frozen, only the adapter trains."""
-    targets = list(lora.target_modules) or list(default_target_modules(model))
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        modules_to_save=modules_to_save or None,
-        task_type=TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM,
+    return attach_adapter(model, AdapterSettings(), lora, task, modules_to_save)
+
+
+def attach_adapter(
+    model: PreTrainedModel,
+    adapter: AdapterSettings,
+    lora: LoraSettings,
+    task: str,
+    modules_to_save: list[str],
+) -> PeftModel:
+    """Wrap the base with the run's PEFT method; the base stays frozen, only it trains.
+
+    Every method is built by peft itself, so its state-dict names are peft's and an export
+    loads with plain `PeftModel.from_pretrained`. A fresh classification head (not in the
+    checkpoint) is trained and sent with every method (`modules_to_save`).
+    """
+    peft_model: PeftModel = get_peft_model(
+        model, peft_config_for(model, adapter, lora, task, modules_to_save)
     )
-    peft_model: PeftModel = get_peft_model(model, config)
     return peft_model
+
+
+def peft_config_for(
+    model: PreTrainedModel,
+    adapter: AdapterSettings,
+    lora: LoraSettings,
+    task: str,
+    modules_to_save: list[str],
+) -> PeftConfig:
+    """The peft configuration of `adapter.method` on this base."""
+    task_type = TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM
+    saved = modules_to_save or None
+    method = adapter.method
+    if method in ("lora", "dora"):
+        return LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules) or list(default_target_modules(model)),
+            use_dora=method == "dora",
+            modules_to_save=saved,
+            task_type=task_type,
+        )
+    if method == "ia3":
+        targets = list(lora.target_modules) or None  # None: peft's defaults for the model
+        feedforward = list(adapter.feedforward_modules) or None
+        if (targets is None) != (feedforward is None):
+            raise ConfigError(
+                "adapter.method = 'ia3': give both target_modules and feedforward_modules "
+                "(the feed-forward layers among the targets), or neither for the defaults."
+            )
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward,
+                         modules_to_save=saved, task_type=task_type)
+    if method == "prompt-tuning":
+        # Initialized from rows of the model's own vocabulary (peft's SAMPLE_VOCAB): a random
+        # init has a scale ~50x the embeddings' and starts far from anything the model reads.
+        config: PeftConfig = PromptTuningConfig(
+            num_virtual_tokens=adapter.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+            task_type=task_type,
+        )
+    else:  # prefix-tuning, without the reparametrizing MLP: its trained values are the prefix
+        config = PrefixTuningConfig(
+            num_virtual_tokens=adapter.num_virtual_tokens, prefix_projection=False,
+            task_type=task_type,
+        )
+    if saved:
+        config.modules_to_save = saved
+    return config
 
 
 def default_target_modules(model: PreTrainedModel) -> tuple[str, ...]:
@@ -218,7 +286,13 @@ def set_adapter(model: PeftModel, adapter: Adapter) -> None:
         for name, value in adapter.items()
     }
     result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if "prompt_embeddings" in unexpected and model.active_peft_config.is_prompt_learning:
+        # peft 0.21 loads the virtual tokens through the prompt encoder and still reports
+        # them unexpected: check that they did arrive, then accept the report.
+        loaded = get_peft_model_state_dict(model)["prompt_embeddings"]
+        if torch.equal(loaded, state["prompt_embeddings"]):
+            unexpected.remove("prompt_embeddings")
     if unexpected:
         raise ValueError(f"adapter tensors were not used by the model: {unexpected[:5]}")
 
