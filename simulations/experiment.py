@@ -8,7 +8,7 @@ configuration that every arm shares (``[model]``, ``[lora]``, ``[train]``, ``[fe
     [dataset]      name, examples_per_hospital, test_examples, seed
     [partition]    method, alpha, hospitals, min_examples
     [resources]    client_cpus, client_gpus (per virtual hospital, for Flower's engine)
-    [sweep]        lists: epsilon, hospitals, alpha, strategy, lora_r
+    [sweep]        lists: epsilon, hospitals, alpha, strategy, lora_r, adapter_method
 
 Unknown keys are errors that name the allowed ones, as in every fedtune file: a typo in a
 sweep must never silently run the wrong grid.
@@ -34,7 +34,7 @@ from fedtune.simulations.partition import PARTITION_METHODS
 from fedtune.simulations.results import ARMS, is_dp_arm
 
 _REQUIRED = object()  # marks a key that has no default
-SWEEP_KEYS = ("epsilon", "hospitals", "alpha", "strategy", "lora_r")
+SWEEP_KEYS = ("epsilon", "hospitals", "alpha", "strategy", "lora_r", "adapter_method")
 _EXPERIMENT_SECTIONS = ("experiment", "dataset", "partition", "resources", "sweep")
 _RUN_SECTIONS = (
     "model", "lora", "adapter", "train", "federation", "privacy", "secure_aggregation",
@@ -161,6 +161,7 @@ def load_experiment(path: Path) -> Experiment:
         "alpha": [get(part, "partition", "alpha", float, 0.5)],
         "strategy": [base.federation.strategy],
         "lora_r": [base.lora.r],
+        "adapter_method": [base.adapter.method],
     }
     sweep: dict[str, tuple[Any, ...]] = {}
     for key in SWEEP_KEYS:
@@ -210,10 +211,12 @@ def _check_sweep(path: Path, sweep: dict[str, tuple[Any, ...]]) -> None:
     if not all(isinstance(a, int | float) and not isinstance(a, bool) and a > 0
                for a in sweep["alpha"]):
         raise bad("alpha", "must be positive numbers")
-    from fedtune.core.config import STRATEGIES
+    from fedtune.core.config import ADAPTER_METHODS, STRATEGIES
 
     if not all(s in STRATEGIES for s in sweep["strategy"]):
         raise bad("strategy", f"must be among {', '.join(STRATEGIES)}")
+    if not all(m in ADAPTER_METHODS for m in sweep["adapter_method"]):
+        raise bad("adapter_method", f"must be among {', '.join(ADAPTER_METHODS)}")
     for key, values in sweep.items():
         if len(set(values)) != len(values):
             raise bad(key, "has repeated values")

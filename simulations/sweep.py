@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import tomli_w
 
-from fedtune.core.config import ConfigError, RunConfig
+from fedtune.core.config import DP_ADAPTER_METHODS, ConfigError, RunConfig
 from fedtune.simulations.datasets import LABELS_FILE, TEST_FILE, build_dataset, write_hospital_files
 from fedtune.simulations.experiment import Experiment
 from fedtune.simulations.partition import (
@@ -57,6 +57,7 @@ class RunSpec:
     alpha: float
     strategy: str
     lora_r: int
+    adapter_method: str = "lora"
 
     @property
     def federated(self) -> bool:
@@ -74,13 +75,18 @@ def plan_runs(experiment: Experiment) -> list[tuple[dict[str, Any], RunSpec]]:
 
     DP arms run at every ε of the sweep, except ``federated-dp-secagg``, which runs at the
     largest ε only: it must match ``federated-dp`` (secure aggregation changes nothing but
-    who can see the deltas), and one ε shows that.
+    who can see the deltas), and one ε shows that. A PEFT method that cannot be trained
+    under DP (`DP_ADAPTER_METHODS`) runs its non-DP arms only; `dp_skipped` names it.
     """
     pairs: list[tuple[dict[str, Any], RunSpec]] = []
     epsilons = experiment.epsilons()
     for point in experiment.points():
         for seed in experiment.seeds:
             for arm in experiment.arms:
+                if is_dp_arm(arm) and point.get("adapter_method", "lora") in dp_skipped(
+                    experiment
+                ):
+                    continue
                 if arm == "federated-dp-secagg":
                     arm_epsilons: tuple[float | None, ...] = (max(epsilons),)
                 elif is_dp_arm(arm):
@@ -92,16 +98,26 @@ def plan_runs(experiment: Experiment) -> list[tuple[dict[str, Any], RunSpec]]:
     return pairs
 
 
+def dp_skipped(experiment: Experiment) -> tuple[str, ...]:
+    """The swept PEFT methods whose DP arms are not run: Opacus has no correct per-sample
+    gradients for them (see fedtune.core.config.DP_ADAPTER_METHODS)."""
+    return tuple(m for m in experiment.sweep["adapter_method"] if m not in DP_ADAPTER_METHODS)
+
+
 def _spec(arm: str, epsilon: float | None, seed: int, point: dict[str, Any]) -> RunSpec:
     hospitals, alpha, strategy, r = (point[k] for k in ("hospitals", "alpha", "strategy", "lora_r"))
+    method = point.get("adapter_method", "lora")
     parts = [arm]
     if epsilon is not None:
         parts.append(f"eps{epsilon:g}")
     parts += [f"h{hospitals}", f"a{alpha:g}", f"r{r}"]
     if arm in FEDERATED_ARMS:
         parts.append(strategy)
+    if method != "lora":  # LoRA runs keep their earlier keys: their results still resume
+        parts.append(method)
     parts.append(f"s{seed}")
-    return RunSpec("-".join(parts), arm, epsilon, seed, hospitals, float(alpha), strategy, r)
+    return RunSpec("-".join(parts), arm, epsilon, seed, hospitals, float(alpha), strategy, r,
+                   method)
 
 
 def run_config_for(
@@ -115,6 +131,7 @@ def run_config_for(
         "data": {"simulation_root": str(data_dir), "split_seed": spec.seed},
         "federation": {"min_hospitals": spec.hospitals, "strategy": spec.strategy},
         "lora": {"r": spec.lora_r, "alpha": lora_alpha},
+        "adapter": {"method": spec.adapter_method},
         "train": {"seed": base.train.seed + spec.seed},
         "privacy": {
             "enabled": is_dp_arm(spec.arm),
@@ -206,6 +223,9 @@ def run_experiment(
         f"{len(experiment.seeds)} seed(s), arms {', '.join(experiment.arms)}: "
         f"{len(unique)} run(s). Output: {out_dir}"
     )
+    if dp_skipped(experiment) and any(is_dp_arm(arm) for arm in experiment.arms):
+        say(f"Not run under DP: adapter_method {', '.join(dp_skipped(experiment))} (Opacus "
+            "computes no correct per-sample gradients for them); their other arms run.")
     display = ProgressDisplay(
         sum(s.cost_units(experiment) for s in unique.values()), len(unique), progress_stream
     )

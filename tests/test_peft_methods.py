@@ -262,3 +262,22 @@ def test_method_combinations_that_cannot_work_are_refused(classify_config: RunCo
     dp = replace_section(classify_config, "privacy", enabled=True, grad_sample_mode="ghost")
     with pytest.raises(ConfigError, match="needs privacy.grad_sample_mode = 'hooks'"):
         with_method(dp, "prefix-tuning")
+
+
+def test_the_shipped_method_comparison_runs_dp_arms_only_for_dp_capable_methods(
+    tmp_path: Path,
+) -> None:
+    from fedtune.simulations.experiment import load_experiment
+    from fedtune.simulations.sweep import plan_runs, run_config_for
+
+    repo = Path(__file__).resolve().parents[1]
+    experiment = load_experiment(repo / "simulations" / "peft_methods.toml")
+    runs = {spec.key: spec for _point, spec in plan_runs(experiment)}
+    methods = {(spec.adapter_method, spec.arm) for spec in runs.values()}
+    assert methods == {(m, "federated") for m in ADAPTER_METHODS} | {
+        (m, "federated-dp") for m in DP_ADAPTER_METHODS}
+    assert "federated-h3-a1-r4-fedavg-s0" in runs  # LoRA keeps the keys earlier sweeps used
+    (tmp_path / "labels.json").write_text(json.dumps(["A00-B99", "C00-D49"]))
+    for spec in runs.values():
+        config = run_config_for(experiment, spec, tmp_path, tmp_path / spec.key)
+        assert config.adapter.method == spec.adapter_method

@@ -237,19 +237,17 @@ def peft_config_for(
     if method == "prompt-tuning":
         # Initialized from rows of the model's own vocabulary (peft's SAMPLE_VOCAB): a random
         # init has a scale ~50x the embeddings' and starts far from anything the model reads.
-        config: PeftConfig = PromptTuningConfig(
+        return PromptTuningConfig(
             num_virtual_tokens=adapter.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+            modules_to_save=saved,
             task_type=task_type,
         )
-    else:  # prefix-tuning, without the reparametrizing MLP: its trained values are the prefix
-        config = PrefixTuningConfig(
-            num_virtual_tokens=adapter.num_virtual_tokens, prefix_projection=False,
-            task_type=task_type,
-        )
-    if saved:
-        config.modules_to_save = saved
-    return config
+    # prefix-tuning, without the reparametrizing MLP: its trained values are the prefix itself
+    return PrefixTuningConfig(
+        num_virtual_tokens=adapter.num_virtual_tokens, prefix_projection=False,
+        modules_to_save=saved, task_type=task_type,
+    )
 
 
 def default_target_modules(model: PreTrainedModel) -> tuple[str, ...]:
