@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import tomli_w
 
-from fedtune.core.config import DP_ADAPTER_METHODS, ConfigError, RunConfig
+from fedtune.core.config import DP_ADAPTER_METHODS, ConfigError, LoraSettings, RunConfig
 from fedtune.simulations.datasets import LABELS_FILE, TEST_FILE, build_dataset, write_hospital_files
 from fedtune.simulations.experiment import Experiment
 from fedtune.simulations.partition import (
@@ -98,6 +98,17 @@ def plan_runs(experiment: Experiment) -> list[tuple[dict[str, Any], RunSpec]]:
     return pairs
 
 
+def _lora_for(spec: RunSpec, lora_alpha: int, base: RunConfig) -> dict[str, Any]:
+    """The run's [lora] keys: the swept shape for lora/dora; for the other methods the
+    defaults (they do not read r, alpha or dropout; ia3 reads target_modules)."""
+    if spec.adapter_method in ("lora", "dora"):
+        return {"r": spec.lora_r, "alpha": lora_alpha}
+    defaults = dataclasses.asdict(LoraSettings())
+    if spec.adapter_method == "ia3":
+        defaults["target_modules"] = list(base.lora.target_modules)
+    return defaults
+
+
 def dp_skipped(experiment: Experiment) -> tuple[str, ...]:
     """The swept PEFT methods whose DP arms are not run: Opacus has no correct per-sample
     gradients for them (see fedtune.core.config.DP_ADAPTER_METHODS)."""
@@ -130,7 +141,7 @@ def run_config_for(
     changes: dict[str, dict[str, Any]] = {
         "data": {"simulation_root": str(data_dir), "split_seed": spec.seed},
         "federation": {"min_hospitals": spec.hospitals, "strategy": spec.strategy},
-        "lora": {"r": spec.lora_r, "alpha": lora_alpha},
+        "lora": _lora_for(spec, lora_alpha, experiment.base),
         "adapter": {"method": spec.adapter_method},
         "train": {"seed": base.train.seed + spec.seed},
         "privacy": {

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
 from fake_grid import InProcessGrid
 from opacus import GradSampleModule
@@ -221,8 +222,15 @@ def test_a_file_names_its_adapter_once_with_the_methods_own_keys(
     legacy = load_run_config(_write(tmp_path / "b.toml", "[lora]\nr = 4\n", tiny_bert_dir))
     assert legacy.adapter.method == "lora" and legacy.lora.r == 4
 
-    with pytest.raises(ConfigError, match=r"both \[lora\] and \[adapter\]"):
-        load_run_config(_write(tmp_path / "c.toml", '[lora]\nr = 4\n[adapter]\nmethod = "lora"\n',
+    written = tmp_path / "written.toml"  # every section, as fedtune writes a run.toml itself
+    written.write_text(tomli_w.dumps(config.to_dict()))
+    assert load_run_config(written) == config
+    with pytest.raises(ConfigError, match=r"unknown key 'r' in \[lora\] for method "
+                                          r"'prompt-tuning'; allowed: method, num_virtual"):
+        load_run_config(_write(tmp_path / "f.toml", '[lora]\nr = 4\n[adapter]\n'
+                               'method = "prompt-tuning"\n', tiny_bert_dir))
+    with pytest.raises(ConfigError, match=r"both \[lora\] and \[adapter\] set the LoRA"):
+        load_run_config(_write(tmp_path / "c.toml", '[lora]\nr = 4\n[adapter]\nr = 8\n',
                                tiny_bert_dir))
     with pytest.raises(ConfigError, match=r"unknown key 'r' in \[adapter\] for method 'ia3'; "
                                           r"allowed: feedforward_modules, method, target_modules"):
@@ -281,3 +289,6 @@ def test_the_shipped_method_comparison_runs_dp_arms_only_for_dp_capable_methods(
     for spec in runs.values():
         config = run_config_for(experiment, spec, tmp_path, tmp_path / spec.key)
         assert config.adapter.method == spec.adapter_method
+        written = tmp_path / f"{spec.key}.toml"  # the run.toml the sweep writes and reads
+        written.write_text(tomli_w.dumps(config.to_dict()))
+        assert load_run_config(written) == config

@@ -497,26 +497,35 @@ def adapter_section_as_written(raw: dict[str, Any], origin: str) -> dict[str, An
     """A file's sections with a written [adapter] split into `adapter` and `lora`.
 
     A file names its adapter either the old way ([lora], method LoRA) or with [adapter]
-    (method and that method's keys). Naming both, or a key the method does not read, is
-    refused with the keys the method allows.
+    (method and that method's keys). LoRA shape keys under both sections, or a key with a
+    value of its own that the method does not read, is refused with the keys the method
+    allows. A file fedtune wrote itself (every section, defaults included: a sweep's
+    run.toml, say) holds both sections with the unread keys at their defaults, and loads.
     """
     written = raw.get("adapter")
     if not isinstance(written, dict):
         return raw
-    if "lora" in raw:
+    given_lora = raw.get("lora")
+    if isinstance(given_lora, dict) and set(written) & set(_LORA_SHAPE_KEYS):
         raise ConfigError(
-            f"{origin}: both [lora] and [adapter] are given; write the adapter once, under "
-            "[adapter] (method = \"lora\", r, alpha, dropout, target_modules) or under [lora]."
+            f"{origin}: both [lora] and [adapter] set the LoRA shape; write the adapter once, "
+            "under [adapter] (method = \"lora\", r, alpha, dropout, target_modules) or under "
+            "[lora]."
         )
     method = written.get("method", "lora")
     if method not in ADAPTER_METHOD_KEYS:
         raise ConfigError(f"{origin}: " + unknown(f"adapter.method {method!r}",
                                                   ADAPTER_METHOD_KEYS))
     allowed = ADAPTER_METHOD_KEYS[method]
-    for key in written:
-        if key not in allowed:
+    defaults = {**dataclasses.asdict(AdapterSettings()), **dataclasses.asdict(LoraSettings())}
+    given = {**(given_lora if isinstance(given_lora, dict) else {}), **written}
+    for key, value in given.items():
+        default = defaults.get(key)
+        at_default = value == (list(default) if isinstance(default, tuple) else default)
+        if key not in allowed and not at_default:
+            where = "[adapter]" if key in written else "[lora]"
             raise ConfigError(f"{origin}: " + unknown(
-                f"key {key!r} in [adapter] for method {method!r}", dict.fromkeys(allowed)))
+                f"key {key!r} in {where} for method {method!r}", dict.fromkeys(allowed)))
     out = dict(raw)
     out["adapter"] = {k: v for k, v in written.items() if k not in _LORA_SHAPE_KEYS}
     lora = {k: v for k, v in written.items() if k in _LORA_SHAPE_KEYS}
