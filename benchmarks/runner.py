@@ -37,6 +37,7 @@ def _registry() -> dict[str, Benchmark]:
     from fedtune.benchmarks.frozen_cache import bench_frozen_cache
     from fedtune.benchmarks.gpu_check import bench_gpu
     from fedtune.benchmarks.patient_dp import bench_patient_dp
+    from fedtune.benchmarks.peft_methods import bench_peft_methods
     from fedtune.benchmarks.pooling import bench_pooling
     from fedtune.benchmarks.round_overhead import bench_round
     from fedtune.benchmarks.secagg import bench_secagg
@@ -51,6 +52,7 @@ def _registry() -> dict[str, Benchmark]:
         "secagg": bench_secagg,
         "strategies": bench_strategies,
         "pooling": bench_pooling,
+        "peft-methods": bench_peft_methods,
         "frozen-cache": bench_frozen_cache,
         "simulation": bench_simulation,
         "deployment": bench_deployment,
