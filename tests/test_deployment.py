@@ -309,20 +309,21 @@ def kill_coordinator(server: subprocess.Popen[bytes], run_dir: Path) -> None:
             proc.kill()
 
 
-def round_records(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+def _events(run_dir: Path, event: str) -> list[dict]:  # type: ignore[type-arg]
+    """The coordinator's metrics.jsonl records of one event kind, in order."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()
-            if '"event": "round"' in line]
+            if f'"event": "{event}"' in line]
+
+
+def round_records(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    return _events(run_dir, "round")
 
 
 def round_starts(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()
-            if '"event": "round-start"' in line]
+    return _events(run_dir, "round-start")
 
 
 def test_hospitals_die_a_round_is_aborted_and_the_resumed_coordinator_retries_it(
